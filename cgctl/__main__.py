@@ -1,0 +1,5 @@
+"""`python -m cgctl` is the `cgctl` command."""
+
+from cgctl.cli import main
+
+main()

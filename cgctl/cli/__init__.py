@@ -1,0 +1,55 @@
+"""The `cgctl` command: a thin typer layer over the library, one module per verb group.
+
+Every cgctl error, usage errors included, exits 125 (as docker does) so that
+the workload's own exit codes stay unambiguous.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from cgctl.cli import check as check_verb
+from cgctl.cli import run as run_verb
+from cgctl.cli.errors import EXIT_CGCTL_ERROR
+
+app = typer.Typer(name="cgctl", add_completion=False, pretty_exceptions_enable=False)
+run_verb.register(app)
+check_verb.register(app)
+
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        from cgctl import __version__
+
+        print(f"cgctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit"),
+    ] = False,
+) -> None:
+    """Run workloads in their own cgroup v2 with memory, CPU, IO and pids limits."""
+
+
+def main() -> None:
+    try:
+        code = app(args=sys.argv[1:] or ["--help"], prog_name="cgctl", standalone_mode=False)
+    except typer.TyperException as error:  # usage errors: bad option, missing value, ...
+        show = getattr(error, "show", None)
+        if show:
+            show()
+        else:
+            print(f"cgctl: {error.format_message()}", file=sys.stderr)
+        code = EXIT_CGCTL_ERROR
+    except typer.Abort:
+        code = EXIT_CGCTL_ERROR
+    except typer.Exit as error:
+        code = error.exit_code
+    sys.exit(code or 0)

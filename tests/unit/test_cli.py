@@ -1,0 +1,41 @@
+"""The CLI's contract before anything runs: bad input exits 125 naming the option and the value."""
+
+from __future__ import annotations
+
+import pytest
+
+from cgctl.cli import main
+
+
+def cgctl(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    monkeypatch.setattr("sys.argv", ["cgctl", *args])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    return int(exit_.value.code or 0), capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--mem", "256Q", "--", "true"], "invalid value '256Q' for --mem"),
+        (["--mem", "-1", "--", "true"], "invalid value '-1' for --mem"),
+        (["--name", "../x", "--", "true"], "invalid value '../x' for --name"),
+        (["--name", "", "--", "true"], "invalid value '' for --name"),
+        (["--mem", "1G"], "no command given"),
+        (["--no-such-option", "--", "true"], "No such option: --no-such-option"),
+    ],
+)
+def test_bad_input_exits_125_naming_option_and_value(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], args: list[str], expected: str
+) -> None:
+    code, err = cgctl(monkeypatch, capsys, "run", *args)
+    assert code == 125
+    assert expected in err
+
+
+def test_version_and_help(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("sys.argv", ["cgctl", "--version"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("cgctl ")
