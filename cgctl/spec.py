@@ -1,22 +1,37 @@
 """The workload spec: one pydantic schema shared by the CLI, the API and policy files.
 
-Values arrive as text from humans ("256M", "1.5GiB", "max") and leave as the
-exact strings the kernel's interface files take, so parsing lives here, in
-validators, and every error names the field and the value.
+Values arrive as text from humans ("256M", "1.5", "/dev/vda:wbps=10M") and
+leave as the exact strings the kernel's interface files take, so parsing
+lives here, in validators, and every error names the value. Checks that need
+the host (does the device exist, does this kernel expose that file) happen
+when the spec is applied, before anything is created, and raise SpecError
+with the field they concern.
 """
 
 from __future__ import annotations
 
 import re
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 MAX: Literal["max"] = "max"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+NAMESPACES = ("cgroup", "ipc", "mnt", "net", "pid", "uts")
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?$", re.IGNORECASE)
 _UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
+_CPU_LIST = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_LABEL_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,62}$")
+
+
+class SpecError(ValueError):
+    """A value that is well-formed but does not fit this host; `field` is its place in the spec."""
+
+    def __init__(self, field: tuple[str | int, ...], value: object, reason: str) -> None:
+        super().__init__(f"{'.'.join(map(str, field))}={value!r}: {reason}")
+        self.field, self.value, self.reason = field, value, reason
 
 
 def parse_size(value: object) -> int | Literal["max"]:
@@ -54,34 +69,176 @@ def format_size(size: int | Literal["max"]) -> str:
     return f"{size} B"
 
 
+def _parse_count(value: object) -> int | Literal["max"]:
+    """A whole number of things (IOPS, pids), or max."""
+    if isinstance(value, str) and value.strip().lower() == "max":
+        return MAX
+    if isinstance(value, bool) or not str(value).strip().isdigit():
+        raise ValueError(f"{value!r} is not a whole number or max")
+    return int(str(value).strip())
+
+
 Size = Annotated[int | Literal["max"], BeforeValidator(parse_size)]
+Count = Annotated[int | Literal["max"], BeforeValidator(_parse_count)]
 
 
-class MemoryLimits(BaseModel):
-    """memory.* interface files; None leaves the kernel's default."""
-
+class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+
+class MemoryLimits(_Model):
+    """memory.* interface files; None leaves the kernel's default."""
+
     max: Size | None = Field(None, description="memory.max: hard limit; over it the OOM killer runs")
+    high: Size | None = Field(None, description="memory.high: throttle and reclaim above this")
+    low: Size | None = Field(None, description="memory.low: best-effort protection from reclaim")
+    min: Size | None = Field(None, description="memory.min: hard protection from reclaim")
+    swap_max: Size | None = Field(None, description="memory.swap.max: swap the workload may use")
     oom_group: bool = Field(True, description="memory.oom.group: an OOM kills the whole workload")
 
 
-class Limits(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class CpuLimits(_Model):
+    cpus: Decimal | None = Field(None, description="CPUs' worth of time per period (cpu.max), e.g. 1.5")
+    weight: int | None = Field(None, ge=1, le=10000, description="cpu.weight: share under contention")
+    cpuset: str | None = Field(None, description="cpuset.cpus: the CPUs it may run on, e.g. 0-3,6")
+    idle: bool = Field(False, description="cpu.idle: run only when nothing else wants the CPU")
 
+    @field_validator("cpus", mode="before")
+    @classmethod
+    def _cpus(cls, value: object) -> Decimal | None:
+        if value is None:
+            return None
+        try:
+            cpus = Decimal(str(value).strip())
+        except InvalidOperation:
+            raise ValueError(f"{value!r} is not a number of CPUs (e.g. 0.5, 2)") from None
+        if not cpus.is_finite() or cpus < Decimal("0.01"):
+            raise ValueError(f"{value!r}: give at least 0.01 CPUs (cpu.max's quota is at least 1 ms)")
+        return cpus
+
+    @field_validator("cpuset")
+    @classmethod
+    def _cpuset(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not _CPU_LIST.match(value):
+            raise ValueError(f"{value!r} is not a CPU list (e.g. 0, 0-3, 0,2-5)")
+        for part in value.split(","):
+            low, _, high = part.partition("-")
+            if high and int(high) < int(low):
+                raise ValueError(f"{value!r}: the range {part} runs backwards")
+        return value
+
+
+class IoDeviceLimit(_Model):
+    """One io.max line: a device (block device path or MAJ:MIN) and its bandwidth and IOPS caps."""
+
+    device: str
+    rbps: Size | None = None
+    wbps: Size | None = None
+    riops: Count | None = None
+    wiops: Count | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: object) -> object:
+        """'DEV:rbps=N,wbps=N,riops=N,wiops=N', as on the command line."""
+        if not isinstance(value, str):
+            return value
+        if "=" not in value or ":" not in value[: value.index("=")]:
+            raise ValueError(f"{value!r} is not DEV:KEY=VALUE[,...] (e.g. /dev/sda:wbps=10M,riops=100)")
+        device = value[: value.index("=")].rpartition(":")[0]
+        fields: dict[str, str] = {"device": device}
+        for setting in value[len(device) + 1 :].split(","):
+            key, _, amount = setting.partition("=")
+            if key not in ("rbps", "wbps", "riops", "wiops") or not amount:
+                raise ValueError(f"{value!r}: {setting!r} is not one of rbps=, wbps=, riops=, wiops=")
+            fields[key] = amount
+        return fields
+
+    @model_validator(mode="after")
+    def _something_set(self) -> IoDeviceLimit:
+        if not self.device:
+            raise ValueError("no device given")
+        if (self.rbps, self.wbps, self.riops, self.wiops) == (None, None, None, None):
+            raise ValueError(f"{self.device}: give at least one of rbps, wbps, riops, wiops")
+        return self
+
+
+class IoWeight(_Model):
+    """io.weight for all devices (device None) or one device."""
+
+    device: str | None = None
+    weight: int = Field(ge=1, le=10000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: object) -> object:
+        """'W' or 'DEV:W', as on the command line."""
+        if isinstance(value, int | str) and not isinstance(value, bool):
+            device, _, weight = str(value).rpartition(":")
+            if not weight.strip().isdigit():
+                raise ValueError(f"{value!r} is not a weight 1..10000 or DEV:WEIGHT")
+            return {"device": device or None, "weight": int(weight)}
+        return value
+
+
+class IoLimits(_Model):
+    max: list[IoDeviceLimit] = Field(default_factory=list, description="io.max, one entry per device")
+    weight: list[IoWeight] = Field(default_factory=list, description="io.weight: default and per device")
+
+
+class PidsLimits(_Model):
+    max: Count | None = Field(None, description="pids.max: the most processes and threads at once")
+
+    @field_validator("max")
+    @classmethod
+    def _at_least_one(cls, value: int | Literal["max"] | None) -> int | Literal["max"] | None:
+        if value == 0:
+            raise ValueError("0 would forbid the workload itself; give at least 1")
+        return value
+
+
+class Limits(_Model):
     memory: MemoryLimits = Field(default_factory=MemoryLimits)
-
-
-class WorkloadSpec(BaseModel):
-    """What to run and within which limits."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str | None = Field(
-        None, pattern=NAME_PATTERN, description="unique name; also the cgroup's directory name"
+    cpu: CpuLimits = Field(default_factory=CpuLimits)
+    io: IoLimits = Field(default_factory=IoLimits)
+    pids: PidsLimits = Field(default_factory=PidsLimits)
+    files: dict[str, str] = Field(
+        default_factory=dict, description="any other interface file: name -> value (the escape hatch)"
     )
+
+    @field_validator("files")
+    @classmethod
+    def _file_names(cls, files: dict[str, str]) -> dict[str, str]:
+        for name in files:
+            if "/" in name or "." not in name or name.startswith("."):
+                raise ValueError(f"{name!r} is not a cgroup interface file name (e.g. memory.swap.high)")
+        return files
+
+
+class Namespaces(_Model):
+    """New namespaces by default; `share` keeps the host's; `user` adds a user namespace."""
+
+    share: list[Literal["cgroup", "ipc", "mnt", "net", "pid", "uts"]] = Field(default_factory=list)
+    user: bool = Field(False, description="a user namespace mapping root inside to the caller outside")
+
+    def private(self) -> list[str]:
+        return [name for name in NAMESPACES if name not in self.share]
+
+
+class WorkloadSpec(_Model):
+    """What to run, where, and within which limits."""
+
+    name: str | None = Field(None, pattern=NAME_PATTERN, description="unique name; also the cgroup's name")
     command: list[str] = Field(min_length=1, description="argv of the workload")
     limits: Limits = Field(default_factory=Limits)
+    namespaces: Namespaces = Field(default_factory=Namespaces)
+    hostname: str | None = Field(None, min_length=1, max_length=64, description="default: the name")
+    env: dict[str, str] = Field(default_factory=dict, description="added to the caller's environment")
+    workdir: str | None = Field(None, description="working directory (default: the caller's)")
+    labels: dict[str, str] = Field(default_factory=dict, description="metadata; never in the environment")
+    init: bool = Field(False, description="run a minimal reaper as pid 1 that forwards signals")
 
     @field_validator("command")
     @classmethod
@@ -89,3 +246,26 @@ class WorkloadSpec(BaseModel):
         if not command[0]:
             raise ValueError("the command is empty")
         return command
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
+        for name in env:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+        return env
+
+    @field_validator("labels")
+    @classmethod
+    def _label_keys(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key in labels:
+            if not _LABEL_KEY.match(key):
+                raise ValueError(f"{key!r} is not a label key ([A-Za-z_][A-Za-z0-9_.-]*, at most 63)")
+        return labels
+
+    @field_validator("workdir")
+    @classmethod
+    def _absolute_workdir(cls, workdir: str | None) -> str | None:
+        if workdir is not None and not workdir.startswith("/"):
+            raise ValueError(f"{workdir!r} is not an absolute path")
+        return workdir

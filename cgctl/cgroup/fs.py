@@ -17,7 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MOUNTINFO = Path("/proc/self/mountinfo")
+PROC_SELF_CGROUP = Path("/proc/self/cgroup")
 DEFAULT_ROOT_NAME = "cgctl.slice"
+# Where cgctl moves itself when it lives in the cgroup it manages (a delegated subtree), so that
+# controllers can be enabled there without breaking the no-internal-processes rule.
+SUPERVISOR_LEAF = "cgctl-supervisor"
 # The controllers cgctl applies limits with; a host lacking any of them cannot run every spec.
 SUPPORTED_CONTROLLERS = ("cpu", "io", "memory", "pids")
 V1_NAMES = {"io": "blkio"}  # cgroup v1 called the io controller blkio
@@ -72,6 +76,10 @@ class Cgroup:
         """A single-value file; None for 'max'."""
         text = self.read(name).strip()
         return None if text == "max" else int(text)
+
+    def read_optional_int(self, name: str) -> int | None:
+        """Like read_int, but None when this kernel lacks the file (memory.peak, pids.peak, ...)."""
+        return self.read_int(name) if self.has(name) else None
 
     def controllers(self) -> set[str]:
         return set(self.read("cgroup.controllers").split())
@@ -134,10 +142,40 @@ def open_unified_root(controllers: Iterable[str], mountinfo: Path = MOUNTINFO) -
     return root
 
 
+def own_cgroup(unified: Cgroup, proc_self_cgroup: Path = PROC_SELF_CGROUP) -> Cgroup:
+    for line in proc_self_cgroup.read_text().splitlines():
+        if line.startswith("0::"):
+            return Cgroup(unified.path / line[3:].strip().lstrip("/"))
+    raise CgroupError(f"{proc_self_cgroup}: this process is in no cgroup v2 group")
+
+
+def is_delegated(group: Cgroup) -> bool:
+    """systemd marks a delegated cgroup (Delegate=yes) with a delegate xattr; a rootless one is ours."""
+    for attribute in ("trusted.delegate", "user.delegate"):
+        try:
+            if os.getxattr(group.path, attribute) == b"1":
+                return True
+        except OSError:
+            pass
+    return os.geteuid() != 0 and group.path.stat().st_uid == os.geteuid()
+
+
+def choose_root(unified: Cgroup, explicit: Path | None = None) -> Path:
+    """cgctl's root: explicit, else the delegated cgroup cgctl runs in, else <unified>/cgctl.slice."""
+    if explicit is not None:
+        return explicit
+    own = own_cgroup(unified)
+    if own.path.name == SUPERVISOR_LEAF:
+        own = Cgroup(own.path.parent)
+    if own.path != unified.path and is_delegated(own):
+        return own.path
+    return unified.path / DEFAULT_ROOT_NAME
+
+
 def check_host(cgroup_root: Path | None = None, mountinfo: Path = MOUNTINFO) -> tuple[Cgroup, Path]:
     """(the unified root, cgctl's root) if cgctl can work here; else HostNotSupported saying why."""
     unified = open_unified_root(SUPPORTED_CONTROLLERS, mountinfo)
-    target = cgroup_root or unified.path / DEFAULT_ROOT_NAME
+    target = choose_root(unified, cgroup_root)
     existing = next(path for path in (target, *target.parents) if path.exists())
     if not os.access(existing, os.W_OK):
         raise HostNotSupported(_permission_hint(existing, PermissionError(errno.EACCES, "not writable")))
@@ -151,19 +189,22 @@ def enable_controllers(group: Cgroup, controllers: Iterable[str]) -> None:
         group.write("cgroup.subtree_control", " ".join(f"+{name}" for name in needed))
 
 
-def open_cgctl_root(unified: Cgroup, controllers: Iterable[str], root: Path | None = None) -> Cgroup:
-    """cgctl's own subtree (default <unified>/cgctl.slice), created with `controllers` enabled along it.
+def open_cgctl_root(unified: Cgroup, controllers: Iterable[str], root: Path) -> Cgroup:
+    """cgctl's own subtree, created with `controllers` enabled along it.
 
-    Processes never live in cgctl's subtree except in its leaves, which keeps the
-    no-internal-processes rule.
+    Processes live only in its leaves (the no-internal-processes rule): if cgctl
+    itself runs in `root` (a delegated cgroup), it first moves into a leaf of its own.
     """
-    target = Cgroup(root or unified.path / DEFAULT_ROOT_NAME)
     try:
-        relative = target.path.relative_to(unified.path)
+        relative = root.relative_to(unified.path)
     except ValueError:
         raise CgroupError(
-            f"{target.path}: cgctl's cgroup root must be inside the cgroup v2 mount {unified.path}"
+            f"{root}: cgctl's cgroup root must be inside the cgroup v2 mount {unified.path}"
         ) from None
+    if own_cgroup(unified).path == root:
+        supervisor = root / SUPERVISOR_LEAF
+        supervisor.mkdir(exist_ok=True)
+        Cgroup(supervisor).write("cgroup.procs", "0")
     controllers = list(controllers)
     group = unified
     for part in relative.parts:
@@ -190,13 +231,18 @@ def create(parent: Cgroup, name: str) -> Cgroup:
     return group
 
 
+def kill_all(group: Cgroup, timeout: float = 10.0) -> None:
+    """Kill every process in the group, then wait until it is empty (cgroup.kill: forking escapes nothing)."""
+    if group.populated():
+        group.write("cgroup.kill", "1")
+        wait_for_event(group, "populated", 0, timeout)
+
+
 def remove(group: Cgroup, timeout: float = 10.0) -> None:
     """Kill every process left in the group, wait until it is empty, and remove it."""
     if not group.path.exists():
         return
-    if group.populated():
-        group.write("cgroup.kill", "1")
-        wait_for_event(group, "populated", 0, timeout)
+    kill_all(group, timeout)
     try:
         group.path.rmdir()
     except FileNotFoundError:

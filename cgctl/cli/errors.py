@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import typer
-from pydantic import ValidationError
+
+if TYPE_CHECKING:  # imported by the verbs that need them: `cgctl --help` stays light
+    from pydantic import ValidationError
+
+    from cgctl.spec import SpecError
 
 EXIT_CGCTL_ERROR = 125
 
@@ -16,14 +21,23 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(EXIT_CGCTL_ERROR)
 
 
+def option_for(location: tuple[str | int, ...], options: dict[tuple[str | int, ...], str]) -> str:
+    """The option that fed a spec field, or the field's dotted path if no option did."""
+    return next(
+        (opt for loc, opt in options.items() if location[: len(loc)] == loc), ".".join(map(str, location))
+    )
+
+
+def invalid_value(error: SpecError, options: dict[tuple[str | int, ...], str]) -> typer.Exit:
+    """Report a value the host refused (a missing device, an unknown file) by its option."""
+    return fail(f"invalid value {error.value!r} for {option_for(error.field, options)}: {error.reason}")
+
+
 def invalid_options(error: ValidationError, options: dict[tuple[str | int, ...], str]) -> typer.Exit:
     """Report a spec validation error in terms of the command-line options that fed each field."""
     lines = []
     for detail in error.errors():
-        location = tuple(detail["loc"])
-        option = next(
-            (opt for loc, opt in options.items() if location[: len(loc)] == loc), ".".join(map(str, location))
-        )
+        option = option_for(tuple(detail["loc"]), options)
         given = detail.get("input")
         reason = detail["msg"].removeprefix("Value error, ")
         lines.append(

@@ -1,24 +1,29 @@
-"""Run a workload on this host: its own cgroup, every limit written before it starts, cleaned up after.
+"""Run a workload on this host, from spec to report.
 
-The child joins the cgroup between fork and exec, so the workload's first
-instruction already runs under its limits. When the main process ends,
-anything it left behind is killed with cgroup.kill and the group is removed
-after its final accounting has been read.
+Order matters and is the whole point: check the host, validate everything the
+host must confirm (devices, CPUs, interface files), claim the name, create the
+cgroup, write every limit, and only then start the workload, which joins the
+cgroup before exec. When its main process ends, whatever it left is killed
+with cgroup.kill and the cgroup is removed after its final accounting is read.
+Any failure before the start removes what was made: never a half-applied run.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import secrets
 import signal
-import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cgctl.cgroup import fs, memory
-from cgctl.spec import WorkloadSpec
+from cgctl import ns
+from cgctl.cgroup import cpu, cpuset, fs, io, memory, pids
+from cgctl.runtime import spawn, state
+from cgctl.runtime.report import RunReport, final_report
+from cgctl.spec import SpecError, WorkloadSpec
 
 FORWARDED_SIGNALS = (
     signal.SIGINT,
@@ -28,85 +33,200 @@ FORWARDED_SIGNALS = (
     signal.SIGUSR1,
     signal.SIGUSR2,
 )
-PR_SET_PDEATHSIG = 1
-
-
-class SpawnError(Exception):
-    """The workload could not be started; exit_code follows docker (126 not executable, 127 not found)."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+# Interface files --cgroup-set must not touch: they move or kill processes or reshape the tree.
+RESERVED_FILES = {
+    "cgroup.procs",
+    "cgroup.threads",
+    "cgroup.kill",
+    "cgroup.subtree_control",
+    "cgroup.type",
+    "cgroup.freeze",
+}
 
 
 @dataclass(frozen=True)
-class RunResult:
-    name: str
-    cgroup: str
-    exit_code: int | None  # None when killed by a signal
-    signal: int | None
-    oom_killed: bool
-    oom_kills: int
-    wall_seconds: float
-    memory_peak_bytes: int | None
-    memory_limit_bytes: int | None
+class Host:
+    """Where runs go on this host: the unified root, cgctl's subtree, and the run records."""
+
+    unified: fs.Cgroup
+    root: fs.Cgroup
+    state_dir: Path
 
 
-def run(spec: WorkloadSpec, cgroup_root: Path | None = None) -> RunResult:
-    """Run spec to completion and return its accounting. Raises fs.CgroupError or SpawnError."""
-    unified = fs.open_unified_root([memory.CONTROLLER])
-    parent = fs.open_cgctl_root(unified, [memory.CONTROLLER], root=cgroup_root)
+def prepare_host(
+    spec: WorkloadSpec, cgroup_root: Path | None = None, state_dir: Path | None = None
+) -> tuple[Host, list[tuple[str, str]]]:
+    """Check the host and every value it must confirm, then open cgctl's subtree and clean up dead runs.
+
+    Returns the host and every (interface file, value) to write. A spec that does
+    not fit raises SpecError before anything is created (a cgctl root made only to
+    look at its interface files is removed again).
+    """
+    limits = spec.limits
+    controllers = set(fs.SUPPORTED_CONTROLLERS)
+    if limits.cpu.cpuset is not None:
+        controllers.add(cpuset.CONTROLLER)
+    unified = fs.open_unified_root(controllers)
+    controllers |= {name.split(".")[0] for name in limits.files} & unified.controllers()
+    root_path = fs.choose_root(unified, cgroup_root)
+    nearest = [fs.Cgroup(path) for path in (root_path, *root_path.parents) if path.exists()]
+    settings = [
+        *cpuset.settings(limits.cpu, next((g for g in nearest if g.has("cpuset.cpus.effective")), unified)),
+        *memory.settings(limits.memory),
+        *cpu.settings(limits.cpu),
+        *io.settings(limits.io, unified),
+        *pids.settings(limits.pids),
+    ]
+    root_existed = root_path.exists()
+    root = fs.open_cgctl_root(unified, controllers, root_path)
+    try:
+        settings += interface_file_settings(limits.files, root)
+    except SpecError:
+        if not root_existed:
+            fs.remove(root)
+        raise
+    host = Host(unified, root, state_dir or state.default_state_dir())
+    state.clean_stale(host.state_dir)
+    return host, settings
+
+
+def interface_file_settings(files: dict[str, str], root: fs.Cgroup) -> list[tuple[str, str]]:
+    """--cgroup-set: any writable interface file this kernel offers cgctl's workloads."""
+    for name, value in files.items():
+        field = ("limits", "files", name)
+        if name in RESERVED_FILES:
+            raise SpecError(field, f"{name}={value}", "cgctl manages this file itself")
+        if not root.has(name):
+            raise SpecError(
+                field,
+                f"{name}={value}",
+                f"this kernel has no such file for the enabled controllers ({root.path})",
+            )
+        if not os.stat(root.file(name)).st_mode & 0o200:
+            raise SpecError(field, f"{name}={value}", "a read-only file")
+    return list(files.items())
+
+
+def run(spec: WorkloadSpec, cgroup_root: Path | None = None, state_dir: Path | None = None) -> RunReport:
+    """Run spec to completion and return its report.
+
+    Raises fs.CgroupError (host or kernel trouble), SpecError (the spec does not
+    fit this host) or spawn.SpawnError (the command could not be started); in
+    every case nothing is left behind.
+    """
+    private = spec.namespaces.private()
+    if os.geteuid() != 0 and private and not spec.namespaces.user:
+        raise spawn.SpawnError(
+            f"creating the {', '.join(private)} namespaces needs root: run as root, or add --userns to run "
+            "rootless (in a delegated cgroup)",
+            125,
+        )
+    host, settings = prepare_host(spec, cgroup_root, state_dir)
     name = spec.name or f"run-{secrets.token_hex(4)}"
-    group = fs.create(parent, name)
-    try:
-        memory.apply(group, spec.limits.memory)
-        started = time.monotonic()
-        process = _spawn(spec.command, group)
-        returncode = _wait_forwarding_signals(process)
-        wall = time.monotonic() - started
-        final = memory.stat(group)
-    finally:
-        fs.remove(group)
-    return RunResult(
-        name=name,
-        cgroup=str(group.path),
-        exit_code=returncode if returncode >= 0 else None,
-        signal=-returncode if returncode < 0 else None,
-        oom_killed=final.oom_kills > 0,
-        oom_kills=final.oom_kills,
-        wall_seconds=wall,
-        memory_peak_bytes=final.peak_bytes,
-        memory_limit_bytes=final.limit_bytes,
+    group = host.root.child(name)
+    claim = state.claim(
+        host.state_dir,
+        name,
+        {
+            "cgroup": str(group.path),
+            "supervisor": os.getpid(),
+            "spec": spec.model_dump(mode="json", exclude={"env"}),
+        },
     )
-
-
-def _spawn(command: list[str], group: fs.Cgroup) -> subprocess.Popen[bytes]:
-    procs = str(group.file("cgroup.procs"))
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def in_child() -> None:
-        # Runs between fork and exec: die with cgctl, and join the cgroup before the first instruction.
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        with open(procs, "w") as handle:
-            handle.write(str(os.getpid()))
-
     try:
-        return subprocess.Popen(command, preexec_fn=in_child, close_fds=True)
-    except FileNotFoundError:
-        raise SpawnError(f"{command[0]}: command not found", 127) from None
-    except subprocess.SubprocessError as error:
-        raise fs.CgroupError(f"{procs}: the workload could not join its cgroup ({error})") from None
-    except OSError as error:  # EACCES, ENOEXEC, EISDIR, ...: it exists but cannot be executed
-        raise SpawnError(f"{command[0]}: cannot execute: {error.strerror}", 126) from None
-
-
-def _wait_forwarding_signals(process: subprocess.Popen[bytes]) -> int:
-    """Wait for the workload, passing on the signals a supervisor is expected to forward."""
-    previous = {
-        sig: signal.signal(sig, lambda sig, _frame: process.send_signal(sig)) for sig in FORWARDED_SIGNALS
-    }
-    try:
-        return process.wait()
+        fs.create(host.root, name)
+        try:
+            for file, value in settings:
+                group.write(file, value)
+            applied = {file: group.read(file).strip() for file, _ in settings}
+            return _supervise(spec, name, group, applied)
+        finally:
+            fs.remove(group)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        claim.release()
+
+
+def _supervise(spec: WorkloadSpec, name: str, group: fs.Cgroup, applied: dict[str, str]) -> RunReport:
+    private = frozenset(spec.namespaces.private())
+    launch = spawn.Launch(
+        argv=spec.command,
+        env={**os.environ, **spec.env},
+        workdir=spec.workdir,
+        cgroup_procs=str(group.file("cgroup.procs")),
+        namespaces=ns.Context(private=private, hostname=spec.hostname or name),
+        user_namespace=spec.namespaces.user,
+        init=spec.init,
+    )
+    started = time.monotonic()
+    with _SignalForwarder(name, group, namespace_init="pid" in private) as forwarder:
+        pid, alive_fd = spawn.start(launch)
+        forwarder.start(pid)
+        try:
+            _, status = os.waitpid(pid, 0)
+        finally:
+            os.close(alive_fd)
+    wall = time.monotonic() - started
+    fs.kill_all(group)  # what the main process left behind
+    return final_report(name, group, status, wall, applied, spec)
+
+
+class _SignalForwarder:
+    """Passes the supervisor's signals on to the workload.
+
+    The kernel drops a signal sent to the init of a pid namespace that has no
+    handler for it (docker has the same trap; --init avoids it). Rather than let
+    Ctrl-C do nothing, cgctl says so and kills the workload on a second SIGINT
+    or SIGTERM.
+    """
+
+    def __init__(self, name: str, group: fs.Cgroup, namespace_init: bool) -> None:
+        self.name, self.group, self.namespace_init = name, group, namespace_init
+        self.pid: int | None = None
+        self.pending: list[int] = []
+        self.warned = False
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> _SignalForwarder:
+        if threading.current_thread() is threading.main_thread():  # only it can handle signals
+            self.previous = {sig: signal.signal(sig, self.forward) for sig in FORWARDED_SIGNALS}
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+    def start(self, pid: int) -> None:
+        self.pid = pid
+        for received in self.pending:
+            self.forward(received, None)
+
+    def forward(self, received: int, _frame: object) -> None:
+        if self.pid is None:
+            self.pending.append(received)
+        elif (
+            received in (signal.SIGINT, signal.SIGTERM)
+            and self.namespace_init
+            and not _catches(self.pid, received)
+        ):
+            if self.warned:
+                self.group.write("cgroup.kill", "1")
+                return
+            self.warned = True
+            ignored = signal.Signals(received).name
+            print(
+                f"cgctl: {self.name} runs as pid 1 of its namespace and ignores {ignored}; "
+                "send it again to kill it (--init avoids this)",
+                file=sys.stderr,
+            )
+        else:
+            os.kill(self.pid, received)
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether the process has a handler for sig (SigCgt in /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True  # gone: nothing to warn about
+    caught = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught, 16) >> (sig - 1) & 1)

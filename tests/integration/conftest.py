@@ -95,3 +95,13 @@ def scratch_cgroup(request: pytest.FixtureRequest) -> Iterator[ScratchCgroup]:
             group.write("cgroup.kill", "1")
             group.wait_events("populated", 0)
         path.rmdir()
+
+
+@pytest.fixture
+def no_leaks() -> Iterator[None]:
+    """Whatever a test runs, it leaves no workload cgroup and no run record behind."""
+    from tests.integration.workloads import run_records, workload_cgroups
+
+    before = workload_cgroups(), run_records()
+    yield
+    assert (workload_cgroups(), run_records()) == before, "a run left its cgroup or its record behind"

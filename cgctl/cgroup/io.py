@@ -1,0 +1,103 @@
+"""The io controller: io.max caps and io.weight per device; bytes and operations per device."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat as stat_mode
+from dataclasses import dataclass
+from pathlib import Path
+
+from cgctl.cgroup.fs import Cgroup
+from cgctl.spec import IoLimits, SpecError
+
+CONTROLLER = "io"
+SYS_DEV_BLOCK = Path("/sys/dev/block")
+_MAJOR_MINOR = re.compile(r"^\d+:\d+$")
+
+
+def device_number(device: str, field: tuple[str | int, ...], sys_dev_block: Path = SYS_DEV_BLOCK) -> str:
+    """'MAJ:MIN' of a whole-disk block device given as a path or as MAJ:MIN."""
+    if _MAJOR_MINOR.match(device):
+        number = device
+    else:
+        try:
+            mode = os.stat(device)
+        except OSError as error:
+            raise SpecError(field, device, f"cannot use the device: {error.strerror}") from None
+        if not stat_mode.S_ISBLK(mode.st_mode):
+            raise SpecError(field, device, "not a block device")
+        number = f"{os.major(mode.st_rdev)}:{os.minor(mode.st_rdev)}"
+    entry = sys_dev_block / number
+    if not entry.exists():
+        raise SpecError(field, device, f"no block device {number} on this host (see lsblk)")
+    if (entry / "partition").exists():
+        disk = entry.resolve().parent.name
+        raise SpecError(field, device, f"a partition; IO limits apply to whole disks: use /dev/{disk}")
+    return number
+
+
+def settings(limits: IoLimits, unified: Cgroup, sys_dev_block: Path = SYS_DEV_BLOCK) -> list[tuple[str, str]]:
+    """io.max and io.weight lines, one per device; devices resolved to MAJ:MIN and checked."""
+    lines = []
+    for index, cap in enumerate(limits.max):
+        number = device_number(cap.device, ("limits", "io", "max", index), sys_dev_block)
+        keys = {"rbps": cap.rbps, "wbps": cap.wbps, "riops": cap.riops, "wiops": cap.wiops}
+        lines.append(("io.max", " ".join([number, *(f"{k}={v}" for k, v in keys.items() if v is not None)])))
+    for index, weight in enumerate(limits.weight):
+        target = "default"
+        if weight.device is not None:
+            field = ("limits", "io", "weight", index)
+            target = device_number(weight.device, field, sys_dev_block)
+            if not iocost_enabled(unified, target):
+                raise SpecError(
+                    field,
+                    weight.device,
+                    f"a per-device io.weight needs the io.cost controller on {target}: as root, "
+                    f"echo '{target} enable=1' > {unified.file('io.cost.qos')} (with the BFQ scheduler, "
+                    "use --cgroup-set io.bfq.weight=...)",
+                )
+        lines.append(("io.weight", f"{target} {weight.weight}"))
+    return lines
+
+
+def iocost_enabled(unified: Cgroup, device: str) -> bool:
+    """Whether io.cost (which implements io.weight) is switched on for the device."""
+    if not unified.has("io.cost.qos"):
+        return False
+    return any(
+        line.startswith(f"{device} ") and " enable=1" in line
+        for line in unified.read("io.cost.qos").splitlines()
+    )
+
+
+@dataclass(frozen=True)
+class IoDeviceStat:
+    device: str  # MAJ:MIN
+    name: str | None  # vda, sda, ... as in /dev
+    rbytes: int
+    wbytes: int
+    rios: int
+    wios: int
+    dbytes: int
+    dios: int
+
+
+def device_name(number: str, sys_dev_block: Path = SYS_DEV_BLOCK) -> str | None:
+    try:
+        uevent = (sys_dev_block / number / "uevent").read_text()
+    except OSError:
+        return None
+    return next((line[8:] for line in uevent.splitlines() if line.startswith("DEVNAME=")), None)
+
+
+def stat(group: Cgroup, sys_dev_block: Path = SYS_DEV_BLOCK) -> list[IoDeviceStat]:
+    devices = []
+    for line in group.read("io.stat").splitlines():
+        number, *pairs = line.split()
+        values = {key: int(value) for key, _, value in (pair.partition("=") for pair in pairs)}
+        fields = ("rbytes", "wbytes", "rios", "wios", "dbytes", "dios")
+        devices.append(
+            IoDeviceStat(number, device_name(number, sys_dev_block), **{f: values.get(f, 0) for f in fields})
+        )
+    return devices

@@ -1,0 +1,29 @@
+"""The cgroup namespace: the workload sees its own cgroup as the root of the hierarchy.
+
+It is created by the workload's first process after joining its cgroup (the
+namespace's root is the cgroup current at unshare time), so it is unshared in
+the init step, not with the others. With a private mount namespace, cgroup2
+is mounted again at /sys/fs/cgroup, showing only the workload's subtree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cgctl.ns import libc
+from cgctl.ns.context import Context
+
+FLAG = libc.CLONE_NEWCGROUP
+UNSHARE_IN_INIT = True
+CGROUP_MOUNT = Path("/sys/fs/cgroup")
+in_child = None
+
+
+def in_init(context: Context) -> None:
+    libc.unshare(FLAG)
+    if "mnt" in context.private and CGROUP_MOUNT.is_dir():
+        if (
+            CGROUP_MOUNT.is_mount()
+        ):  # the host's view (no fresh /sys under it): the kernel refuses a mount on top
+            libc.umount(str(CGROUP_MOUNT), libc.MNT_DETACH)
+        libc.mount("cgroup2", str(CGROUP_MOUNT), "cgroup2", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC)

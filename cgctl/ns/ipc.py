@@ -1,0 +1,9 @@
+"""The IPC namespace: System V IPC objects and POSIX message queues of its own; nothing to set up."""
+
+from __future__ import annotations
+
+from cgctl.ns import libc
+
+FLAG = libc.CLONE_NEWIPC
+in_child = None
+in_init = None

@@ -1,0 +1,27 @@
+"""The net namespace: loopback only, and up; a fresh /sys shows only the workload's interfaces."""
+
+from __future__ import annotations
+
+import fcntl
+import socket
+import struct
+
+from cgctl.ns import libc
+from cgctl.ns.context import Context
+
+FLAG = libc.CLONE_NEWNET
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+
+
+def in_child(context: Context) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+def in_init(context: Context) -> None:
+    if "mnt" in context.private:
+        libc.mount("sysfs", "/sys", "sysfs", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC)

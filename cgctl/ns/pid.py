@@ -1,0 +1,18 @@
+"""The pid namespace: the workload is pid 1 and sees only its own processes in a private /proc.
+
+/proc is remounted only with a private mount namespace too; sharing the host's
+mounts (--share mnt) leaves the host's /proc in place, as `unshare -p` does.
+"""
+
+from __future__ import annotations
+
+from cgctl.ns import libc
+from cgctl.ns.context import Context
+
+FLAG = libc.CLONE_NEWPID
+in_child = None
+
+
+def in_init(context: Context) -> None:
+    if "mnt" in context.private:
+        libc.mount("proc", "/proc", "proc", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC)

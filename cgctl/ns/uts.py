@@ -1,0 +1,17 @@
+"""The UTS namespace: the workload's own hostname (by default its name)."""
+
+from __future__ import annotations
+
+import socket
+
+from cgctl.ns import libc
+from cgctl.ns.context import Context
+
+FLAG = libc.CLONE_NEWUTS
+
+
+def in_child(context: Context) -> None:
+    socket.sethostname(context.hostname)
+
+
+in_init = None

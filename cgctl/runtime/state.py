@@ -1,0 +1,86 @@
+"""Run records: who owns which workload cgroup, so that names are unique and dead runs are cleaned up.
+
+Each running workload has a record file, <state dir>/<name>.json, that its
+supervisor holds an exclusive flock on for as long as it lives. The kernel
+drops the lock when the supervisor dies, however it dies (SIGKILL included),
+so a record whose lock can be taken belongs to a dead run: its cgroup is
+killed and removed by the next cgctl that starts. The record is written
+before the cgroup is made and removed after it is gone, so no cgroup of
+cgctl's is ever without one. cgroups cgctl did not create are never touched.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cgctl.cgroup import fs
+from cgctl.spec import SpecError
+
+
+def default_state_dir() -> Path:
+    if explicit := os.environ.get("CGCTL_STATE_DIR"):
+        return Path(explicit)
+    if os.geteuid() == 0:
+        return Path("/run/cgctl/runs")
+    runtime_dir = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.geteuid()}"
+    return Path(runtime_dir) / "cgctl" / "runs"
+
+
+@dataclass
+class Claim:
+    """A held run record: the name is ours until release()."""
+
+    name: str
+    path: Path
+    fd: int
+
+    def release(self) -> None:
+        """Forget the run; call after its cgroup is gone."""
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+
+
+def claim(state_dir: Path, name: str, record: dict[str, object]) -> Claim:
+    """Take the name for a new run, or raise SpecError if a live run has it."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = state_dir / f"{name}.json"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SpecError(("name",), name, "already in use by a running workload") from None
+    if os.fstat(fd).st_nlink == 0:  # a stale-run cleanup unlinked it between our open and flock
+        os.close(fd)
+        return claim(state_dir, name, record)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps(record).encode())
+    return Claim(name, path, fd)
+
+
+def clean_stale(state_dir: Path) -> list[str]:
+    """Kill and remove the cgroups of runs whose supervisor is gone; returns their names."""
+    cleaned = []
+    for path in sorted(state_dir.glob("*.json")) if state_dir.exists() else []:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue  # its run ended meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue  # alive
+        try:
+            record = json.loads(path.read_text() or "{}")
+            if record.get("cgroup"):
+                fs.remove(fs.Cgroup(Path(record["cgroup"])))
+            path.unlink(missing_ok=True)
+            cleaned.append(path.stem)
+        finally:
+            os.close(fd)
+    return cleaned
