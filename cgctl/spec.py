@@ -19,6 +19,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 MAX: Literal["max"] = "max"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 NAMESPACES = ("cgroup", "ipc", "mnt", "net", "pid", "uts")
+NOT_A_SIZE = "not a size: use bytes or K/M/G/T with an optional iB (256M, 256MiB, 1.5G), or max"
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?$", re.IGNORECASE)
 _UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
 _CPU_LIST = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
@@ -37,25 +38,21 @@ class SpecError(ValueError):
 def parse_size(value: object) -> int | Literal["max"]:
     """Bytes from '256M', '256MiB', '1.5G', '4096' or 'max' (binary units, as docker and systemd)."""
     if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a size")
+        raise ValueError(NOT_A_SIZE)
     if isinstance(value, int):
         if value < 0:
-            raise ValueError(f"{value} is negative; give a size such as 256M, or max")
+            raise ValueError(NOT_A_SIZE)
         return value
     text = str(value).strip()
     if text.lower() in ("max", "infinity"):
         return MAX
     match = _SIZE.match(text)
-    if not match:
-        raise ValueError(
-            f"{text!r} is not a size; use bytes or K/M/G/T with optional iB (256M, 256MiB, 1.5G), or max"
-        )
-    number, unit, binary = match.groups()
-    if binary and not unit:
-        raise ValueError(f"{text!r} is not a size; use bytes or K/M/G/T (256M, 1.5G), or max")
+    if not match or (match.group(3) and not match.group(2)):
+        raise ValueError(NOT_A_SIZE)
+    number, unit, _ = match.groups()
     size = Decimal(number) * 1024 ** _UNITS[unit.upper()]
     if not unit and size != size.to_integral_value():
-        raise ValueError(f"{text!r}: a size in bytes must be a whole number")
+        raise ValueError("a size in bytes must be a whole number")
     return int(size)
 
 
@@ -74,7 +71,7 @@ def _parse_count(value: object) -> int | Literal["max"]:
     if isinstance(value, str) and value.strip().lower() == "max":
         return MAX
     if isinstance(value, bool) or not str(value).strip().isdigit():
-        raise ValueError(f"{value!r} is not a whole number or max")
+        raise ValueError("not a whole number, or max")
     return int(str(value).strip())
 
 
@@ -111,9 +108,9 @@ class CpuLimits(_Model):
         try:
             cpus = Decimal(str(value).strip())
         except InvalidOperation:
-            raise ValueError(f"{value!r} is not a number of CPUs (e.g. 0.5, 2)") from None
+            raise ValueError("not a number of CPUs (e.g. 0.5, 2)") from None
         if not cpus.is_finite() or cpus < Decimal("0.01"):
-            raise ValueError(f"{value!r}: give at least 0.01 CPUs (cpu.max's quota is at least 1 ms)")
+            raise ValueError("give at least 0.01 CPUs (cpu.max's quota is at least 1 ms)")
         return cpus
 
     @field_validator("cpuset")
@@ -122,11 +119,11 @@ class CpuLimits(_Model):
         if value is None:
             return None
         if not _CPU_LIST.match(value):
-            raise ValueError(f"{value!r} is not a CPU list (e.g. 0, 0-3, 0,2-5)")
+            raise ValueError("not a CPU list (e.g. 0, 0-3, 0,2-5)")
         for part in value.split(","):
             low, _, high = part.partition("-")
             if high and int(high) < int(low):
-                raise ValueError(f"{value!r}: the range {part} runs backwards")
+                raise ValueError(f"the range {part} runs backwards")
         return value
 
 
@@ -146,13 +143,13 @@ class IoDeviceLimit(_Model):
         if not isinstance(value, str):
             return value
         if "=" not in value or ":" not in value[: value.index("=")]:
-            raise ValueError(f"{value!r} is not DEV:KEY=VALUE[,...] (e.g. /dev/sda:wbps=10M,riops=100)")
+            raise ValueError("not DEV:KEY=VALUE[,...] (e.g. /dev/sda:wbps=10M,riops=100)")
         device = value[: value.index("=")].rpartition(":")[0]
         fields: dict[str, str] = {"device": device}
         for setting in value[len(device) + 1 :].split(","):
             key, _, amount = setting.partition("=")
             if key not in ("rbps", "wbps", "riops", "wiops") or not amount:
-                raise ValueError(f"{value!r}: {setting!r} is not one of rbps=, wbps=, riops=, wiops=")
+                raise ValueError(f"{setting!r} is not one of rbps=, wbps=, riops=, wiops=")
             fields[key] = amount
         return fields
 
@@ -178,7 +175,7 @@ class IoWeight(_Model):
         if isinstance(value, int | str) and not isinstance(value, bool):
             device, _, weight = str(value).rpartition(":")
             if not weight.strip().isdigit():
-                raise ValueError(f"{value!r} is not a weight 1..10000 or DEV:WEIGHT")
+                raise ValueError("not a weight 1..10000, or DEV:WEIGHT")
             return {"device": device or None, "weight": int(weight)}
         return value
 

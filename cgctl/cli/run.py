@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from pydantic import ValidationError
 
 from cgctl.cli.errors import fail, invalid_options, invalid_value
 
@@ -66,7 +65,7 @@ def run(
     cpus: Annotated[
         str | None, typer.Option(help="CPU time in CPUs, e.g. 0.5 or 2 (cpu.max, 100 ms period)")
     ] = None,
-    cpu_weight: Annotated[int | None, typer.Option(help="cpu.weight 1..10000 (default 100)")] = None,
+    cpu_weight: Annotated[str | None, typer.Option(help="cpu.weight 1..10000 (default 100)")] = None,
     cpuset: Annotated[str | None, typer.Option(help="cpuset.cpus: CPUs it may use, e.g. 0-3,6")] = None,
     cpu_idle: Annotated[bool, typer.Option(help="cpu.idle: run only when the CPU is otherwise idle")] = False,
     io_max: Annotated[
@@ -99,6 +98,8 @@ def run(
     Exits with CMD's status; 125: cgctl error (nothing started); 126: not executable;
     127: not found; 128+N: killed by signal N.
     """
+    from pydantic import ValidationError
+
     from cgctl import runtime
     from cgctl.cgroup.fs import CgroupError
     from cgctl.spec import SpecError, WorkloadSpec

@@ -17,11 +17,31 @@ def cgctl(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--mem", "256Q", "--", "true"], "invalid value '256Q' for --mem"),
+        (["--mem", "256Q", "--", "true"], "invalid value '256Q' for --mem: not a size: use bytes or K/M/G/T"),
         (["--mem", "-1", "--", "true"], "invalid value '-1' for --mem"),
         (["--name", "../x", "--", "true"], "invalid value '../x' for --name"),
         (["--name", "", "--", "true"], "invalid value '' for --name"),
         (["--mem", "1G"], "no command given"),
+        (["--mem-high", "lots", "--", "true"], "invalid value 'lots' for --mem-high"),
+        (
+            ["--swap", "1.5", "--", "true"],
+            "invalid value '1.5' for --swap: a size in bytes must be a whole number",
+        ),
+        (["--cpus", "0", "--", "true"], "invalid value '0' for --cpus: give at least 0.01 CPUs"),
+        (
+            ["--cpu-weight", "10001", "--", "true"],
+            "invalid value '10001' for --cpu-weight: Input should be less than or equal to 10000",
+        ),
+        (
+            ["--cpu-weight", "many", "--", "true"],
+            "invalid value 'many' for --cpu-weight: Input should be a valid integer",
+        ),
+        (["--cpuset", "3-1", "--", "true"], "invalid value '3-1' for --cpuset: the range 3-1 runs backwards"),
+        (["--io-max", "/dev/sda", "--", "true"], "invalid value '/dev/sda' for --io-max: not DEV:KEY"),
+        (["--pids", "0", "--", "true"], "invalid value '0' for --pids: 0 would forbid the workload itself"),
+        (["--share", "time", "--", "true"], "invalid value 'time' for --share"),
+        (["--label", "novalue", "--", "true"], "invalid value 'novalue' for --label: expected KEY=VALUE"),
+        (["--hostname", "", "--", "true"], "invalid value '' for --hostname"),
         (["--no-such-option", "--", "true"], "No such option: --no-such-option"),
     ],
 )

@@ -1,0 +1,66 @@
+"""Run records: the flock that makes names unique and tells dead runs from live ones.
+
+The locks are real (another process holds one); no cgroup is involved here:
+the cleanup of a dead run's cgroup is proven in tests/integration.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cgctl.runtime import state
+from cgctl.spec import SpecError
+
+HOLD = "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); "
+
+
+def test_a_claim_is_exclusive_until_released(tmp_path: Path) -> None:
+    held = state.claim(tmp_path, "job", {"cgroup": ""})
+    with pytest.raises(SpecError, match="already in use by a running workload"):
+        state.claim(tmp_path, "job", {"cgroup": ""})
+    held.release()
+    assert not (tmp_path / "job.json").exists()
+    state.claim(tmp_path, "job", {"cgroup": ""}).release()
+
+
+def test_the_record_says_where_the_run_is(tmp_path: Path) -> None:
+    held = state.claim(
+        tmp_path / "new", "job", {"cgroup": "/sys/fs/cgroup/cgctl.slice/job", "supervisor": 42}
+    )
+    assert json.loads((tmp_path / "new" / "job.json").read_text())["supervisor"] == 42
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "new" / "job.json").stat().st_mode & 0o777 == 0o600
+    held.release()
+
+
+def test_clean_stale_removes_dead_runs_and_leaves_live_ones(tmp_path: Path) -> None:
+    (tmp_path / "dead.json").write_text(json.dumps({"cgroup": ""}))
+    (tmp_path / "live.json").write_text(json.dumps({"cgroup": ""}))
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            HOLD + "print('held', flush=True); time.sleep(60)",
+            str(tmp_path / "live.json"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout and holder.stdout.readline() == "held\n"
+        assert state.clean_stale(tmp_path) == ["dead"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["live.json"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert state.clean_stale(tmp_path) == ["live"]  # its holder died: now it is stale too
+
+
+def test_state_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CGCTL_STATE_DIR", str(tmp_path))
+    assert state.default_state_dir() == tmp_path
