@@ -28,16 +28,17 @@ def check(
         unified, root = check_host(cgroup_root)
     except HostNotSupported as error:
         raise fail(str(error)) from None
-    report = {
-        "cgroup2_mount": str(unified.path),
-        "controllers": sorted(unified.controllers()),
-        "cgctl_root": str(root),
-        "cgctl_root_exists": root.exists(),
-    }
+    controllers = sorted(unified.controllers())
     if as_json:
+        report = {
+            "cgroup2_mount": str(unified.path),
+            "controllers": controllers,
+            "cgctl_root": str(root),
+            "cgctl_root_exists": root.exists(),
+        }
         print(json.dumps(report, indent=2))
         return
-    print(f"cgroup v2 mount: {report['cgroup2_mount']}")
-    print(f"controllers:     {' '.join(report['controllers'])}")
+    print(f"cgroup v2 mount: {unified.path}")
+    print(f"controllers:     {' '.join(controllers)}")
     print(f"cgctl root:      {root} ({'exists' if root.exists() else 'created on first run'})")
     print("ready: cgctl can apply limits on this host")

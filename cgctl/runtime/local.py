@@ -46,9 +46,8 @@ RESERVED_FILES = {
 
 @dataclass(frozen=True)
 class Host:
-    """Where runs go on this host: the unified root, cgctl's subtree, and the run records."""
+    """Where runs go on this host: cgctl's cgroup subtree, and the run records."""
 
-    unified: fs.Cgroup
     root: fs.Cgroup
     state_dir: Path
 
@@ -85,7 +84,7 @@ def prepare_host(
         if not root_existed:
             fs.remove(root)
         raise
-    host = Host(unified, root, state_dir or state.default_state_dir())
+    host = Host(root, state_dir or state.default_state_dir())
     state.clean_stale(host.state_dir)
     return host, settings
 

@@ -28,7 +28,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, BinaryIO, NoReturn
 
 from cgctl import ns
 from cgctl.ns import libc, user
@@ -103,12 +103,13 @@ def _subreaper() -> Iterator[None]:
             libc.prctl(libc.PR_SET_CHILD_SUBREAPER, int(was))
 
 
-def _message(reports: object) -> dict[str, object]:
-    line = reports.readline()  # type: ignore[attr-defined]
+def _message(reports: BinaryIO) -> dict[str, Any]:
+    """The next report from the children, or {} once they have all closed the pipe (exec succeeded)."""
+    line = reports.readline()
     return json.loads(line) if line else {}
 
 
-def _error(message: dict[str, object], launch: Launch) -> SpawnError:
+def _error(message: dict[str, Any], launch: Launch) -> SpawnError:
     code = int(message.get("errno", 0))
     if message.get("stage") == "exec":
         if code == errno.ENOENT:
