@@ -24,7 +24,7 @@ _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?$", re.IGNORECASE)
 _UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
 _CPU_LIST = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_LABEL_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,62}$")
+_LABEL_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_./-]{0,62}$")
 
 
 class SpecError(ValueError):
@@ -257,7 +257,9 @@ class WorkloadSpec(_Model):
     def _label_keys(cls, labels: dict[str, str]) -> dict[str, str]:
         for key in labels:
             if not _LABEL_KEY.match(key):
-                raise ValueError(f"{key!r} is not a label key ([A-Za-z_][A-Za-z0-9_.-]*, at most 63)")
+                raise ValueError(
+                    f"{key!r} is not a label key ([A-Za-z_][A-Za-z0-9_./-]*, at most 63 characters)"
+                )
         return labels
 
     @field_validator("workdir")

@@ -1,10 +1,7 @@
-"""The cpu controller: bandwidth (cpu.max), weight and idle; usage and throttling."""
+"""The cpu controller: bandwidth (cpu.max), weight and idle."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from cgctl.cgroup.fs import Cgroup
 from cgctl.spec import CpuLimits
 
 CONTROLLER = "cpu"
@@ -20,18 +17,3 @@ def settings(limits: CpuLimits) -> list[tuple[str, str]]:
     if limits.idle:
         files.append(("cpu.idle", "1"))
     return files
-
-
-@dataclass(frozen=True)
-class CpuStat:
-    usage_usec: int
-    user_usec: int
-    system_usec: int
-    nr_periods: int
-    nr_throttled: int
-    throttled_usec: int
-
-
-def stat(group: Cgroup) -> CpuStat:
-    values = group.read_keyed("cpu.stat")
-    return CpuStat(**{field: values.get(field, 0) for field in CpuStat.__dataclass_fields__})

@@ -72,6 +72,14 @@ class Cgroup:
             for key, value in (line.split() for line in self.read(name).splitlines() if line.strip())
         }
 
+    def read_nested(self, name: str) -> dict[str, dict[str, float]]:
+        """A nested-keyed file such as io.stat or cpu.pressure: 'key sub=value sub=value' per line."""
+        nested = {}
+        for line in self.read(name).splitlines():
+            key, *pairs = line.split()
+            nested[key] = {sub: float(value) for sub, _, value in (pair.partition("=") for pair in pairs)}
+        return nested
+
     def read_int(self, name: str) -> int | None:
         """A single-value file; None for 'max'."""
         text = self.read(name).strip()

@@ -1,11 +1,10 @@
-"""The io controller: io.max caps and io.weight per device; bytes and operations per device."""
+"""The io controller: io.max caps and io.weight per device, devices named by path or MAJ:MIN."""
 
 from __future__ import annotations
 
 import os
 import re
 import stat as stat_mode
-from dataclasses import dataclass
 from pathlib import Path
 
 from cgctl.cgroup.fs import Cgroup
@@ -71,33 +70,9 @@ def iocost_enabled(unified: Cgroup, device: str) -> bool:
     )
 
 
-@dataclass(frozen=True)
-class IoDeviceStat:
-    device: str  # MAJ:MIN
-    name: str | None  # vda, sda, ... as in /dev
-    rbytes: int
-    wbytes: int
-    rios: int
-    wios: int
-    dbytes: int
-    dios: int
-
-
 def device_name(number: str, sys_dev_block: Path = SYS_DEV_BLOCK) -> str | None:
     try:
         uevent = (sys_dev_block / number / "uevent").read_text()
     except OSError:
         return None
     return next((line[8:] for line in uevent.splitlines() if line.startswith("DEVNAME=")), None)
-
-
-def stat(group: Cgroup, sys_dev_block: Path = SYS_DEV_BLOCK) -> list[IoDeviceStat]:
-    devices = []
-    for line in group.read("io.stat").splitlines():
-        number, *pairs = line.split()
-        values = {key: int(value) for key, _, value in (pair.partition("=") for pair in pairs)}
-        fields = ("rbytes", "wbytes", "rios", "wios", "dbytes", "dios")
-        devices.append(
-            IoDeviceStat(number, device_name(number, sys_dev_block), **{f: values.get(f, 0) for f in fields})
-        )
-    return devices

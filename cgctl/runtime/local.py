@@ -19,9 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cgctl import ns
+from cgctl import ns, state
 from cgctl.cgroup import cpu, cpuset, fs, io, memory, pids
-from cgctl.runtime import spawn, state
+from cgctl.runtime import spawn
 from cgctl.runtime.report import RunReport, final_report
 from cgctl.spec import SpecError, WorkloadSpec
 
@@ -127,8 +127,10 @@ def run(spec: WorkloadSpec, cgroup_root: Path | None = None, state_dir: Path | N
         host.state_dir,
         name,
         {
+            "id": secrets.token_hex(6),
             "cgroup": str(group.path),
             "supervisor": os.getpid(),
+            "started_at": time.time(),
             "spec": spec.model_dump(mode="json", exclude={"env"}),
         },
     )

@@ -6,13 +6,13 @@ import os
 
 from pydantic import BaseModel
 
-from cgctl.cgroup import cpu, fs, io, memory, pids
+from cgctl.accounting import Container, read_snapshot
+from cgctl.cgroup import fs
 from cgctl.spec import WorkloadSpec
 
 
 class IoUsage(BaseModel):
-    device: str  # MAJ:MIN
-    name: str | None
+    device: str  # vda, sda, ... (MAJ:MIN when the name is unknown)
     read_bytes: int
     write_bytes: int
     read_ios: int
@@ -27,7 +27,7 @@ class RunReport(BaseModel):
     exit_code: int | None  # None when killed by a signal
     signal: int | None
     oom_killed: bool
-    oom_kills: int
+    oom_kills: int  # processes the OOM killer killed
     wall_seconds: float
     cpu_user_seconds: float
     cpu_system_seconds: float
@@ -53,37 +53,44 @@ def final_report(
     name: str, group: fs.Cgroup, status: int, wall: float, applied: dict[str, str], spec: WorkloadSpec
 ) -> RunReport:
     """Read the cgroup's final accounting (call once it is empty, before it is removed)."""
-    mem, cpu_stat, pids_stat = memory.stat(group), cpu.stat(group), pids.stat(group)
+    snap = read_snapshot(Container(name=name, id="", cgroup=group.path, started_at=0.0))
+    if snap is None:
+        raise fs.CgroupError(f"{group.path}: the cgroup vanished before its final accounting was read")
+
+    def whole(file: str, key: str = "") -> int | None:
+        value = snap.value(file, key)
+        return None if value is None else int(value)
+
     killed_by = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+    oom_kills = int(snap.oom_kills() or 0)
     return RunReport(
         name=name,
         cgroup=str(group.path),
         exit_code=None if killed_by else os.waitstatus_to_exitcode(status),
         signal=killed_by,
-        oom_killed=mem.oom_kills > 0,
-        oom_kills=mem.oom_kills,
+        oom_killed=oom_kills > 0,
+        oom_kills=oom_kills,
         wall_seconds=round(wall, 6),
-        cpu_user_seconds=cpu_stat.user_usec / 1e6,
-        cpu_system_seconds=cpu_stat.system_usec / 1e6,
-        cpu_throttled_seconds=cpu_stat.throttled_usec / 1e6,
-        cpu_throttled_periods=cpu_stat.nr_throttled,
-        memory_peak_bytes=mem.peak_bytes,
-        memory_limit_bytes=mem.limit_bytes,
-        memory_high_events=mem.events.get("high", 0),
-        swap_peak_bytes=mem.swap_peak_bytes,
+        cpu_user_seconds=(whole("cpu.stat", "user_usec") or 0) / 1e6,
+        cpu_system_seconds=(whole("cpu.stat", "system_usec") or 0) / 1e6,
+        cpu_throttled_seconds=(whole("cpu.stat", "throttled_usec") or 0) / 1e6,
+        cpu_throttled_periods=whole("cpu.stat", "nr_throttled") or 0,
+        memory_peak_bytes=whole("memory.peak"),
+        memory_limit_bytes=whole("memory.max"),
+        memory_high_events=whole("memory.events", "high") or 0,
+        swap_peak_bytes=whole("memory.swap.peak"),
         io=[
             IoUsage(
-                device=d.device,
-                name=d.name,
-                read_bytes=d.rbytes,
-                write_bytes=d.wbytes,
-                read_ios=d.rios,
-                write_ios=d.wios,
+                device=device,
+                read_bytes=int(values.get("rbytes", 0)),
+                write_bytes=int(values.get("wbytes", 0)),
+                read_ios=int(values.get("rios", 0)),
+                write_ios=int(values.get("wios", 0)),
             )
-            for d in io.stat(group)
+            for device, values in sorted(snap.devices.items())
         ],
-        pids_peak=pids_stat.peak,
-        pids_refused_forks=pids_stat.refused_forks,
+        pids_peak=whole("pids.peak"),
+        pids_refused_forks=whole("pids.events", "max") or 0,
         limits=applied,
         labels=spec.labels,
     )

@@ -118,7 +118,7 @@ def test_io_max_wbps_limits_direct_writes(tmp_path: Path) -> None:
     assert 0.6 <= rate <= 1.3, f"{rate:.2f} MiB/s under wbps=1M"
     major_minor = Path(f"/sys/class/block/{Path(DISK).name}/dev").read_text().strip()
     assert report.limits["io.max"].startswith(f"{major_minor} rbps=max wbps=1048576")
-    written = {usage.name: usage.write_bytes for usage in report.io}
+    written = {usage.device: usage.write_bytes for usage in report.io}
     assert written[Path(DISK).name] == 4 * MiB
 
 

@@ -1,4 +1,4 @@
-"""Each controller's renderer (limits -> interface file values) and parser (files -> stats).
+"""Each controller's renderer: limits -> interface file values, checked against a fake host.
 
 A fake /sys/dev/block and fake cgroup files in tmp_path stand in for the kernel
 here only; the values' effect is proven in tests/integration.
@@ -107,45 +107,3 @@ def test_io_settings_refuse_devices_they_cannot_limit(
 ) -> None:
     with pytest.raises(SpecError, match=message):
         io.settings(IoLimits.model_validate(limits), unified, block_devices)
-
-
-def test_io_stat_parses_per_device_counters(tmp_path: Path, block_devices: Path) -> None:
-    (tmp_path / "io.stat").write_text(
-        "254:0 rbytes=4096 wbytes=8388608 rios=1 wios=128 dbytes=0 dios=0\n"
-        "8:0 rbytes=512 wbytes=0 rios=1 wios=0\n"
-    )
-    stats = io.stat(Cgroup(tmp_path), block_devices)
-    assert [(s.device, s.name, s.rbytes, s.wbytes, s.wios, s.dios) for s in stats] == [
-        ("254:0", "vda", 4096, 8 * MiB, 128, 0),
-        ("8:0", "sda", 512, 0, 0, 0),
-    ]
-
-
-def test_memory_and_pids_stat_tolerate_missing_optional_files(tmp_path: Path) -> None:
-    files = {
-        "memory.current": "1048576\n",
-        "memory.max": "max\n",
-        "memory.events": "low 0\nhigh 5\nmax 2\noom 1\noom_kill 1\noom_group_kill 0\n",
-        "pids.current": "3\n",
-        "pids.events": "max 2\n",
-    }
-    for name, text in files.items():
-        (tmp_path / name).write_text(text)
-    group = Cgroup(tmp_path)
-    mem = memory.stat(group)
-    assert (mem.current_bytes, mem.peak_bytes, mem.swap_peak_bytes, mem.limit_bytes, mem.oom_kills) == (
-        MiB,
-        None,
-        None,
-        None,
-        1,
-    )
-    assert pids.stat(group) == pids.PidsStat(current=3, peak=None, refused_forks=2)
-
-
-def test_cpu_stat(tmp_path: Path) -> None:
-    (tmp_path / "cpu.stat").write_text(
-        "usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\nnr_periods 40\nnr_throttled 20\n"
-        "throttled_usec 1900000\nnr_bursts 0\nburst_usec 0\n"
-    )
-    assert cpu.stat(Cgroup(tmp_path)) == cpu.CpuStat(2500000, 2000000, 500000, 40, 20, 1900000)

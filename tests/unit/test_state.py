@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cgctl.runtime import state
+from cgctl import state
 from cgctl.spec import SpecError
 
 HOLD = "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); "
@@ -64,3 +64,13 @@ def test_clean_stale_removes_dead_runs_and_leaves_live_ones(tmp_path: Path) -> N
 def test_state_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("CGCTL_STATE_DIR", str(tmp_path))
     assert state.default_state_dir() == tmp_path
+
+
+def test_live_records_are_the_locked_ones(tmp_path: Path) -> None:
+    held = state.claim(tmp_path, "live", {"cgroup": ""})
+    (tmp_path / "dead.json").write_text("{}")
+    try:
+        assert state.live_records(tmp_path) == [tmp_path / "live.json"]
+    finally:
+        held.release()
+    assert state.live_records(tmp_path) == []

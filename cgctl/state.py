@@ -62,6 +62,25 @@ def claim(state_dir: Path, name: str, record: dict[str, object]) -> Claim:
     return Claim(name, path, fd)
 
 
+def live_records(state_dir: Path, proc_locks: Path = Path("/proc/locks")) -> list[Path]:
+    """The records whose supervisor is alive, seen in /proc/locks without touching their locks."""
+    held = set()
+    for line in proc_locks.read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "FLOCK":  # waiters ("->") have their own layout
+            major, minor, inode = fields[5].split(":")
+            held.add((os.makedev(int(major, 16), int(minor, 16)), int(inode)))
+    live = []
+    for path in sorted(state_dir.glob("*.json")) if state_dir.exists() else []:
+        try:
+            identity = path.stat()
+        except FileNotFoundError:
+            continue
+        if (identity.st_dev, identity.st_ino) in held:
+            live.append(path)
+    return live
+
+
 def clean_stale(state_dir: Path) -> list[str]:
     """Kill and remove the cgroups of runs whose supervisor is gone; returns their names."""
     cleaned = []

@@ -1,0 +1,176 @@
+"""Accounting: one raw snapshot per running container, read from its cgroup v2 files.
+
+Everything that reports usage (the run report, `cgctl stats`, the Prometheus
+collector) reads through here, addressing values as (file, key): flat-keyed
+files by their keys (cpu.stat usage_usec), single-value files by "" (memory.current),
+cpu.max by "quota"/"period", pressure files by "some.total", "full.avg10"...,
+io.stat per device. Files this kernel lacks are left out; a container that
+vanishes while being read is skipped, never an error.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cgctl import state
+from cgctl.cgroup import fs, io
+
+FLAT_FILES = ("cpu.stat", "memory.stat", "memory.events", "pids.events")
+SINGLE_VALUE_FILES = (
+    "memory.current",
+    "memory.peak",
+    "memory.swap.current",
+    "memory.swap.peak",
+    "memory.max",
+    "memory.high",
+    "memory.swap.max",
+    "pids.current",
+    "pids.peak",
+    "pids.max",
+    "cpu.weight",
+)
+PRESSURE_FILES = ("cpu.pressure", "memory.pressure", "io.pressure")
+
+
+@dataclass(frozen=True)
+class Container:
+    """A running workload as the run records know it."""
+
+    name: str
+    id: str
+    cgroup: Path
+    started_at: float
+    labels: dict[str, str] = field(default_factory=dict)
+    image: str = ""
+    policy: str = ""
+
+
+@dataclass
+class Snapshot:
+    container: Container
+    taken_at: float
+    files: dict[str, dict[str, float]]  # file -> key -> value; "max" limits are left out
+    devices: dict[str, dict[str, float]]  # io.stat: device name (vda, or MAJ:MIN) -> key -> value
+
+    def value(self, file: str, key: str = "") -> float | None:
+        return self.files.get(file, {}).get(key)
+
+    def oom_kills(self) -> float | None:
+        """Processes the OOM killer killed: with memory.oom.group the kernel counts the victim twice in
+        oom_kill (once as the victim, once as a member of the group), so each group kill is taken off."""
+        kills = self.value("memory.events", "oom_kill")
+        return None if kills is None else kills - (self.value("memory.events", "oom_group_kill") or 0.0)
+
+    def working_set(self) -> float | None:
+        """memory.current minus inactive page cache, floored at 0: what cannot be reclaimed cheaply."""
+        current = self.value("memory.current")
+        return (
+            None
+            if current is None
+            else max(0.0, current - (self.value("memory.stat", "inactive_file") or 0.0))
+        )
+
+
+def running_containers(state_dir: Path | None = None) -> list[Container]:
+    """Containers whose supervisor is alive (it holds the lock on the run record)."""
+    directory = state_dir or state.default_state_dir()
+    containers = []
+    for path in state.live_records(directory):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # ended meanwhile, or not yet written
+        spec = record.get("spec", {})
+        containers.append(
+            Container(
+                name=path.stem,
+                id=record.get("id", ""),
+                cgroup=Path(record["cgroup"]),
+                started_at=record.get("started_at", 0.0),
+                labels=spec.get("labels", {}),
+            )
+        )
+    return containers
+
+
+def read_snapshot(container: Container, sys_dev_block: Path = io.SYS_DEV_BLOCK) -> Snapshot | None:
+    """Everything the container's cgroup reports, or None if it vanished meanwhile."""
+    group = fs.Cgroup(container.cgroup)
+    files: dict[str, dict[str, float]] = {}
+    try:
+        for name in FLAT_FILES:
+            if group.has(name):
+                files[name] = {key: float(value) for key, value in group.read_keyed(name).items()}
+        for name in SINGLE_VALUE_FILES:
+            if group.has(name) and (value := group.read_int(name)) is not None:
+                files[name] = {"": float(value)}
+        if group.has("cpu.max"):
+            quota, period = group.read("cpu.max").split()
+            files["cpu.max"] = {"period": float(period)} | ({} if quota == "max" else {"quota": float(quota)})
+        for name in PRESSURE_FILES:
+            if group.has(name):
+                nested = group.read_nested(name)
+                files[name] = {
+                    f"{line}.{key}": value for line, pairs in nested.items() for key, value in pairs.items()
+                }
+        devices = {
+            io.device_name(number, sys_dev_block) or number: values
+            for number, values in group.read_nested("io.stat").items()
+        }
+    except fs.CgroupError:
+        if not group.path.exists():
+            return None
+        raise
+    return Snapshot(container, time.time(), files, devices)
+
+
+def snapshots(state_dir: Path | None = None) -> list[Snapshot]:
+    return [snap for container in running_containers(state_dir) if (snap := read_snapshot(container))]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What `cgctl stats` shows for one container, over the interval between two snapshots."""
+
+    name: str
+    cpu_percent: float  # of one CPU
+    memory_bytes: int
+    memory_limit_bytes: int | None
+    working_set_bytes: int
+    read_bytes: int
+    write_bytes: int
+    pids: int
+    pids_limit: int | None
+    throttled_percent: float  # of the cpu.max periods in the interval
+    pressure_cpu: float | None  # some avg10, percent
+    pressure_memory: float | None
+    pressure_io: float | None
+
+
+def usage(before: Snapshot, after: Snapshot) -> Usage:
+    def delta(file: str, key: str) -> float:
+        return (after.value(file, key) or 0.0) - (before.value(file, key) or 0.0)
+
+    def whole(value: float | None) -> int | None:
+        return None if value is None else int(value)
+
+    seconds = max(after.taken_at - before.taken_at, 1e-9)
+    periods = delta("cpu.stat", "nr_periods")
+    return Usage(
+        name=after.container.name,
+        cpu_percent=delta("cpu.stat", "usage_usec") / 1e6 / seconds * 100,
+        memory_bytes=int(after.value("memory.current") or 0.0),
+        memory_limit_bytes=whole(after.value("memory.max")),
+        working_set_bytes=int(after.working_set() or 0.0),
+        read_bytes=int(sum(values.get("rbytes", 0) for values in after.devices.values())),
+        write_bytes=int(sum(values.get("wbytes", 0) for values in after.devices.values())),
+        pids=int(after.value("pids.current") or 0),
+        pids_limit=whole(after.value("pids.max")),
+        throttled_percent=delta("cpu.stat", "nr_throttled") / periods * 100 if periods else 0.0,
+        pressure_cpu=after.value("cpu.pressure", "some.avg10"),
+        pressure_memory=after.value("memory.pressure", "some.avg10"),
+        pressure_io=after.value("io.pressure", "some.avg10"),
+    )

@@ -1,0 +1,60 @@
+"""`cgctl exporter`: serve the containers' metrics to Prometheus, read from the cgroups at each scrape."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cgctl.cli.errors import fail
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(exporter)
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """'127.0.0.1:9753', '[::1]:9753' or ':9753' (all addresses) -> (host, port)."""
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:9753")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def exporter(
+    listen: Annotated[str, typer.Option(help="HOST:PORT to serve /metrics on")] = "127.0.0.1:9753",
+    compat: Annotated[
+        list[str] | None,
+        typer.Option(help="also emit another exporter's names: cadvisor", show_default=False),
+    ] = None,
+    state_dir: Annotated[Path | None, typer.Option(envvar="CGCTL_STATE_DIR", help="the run records")] = None,
+) -> None:
+    """Serve Prometheus metrics of every running container (read at scrape time, never cached)."""
+    from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+
+    from cgctl.metrics import ContainerCollector
+
+    try:
+        host, port = parse_listen(listen)
+    except ValueError as error:
+        raise fail(f"invalid value {listen!r} for --listen: {error}") from None
+    unknown = set(compat or []) - {"cadvisor"}
+    if unknown:
+        raise fail(f"invalid value {sorted(unknown)[0]!r} for --compat: the one compatible mode is cadvisor")
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ContainerCollector(state_dir, compat=["cadvisor"] if compat else []))
+    ProcessCollector(namespace="cgctl_exporter", registry=registry)
+    try:
+        server, _ = start_http_server(port, addr=host, registry=registry)
+    except OSError as error:
+        raise fail(f"invalid value {listen!r} for --listen: cannot listen there: {error.strerror}") from None
+    print(f"cgctl exporter: serving http://{listen}/metrics", file=sys.stderr, flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.shutdown()

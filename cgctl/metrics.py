@@ -1,0 +1,540 @@
+"""Prometheus metrics: one table declares every metric; a collector reads the cgroups at scrape time.
+
+Each row says the metric's name, type, help, where its value comes from (a
+cgroup file and key, or a derivation) and the unit conversion. Native rows
+(`cgctl_...`) carry only the `container` label (and `device` for IO);
+`cgctl_container_info` carries the rest for joins. cAdvisor rows (`container_...`,
+emitted with --compat cadvisor) carry cAdvisor's `id`, `name`, `image` labels so
+existing dashboards work unchanged. Labels never carry environment variables or
+command lines.
+
+Nothing is cached: every scrape reads the files anew (no background timer).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
+
+from cgctl.accounting import Snapshot, read_snapshot, running_containers
+from cgctl.cgroup.io import SYS_DEV_BLOCK
+
+Kind = Literal["counter", "gauge"]
+Family = Literal["native", "cadvisor"]
+USEC = 1e-6
+
+
+@dataclass(frozen=True)
+class MetricDef:
+    name: str
+    kind: Kind
+    help: str
+    source: str  # "file key", or "derived: how" for the few computed values
+    value: Callable[[Snapshot], float | None] | None = None  # per container
+    device_key: str | None = None  # per device: the io.stat key
+    scale: float = 1.0
+    family: Family = "native"
+    extra_labels: tuple[tuple[str, str], ...] = ()
+
+
+def _key(file: str, key: str = "") -> Callable[[Snapshot], float | None]:
+    return lambda snap: snap.value(file, key)
+
+
+def _cpu_shares(snap: Snapshot) -> float | None:
+    """cgroup v1 shares from cpu.weight, the conversion runc and cAdvisor use."""
+    weight = snap.value("cpu.weight")
+    return None if weight is None else 2 + (weight - 1) * 262142 / 9999
+
+
+def _native(name: str, kind: Kind, help: str, file: str, key: str = "", scale: float = 1.0) -> MetricDef:
+    return MetricDef(name, kind, help, f"{file} {key}".strip(), _key(file, key), scale=scale)
+
+
+def _cadvisor(name: str, kind: Kind, help: str, file: str, key: str = "", scale: float = 1.0) -> MetricDef:
+    return MetricDef(
+        name, kind, help, f"{file} {key}".strip(), _key(file, key), scale=scale, family="cadvisor"
+    )
+
+
+PREFIX = "cgctl_container_"
+METRICS: tuple[MetricDef, ...] = (
+    # CPU
+    _native(PREFIX + "cpu_usage_seconds_total", "counter", "CPU time used.", "cpu.stat", "usage_usec", USEC),
+    _native(
+        PREFIX + "cpu_user_seconds_total", "counter", "CPU time in user mode.", "cpu.stat", "user_usec", USEC
+    ),
+    _native(
+        PREFIX + "cpu_system_seconds_total",
+        "counter",
+        "CPU time in the kernel.",
+        "cpu.stat",
+        "system_usec",
+        USEC,
+    ),
+    _native(
+        PREFIX + "cpu_periods_total",
+        "counter",
+        "Elapsed cpu.max enforcement periods.",
+        "cpu.stat",
+        "nr_periods",
+    ),
+    _native(
+        PREFIX + "cpu_throttled_periods_total",
+        "counter",
+        "Periods in which cpu.max throttled the container.",
+        "cpu.stat",
+        "nr_throttled",
+    ),
+    _native(
+        PREFIX + "cpu_throttled_seconds_total",
+        "counter",
+        "Time cpu.max held the container back.",
+        "cpu.stat",
+        "throttled_usec",
+        USEC,
+    ),
+    _native(
+        PREFIX + "cpu_bursts_total",
+        "counter",
+        "Periods in which cpu.max.burst was used.",
+        "cpu.stat",
+        "nr_bursts",
+    ),
+    _native(
+        PREFIX + "cpu_burst_seconds_total",
+        "counter",
+        "CPU time used beyond the quota by bursting.",
+        "cpu.stat",
+        "burst_usec",
+        USEC,
+    ),
+    # Memory
+    _native(PREFIX + "memory_usage_bytes", "gauge", "Memory in use, page cache included.", "memory.current"),
+    _native(
+        PREFIX + "memory_peak_bytes",
+        "gauge",
+        "Highest memory use since the container started.",
+        "memory.peak",
+    ),
+    MetricDef(
+        PREFIX + "memory_working_set_bytes",
+        "gauge",
+        "Memory use minus inactive page cache, floored at 0.",
+        "derived: memory.current - memory.stat inactive_file",
+        Snapshot.working_set,
+    ),
+    *(
+        _native(PREFIX + f"memory_{key}_bytes", "gauge", f"memory.stat {key}: {about}.", "memory.stat", key)
+        for key, about in (
+            ("anon", "anonymous memory (heap, stacks, anonymous mmaps)"),
+            ("file", "page cache"),
+            ("kernel", "kernel memory"),
+            ("sock", "network socket buffers"),
+            ("shmem", "shared memory and tmpfs"),
+            ("file_mapped", "page cache mapped into processes"),
+            ("file_dirty", "page cache waiting to be written back"),
+            ("file_writeback", "page cache being written back"),
+            ("active_anon", "recently used anonymous memory"),
+            ("inactive_anon", "anonymous memory not recently used"),
+            ("active_file", "recently used page cache"),
+            ("inactive_file", "page cache not recently used"),
+        )
+    ),
+    _native(PREFIX + "memory_page_faults_total", "counter", "Page faults.", "memory.stat", "pgfault"),
+    _native(
+        PREFIX + "memory_major_page_faults_total",
+        "counter",
+        "Page faults that needed IO.",
+        "memory.stat",
+        "pgmajfault",
+    ),
+    _native(
+        PREFIX + "memory_workingset_refaults_anon_total",
+        "counter",
+        "Evicted anonymous pages faulted back in.",
+        "memory.stat",
+        "workingset_refault_anon",
+    ),
+    _native(
+        PREFIX + "memory_workingset_refaults_file_total",
+        "counter",
+        "Evicted page cache faulted back in.",
+        "memory.stat",
+        "workingset_refault_file",
+    ),
+    _native(
+        PREFIX + "memory_low_events_total",
+        "counter",
+        "Times reclaimed below memory.low.",
+        "memory.events",
+        "low",
+    ),
+    _native(
+        PREFIX + "memory_high_events_total",
+        "counter",
+        "Times throttled over memory.high.",
+        "memory.events",
+        "high",
+    ),
+    _native(
+        PREFIX + "memory_max_events_total",
+        "counter",
+        "Times memory.max was about to be exceeded.",
+        "memory.events",
+        "max",
+    ),
+    _native(
+        PREFIX + "memory_oom_events_total",
+        "counter",
+        "Times the container ran out of memory.",
+        "memory.events",
+        "oom",
+    ),
+    MetricDef(
+        PREFIX + "memory_oom_kills_total",
+        "counter",
+        "Processes killed by the OOM killer.",
+        "derived: memory.events oom_kill - oom_group_kill",
+        Snapshot.oom_kills,
+    ),
+    _native(
+        PREFIX + "memory_oom_group_kills_total",
+        "counter",
+        "Times the OOM killer killed the whole container.",
+        "memory.events",
+        "oom_group_kill",
+    ),
+    _native(PREFIX + "memory_swap_usage_bytes", "gauge", "Swap in use.", "memory.swap.current"),
+    # Pids
+    _native(PREFIX + "pids", "gauge", "Processes and threads.", "pids.current"),
+    _native(PREFIX + "pids_peak", "gauge", "Most processes and threads at once.", "pids.peak"),
+    _native(
+        PREFIX + "pids_refused_forks_total", "counter", "Forks refused by pids.max.", "pids.events", "max"
+    ),
+    # IO, per device
+    *(
+        MetricDef(
+            PREFIX + f"io_{what}_total", "counter", f"{about}, per device.", f"io.stat {key}", device_key=key
+        )
+        for what, key, about in (
+            ("read_bytes", "rbytes", "Bytes read"),
+            ("write_bytes", "wbytes", "Bytes written"),
+            ("reads", "rios", "Read operations"),
+            ("writes", "wios", "Write operations"),
+            ("discard_bytes", "dbytes", "Bytes discarded"),
+            ("discards", "dios", "Discard operations"),
+        )
+    ),
+    # Pressure stall information
+    *(
+        _native(
+            PREFIX + f"pressure_{resource}_{state}_seconds_total",
+            "counter",
+            f"{about} {resource}.",
+            f"{resource}.pressure",
+            f"{line}.total",
+            USEC,
+        )
+        for resource in ("cpu", "memory", "io")
+        for state, line, about in (
+            ("waiting", "some", "Time at least one task waited for"),
+            ("stalled", "full", "Time all tasks were stalled on"),
+        )
+    ),
+    # Limits in force (no series where the limit is max)
+    _native(PREFIX + "spec_memory_limit_bytes", "gauge", "memory.max.", "memory.max"),
+    _native(PREFIX + "spec_memory_high_bytes", "gauge", "memory.high.", "memory.high"),
+    _native(PREFIX + "spec_memory_swap_limit_bytes", "gauge", "memory.swap.max.", "memory.swap.max"),
+    _native(
+        PREFIX + "spec_cpu_quota_seconds",
+        "gauge",
+        "CPU time allowed per period (cpu.max).",
+        "cpu.max",
+        "quota",
+        USEC,
+    ),
+    _native(PREFIX + "spec_cpu_period_seconds", "gauge", "cpu.max's period.", "cpu.max", "period", USEC),
+    _native(PREFIX + "spec_cpu_weight", "gauge", "cpu.weight.", "cpu.weight"),
+    _native(PREFIX + "spec_pids_limit", "gauge", "pids.max.", "pids.max"),
+    MetricDef(
+        PREFIX + "start_time_seconds",
+        "gauge",
+        "When the container started (Unix time).",
+        "derived: the run record",
+        lambda snap: snap.container.started_at,
+    ),
+    # cAdvisor's names, for --compat cadvisor
+    MetricDef(
+        "container_cpu_usage_seconds_total",
+        "counter",
+        "Cumulative cpu time consumed in seconds.",
+        "cpu.stat usage_usec",
+        _key("cpu.stat", "usage_usec"),
+        scale=USEC,
+        family="cadvisor",
+        extra_labels=(("cpu", "total"),),
+    ),
+    _cadvisor(
+        "container_cpu_user_seconds_total",
+        "counter",
+        "Cumulative user cpu time consumed in seconds.",
+        "cpu.stat",
+        "user_usec",
+        USEC,
+    ),
+    _cadvisor(
+        "container_cpu_system_seconds_total",
+        "counter",
+        "Cumulative system cpu time consumed in seconds.",
+        "cpu.stat",
+        "system_usec",
+        USEC,
+    ),
+    _cadvisor(
+        "container_cpu_cfs_periods_total",
+        "counter",
+        "Number of elapsed enforcement period intervals.",
+        "cpu.stat",
+        "nr_periods",
+    ),
+    _cadvisor(
+        "container_cpu_cfs_throttled_periods_total",
+        "counter",
+        "Number of throttled period intervals.",
+        "cpu.stat",
+        "nr_throttled",
+    ),
+    _cadvisor(
+        "container_cpu_cfs_throttled_seconds_total",
+        "counter",
+        "Total time duration the container has been throttled.",
+        "cpu.stat",
+        "throttled_usec",
+        USEC,
+    ),
+    _cadvisor(
+        "container_memory_usage_bytes",
+        "gauge",
+        "Current memory usage in bytes, including all memory regardless of when it was accessed",
+        "memory.current",
+    ),
+    MetricDef(
+        "container_memory_working_set_bytes",
+        "gauge",
+        "Current working set in bytes.",
+        "derived: memory.current - memory.stat inactive_file",
+        Snapshot.working_set,
+        family="cadvisor",
+    ),
+    _cadvisor("container_memory_rss", "gauge", "Size of RSS in bytes.", "memory.stat", "anon"),
+    _cadvisor(
+        "container_memory_cache", "gauge", "Number of bytes of page cache memory.", "memory.stat", "file"
+    ),
+    _cadvisor(
+        "container_memory_mapped_file",
+        "gauge",
+        "Size of memory mapped files in bytes.",
+        "memory.stat",
+        "file_mapped",
+    ),
+    _cadvisor("container_memory_swap", "gauge", "Container swap usage in bytes.", "memory.swap.current"),
+    _cadvisor(
+        "container_memory_max_usage_bytes", "gauge", "Maximum memory usage recorded in bytes", "memory.peak"
+    ),
+    MetricDef(
+        "container_oom_events_total",
+        "counter",
+        "Count of out of memory events observed for the container",
+        "derived: memory.events oom_kill - oom_group_kill",
+        Snapshot.oom_kills,
+        family="cadvisor",
+    ),
+    *(
+        MetricDef(
+            f"container_fs_{what}_total",
+            "counter",
+            about,
+            f"io.stat {key}",
+            device_key=key,
+            family="cadvisor",
+        )
+        for what, key, about in (
+            ("reads_bytes", "rbytes", "Cumulative count of bytes read"),
+            ("writes_bytes", "wbytes", "Cumulative count of bytes written"),
+            ("reads", "rios", "Cumulative count of reads completed"),
+            ("writes", "wios", "Cumulative count of writes completed"),
+        )
+    ),
+    _cadvisor(
+        "container_processes", "gauge", "Number of processes running inside the container.", "pids.current"
+    ),
+    _cadvisor("container_spec_memory_limit_bytes", "gauge", "Memory limit for the container.", "memory.max"),
+    _cadvisor(
+        "container_spec_memory_swap_limit_bytes",
+        "gauge",
+        "Memory swap limit for the container.",
+        "memory.swap.max",
+    ),
+    _cadvisor("container_spec_cpu_quota", "gauge", "CPU quota of the container.", "cpu.max", "quota"),
+    _cadvisor("container_spec_cpu_period", "gauge", "CPU period of the container.", "cpu.max", "period"),
+    MetricDef(
+        "container_spec_cpu_shares",
+        "gauge",
+        "CPU share of the container.",
+        "derived: cpu.weight as v1 shares",
+        _cpu_shares,
+        family="cadvisor",
+    ),
+    *(
+        _cadvisor(
+            f"container_pressure_{resource}_{state}_seconds_total",
+            "counter",
+            f"Total time duration {about} {resource}.",
+            f"{resource}.pressure",
+            f"{line}.total",
+            USEC,
+        )
+        for resource in ("cpu", "memory", "io")
+        for state, line, about in (
+            ("waiting", "some", "tasks in the container have waited on"),
+            ("stalled", "full", "tasks in the container have stalled on"),
+        )
+    ),
+    MetricDef(
+        "container_start_time_seconds",
+        "gauge",
+        "Start time of the container since unix epoch in seconds.",
+        "derived: the run record",
+        lambda snap: snap.container.started_at,
+        family="cadvisor",
+    ),
+    MetricDef(
+        "container_last_seen",
+        "gauge",
+        "Last time a container was seen by the exporter",
+        "derived: the time of the scrape",
+        lambda snap: snap.taken_at,
+        family="cadvisor",
+    ),
+)
+
+_LABEL_NAME = re.compile(r"[^a-zA-Z0-9_]")
+
+
+def cgroup_name(snap: Snapshot, unified: Path) -> str:
+    """The cgroup as /proc/PID/cgroup names it: its path below the cgroup2 mount."""
+    cgroup = snap.container.cgroup
+    return f"/{cgroup.relative_to(unified)}" if cgroup.is_relative_to(unified) else str(cgroup)
+
+
+def info_labels(snap: Snapshot, unified: Path) -> dict[str, str]:
+    """cgctl_container_info's labels: identity and the user's --label metadata, nothing else."""
+    container = snap.container
+    labels = {
+        "container": container.name,
+        "id": container.id,
+        "cgroup": cgroup_name(snap, unified),
+        "image": container.image,
+        "policy": container.policy,
+    }
+    for key, value in sorted(container.labels.items()):
+        labels["label_" + _LABEL_NAME.sub("_", key)] = value
+    return labels
+
+
+def cadvisor_labels(snap: Snapshot, unified: Path) -> dict[str, str]:
+    return {"id": cgroup_name(snap, unified), "image": snap.container.image, "name": snap.container.name}
+
+
+class ContainerCollector(Collector):
+    """Reads every running container's cgroup at scrape time and yields the metric table's rows."""
+
+    def __init__(
+        self,
+        state_dir: Path | None = None,
+        compat: Iterable[Family] = (),
+        unified: Path = Path("/sys/fs/cgroup"),
+        sys_dev_block: Path = SYS_DEV_BLOCK,
+    ) -> None:
+        self.state_dir = state_dir
+        self.families: set[Family] = {"native", *compat}
+        self.unified = unified
+        self.sys_dev_block = sys_dev_block
+        self.errors = {"discover": 0, "read": 0}
+
+    def describe(self) -> list[Metric]:
+        return []  # unchecked: the series depend on what is running at scrape time
+
+    def collect(self) -> Iterator[Metric]:
+        started = time.perf_counter()
+        durations = {}
+        try:
+            containers = running_containers(self.state_dir)
+        except OSError:
+            self.errors["discover"] += 1
+            containers = []
+        durations["discover"] = time.perf_counter() - started
+        snaps = []
+        for container in containers:
+            try:
+                if snap := read_snapshot(container, self.sys_dev_block):
+                    snaps.append(snap)
+            except (OSError, ValueError):
+                self.errors["read"] += 1
+        durations["read"] = time.perf_counter() - started - durations["discover"]
+        yield from self._families(snaps)
+        yield from self._self_metrics(len(snaps), durations, time.perf_counter() - started)
+
+    def _families(self, snaps: list[Snapshot]) -> Iterator[Metric]:
+        info = Metric(
+            "cgctl_container_info", "Identity and labels of each running container; always 1.", "gauge"
+        )
+        for snap in snaps:
+            info.add_sample("cgctl_container_info", info_labels(snap, self.unified), 1)
+        yield info
+        for definition in METRICS:
+            if definition.family not in self.families:
+                continue
+            name = definition.name.removesuffix("_total") if definition.kind == "counter" else definition.name
+            metric = Metric(name, definition.help, definition.kind)
+            for snap in snaps:
+                labels = (
+                    {"container": snap.container.name}
+                    if definition.family == "native"
+                    else cadvisor_labels(snap, self.unified)
+                ) | dict(definition.extra_labels)
+                for extra, value in _values(definition, snap):
+                    metric.add_sample(definition.name, labels | extra, value * definition.scale)
+            yield metric
+
+    def _self_metrics(self, containers: int, durations: dict[str, float], total: float) -> Iterator[Metric]:
+        scrape = Metric("cgctl_exporter_scrape_duration_seconds", "Time the last scrape took.", "gauge")
+        scrape.add_sample("cgctl_exporter_scrape_duration_seconds", {}, total)
+        parts = Metric(
+            "cgctl_exporter_part_duration_seconds", "Time each part of the last scrape took.", "gauge"
+        )
+        errors = Metric("cgctl_exporter_part_errors", "Errors in each part of the scrapes so far.", "counter")
+        for part, seconds in durations.items():
+            parts.add_sample("cgctl_exporter_part_duration_seconds", {"part": part}, seconds)
+            errors.add_sample("cgctl_exporter_part_errors_total", {"part": part}, self.errors[part])
+        count = Metric("cgctl_exporter_containers", "Running containers seen by the last scrape.", "gauge")
+        count.add_sample("cgctl_exporter_containers", {}, containers)
+        yield from (scrape, parts, errors, count)
+
+
+def _values(definition: MetricDef, snap: Snapshot) -> Iterator[tuple[dict[str, str], float]]:
+    if definition.device_key is not None:
+        for device, values in sorted(snap.devices.items()):
+            if definition.device_key in values:
+                name = device if definition.family == "native" else f"/dev/{device}"
+                yield {"device": name}, values[definition.device_key]
+    elif definition.value is not None and (value := definition.value(snap)) is not None:
+        yield {}, value
