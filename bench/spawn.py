@@ -35,12 +35,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cgroup2_host import CGROUP_MOUNT, require_cgroup2_root
+
 from cgctl import runtime
 from cgctl.spec import WorkloadSpec
 
 MEMORY_LIMIT = 256 * 1024 * 1024
 WARMUP_RUNS = 2
-CGROUP_MOUNT = Path("/sys/fs/cgroup")
 FLOOR_CGROUP = CGROUP_MOUNT / "bench-floor"
 OCI_CGROUPS_PATH = "/bench-oci"
 # $1: the cgroup to create, $2: its memory.max. The unshare flags are runc's default namespaces.
@@ -197,17 +198,6 @@ def report(results: list[Result], missing: list[str], runs: int) -> None:
     print("BENCH_JSON " + json.dumps(summary))
 
 
-def require_micro_vm() -> None:
-    mounts = Path("/proc/self/mounts").read_text().splitlines()
-    pure_cgroup2 = any(line.split()[1:3] == [str(CGROUP_MOUNT), "cgroup2"] for line in mounts)
-    if not pure_cgroup2 or os.geteuid() != 0:
-        sys.exit(
-            "bench/spawn.py needs root and a pure cgroup v2 hierarchy at /sys/fs/cgroup; on a host without "
-            "one, run it in the micro-VM: "
-            ".venv/bin/python tests/vm/microvm.py -- .venv/bin/python bench/spawn.py"
-        )
-
-
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -219,7 +209,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=positive_int, default=20, help="timed runs per peer (default 20)")
     args = parser.parse_args()
-    require_micro_vm()
+    require_cgroup2_root(".venv/bin/python tests/vm/microvm.py -- .venv/bin/python bench/spawn.py")
     with tempfile.TemporaryDirectory(prefix="bench-spawn-") as workdir:
         peers, missing = select_peers(Path(workdir))
         timings = time_rounds(peers, args.runs)

@@ -12,27 +12,54 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cgctl import state
 from cgctl.cgroup import fs, io
 
-FLAT_FILES = ("cpu.stat", "memory.stat", "memory.events", "pids.events")
-SINGLE_VALUE_FILES = (
-    "memory.current",
-    "memory.peak",
-    "memory.swap.current",
-    "memory.swap.peak",
-    "memory.max",
-    "memory.high",
-    "memory.swap.max",
-    "pids.current",
-    "pids.peak",
-    "pids.max",
-    "cpu.weight",
+
+def _single(text: str) -> dict[str, float]:
+    value = fs.parse_int(text)
+    return {} if value is None else {"": float(value)}
+
+
+def _cpu_max(text: str) -> dict[str, float]:
+    quota, period = text.split()
+    return {"period": float(period)} | ({} if quota == "max" else {"quota": float(quota)})
+
+
+def _pressure(text: str) -> dict[str, float]:
+    return {
+        f"{line}.{key}": value
+        for line, pairs in fs.parse_nested(text).items()
+        for key, value in pairs.items()
+    }
+
+
+# Every file a snapshot reads, with the parser that turns it into {key: value}.
+READERS: tuple[tuple[str, Callable[[str], dict[str, float]]], ...] = (
+    *((name, fs.parse_keyed) for name in ("cpu.stat", "memory.stat", "memory.events", "pids.events")),
+    *(
+        (name, _single)
+        for name in (
+            "memory.current",
+            "memory.peak",
+            "memory.swap.current",
+            "memory.swap.peak",
+            "memory.max",
+            "memory.high",
+            "memory.swap.max",
+            "pids.current",
+            "pids.peak",
+            "pids.max",
+            "cpu.weight",
+        )
+    ),
+    ("cpu.max", _cpu_max),
+    *((f"{resource}.pressure", _pressure) for resource in ("cpu", "memory", "io")),
 )
-PRESSURE_FILES = ("cpu.pressure", "memory.pressure", "io.pressure")
 
 
 @dataclass(frozen=True)
@@ -74,56 +101,66 @@ class Snapshot:
         )
 
 
-def running_containers(state_dir: Path | None = None) -> list[Container]:
-    """Containers whose supervisor is alive (it holds the lock on the run record)."""
+def running_containers(
+    state_dir: Path | None = None, known: dict[Path, tuple[object, Container]] | None = None
+) -> list[Container]:
+    """Containers whose supervisor is alive (it holds the lock on the run record).
+
+    `known` caches parsed records across calls, keyed on each file's identity, so a scrape
+    re-reads only the records that changed.
+    """
     directory = state_dir or state.default_state_dir()
+    known = {} if known is None else known
     containers = []
-    for path in state.live_records(directory):
+    live = state.live_records(directory)
+    for path, identity in live:
+        key = (identity.st_ino, identity.st_mtime_ns, identity.st_size)
+        if path in known and known[path][0] == key:
+            containers.append(known[path][1])
+            continue
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue  # ended meanwhile, or not yet written
-        spec = record.get("spec", {})
-        containers.append(
-            Container(
-                name=path.stem,
-                id=record.get("id", ""),
-                cgroup=Path(record["cgroup"]),
-                started_at=record.get("started_at", 0.0),
-                labels=spec.get("labels", {}),
-            )
+        container = Container(
+            name=path.stem,
+            id=record.get("id", ""),
+            cgroup=Path(record["cgroup"]),
+            started_at=record.get("started_at", 0.0),
+            labels=record.get("spec", {}).get("labels", {}),
         )
+        known[path] = (key, container)
+        containers.append(container)
+    for gone in known.keys() - {path for path, _ in live}:
+        del known[gone]
     return containers
 
 
-def read_snapshot(container: Container, sys_dev_block: Path = io.SYS_DEV_BLOCK) -> Snapshot | None:
-    """Everything the container's cgroup reports, or None if it vanished meanwhile."""
+def read_snapshot(
+    container: Container, sys_dev_block: Path = io.SYS_DEV_BLOCK, device_names: dict[str, str] | None = None
+) -> Snapshot | None:
+    """Everything the container's cgroup reports, or None if it vanished meanwhile.
+
+    `device_names` caches MAJ:MIN -> name lookups (one /sys read each) for the caller's round.
+    """
     group = fs.Cgroup(container.cgroup)
-    files: dict[str, dict[str, float]] = {}
+    names = {} if device_names is None else device_names
     try:
-        for name in FLAT_FILES:
-            if group.has(name):
-                files[name] = {key: float(value) for key, value in group.read_keyed(name).items()}
-        for name in SINGLE_VALUE_FILES:
-            if group.has(name) and (value := group.read_int(name)) is not None:
-                files[name] = {"": float(value)}
-        if group.has("cpu.max"):
-            quota, period = group.read("cpu.max").split()
-            files["cpu.max"] = {"period": float(period)} | ({} if quota == "max" else {"quota": float(quota)})
-        for name in PRESSURE_FILES:
-            if group.has(name):
-                nested = group.read_nested(name)
-                files[name] = {
-                    f"{line}.{key}": value for line, pairs in nested.items() for key, value in pairs.items()
-                }
-        devices = {
-            io.device_name(number, sys_dev_block) or number: values
-            for number, values in group.read_nested("io.stat").items()
+        files = {
+            name: parse(text) for name, parse in READERS if (text := group.read_optional(name)) is not None
         }
+        io_stat = group.read_optional("io.stat") or ""
     except fs.CgroupError:
         if not group.path.exists():
             return None
         raise
+    if "cpu.stat" not in files:  # every cgroup has one: this one is gone
+        return None
+    devices = {}
+    for number, values in fs.parse_nested(io_stat).items():
+        if number not in names:
+            names[number] = io.device_name(number, sys_dev_block) or number
+        devices[names[number]] = values
     return Snapshot(container, time.time(), files, devices)
 
 

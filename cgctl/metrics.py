@@ -23,7 +23,7 @@ from typing import Literal
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
-from cgctl.accounting import Snapshot, read_snapshot, running_containers
+from cgctl.accounting import Container, Snapshot, read_snapshot, running_containers
 from cgctl.cgroup.io import SYS_DEV_BLOCK
 
 Kind = Literal["counter", "gauge"]
@@ -468,6 +468,7 @@ class ContainerCollector(Collector):
         self.families: set[Family] = {"native", *compat}
         self.unified = unified
         self.sys_dev_block = sys_dev_block
+        self.known_records: dict[Path, tuple[object, Container]] = {}
         self.errors = {"discover": 0, "read": 0}
 
     def describe(self) -> list[Metric]:
@@ -477,15 +478,16 @@ class ContainerCollector(Collector):
         started = time.perf_counter()
         durations = {}
         try:
-            containers = running_containers(self.state_dir)
+            containers = running_containers(self.state_dir, self.known_records)
         except OSError:
             self.errors["discover"] += 1
             containers = []
         durations["discover"] = time.perf_counter() - started
         snaps = []
+        device_names: dict[str, str] = {}
         for container in containers:
             try:
-                if snap := read_snapshot(container, self.sys_dev_block):
+                if snap := read_snapshot(container, self.sys_dev_block, device_names):
                     snaps.append(snap)
             except (OSError, ValueError):
                 self.errors["read"] += 1
@@ -500,19 +502,21 @@ class ContainerCollector(Collector):
         for snap in snaps:
             info.add_sample("cgctl_container_info", info_labels(snap, self.unified), 1)
         yield info
+        labels: dict[Family, list[dict[str, str]]] = {
+            "native": [{"container": snap.container.name} for snap in snaps],
+            "cadvisor": [cadvisor_labels(snap, self.unified) for snap in snaps],
+        }
         for definition in METRICS:
             if definition.family not in self.families:
                 continue
             name = definition.name.removesuffix("_total") if definition.kind == "counter" else definition.name
             metric = Metric(name, definition.help, definition.kind)
-            for snap in snaps:
-                labels = (
-                    {"container": snap.container.name}
-                    if definition.family == "native"
-                    else cadvisor_labels(snap, self.unified)
-                ) | dict(definition.extra_labels)
+            extra_labels = dict(definition.extra_labels)
+            for snap, snap_labels in zip(snaps, labels[definition.family], strict=True):
                 for extra, value in _values(definition, snap):
-                    metric.add_sample(definition.name, labels | extra, value * definition.scale)
+                    metric.add_sample(
+                        definition.name, snap_labels | extra_labels | extra, value * definition.scale
+                    )
             yield metric
 
     def _self_metrics(self, containers: int, durations: dict[str, float], total: float) -> Iterator[Metric]:

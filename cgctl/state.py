@@ -62,8 +62,10 @@ def claim(state_dir: Path, name: str, record: dict[str, object]) -> Claim:
     return Claim(name, path, fd)
 
 
-def live_records(state_dir: Path, proc_locks: Path = Path("/proc/locks")) -> list[Path]:
-    """The records whose supervisor is alive, seen in /proc/locks without touching their locks."""
+def live_records(
+    state_dir: Path, proc_locks: Path = Path("/proc/locks")
+) -> list[tuple[Path, os.stat_result]]:
+    """The records whose supervisor is alive, with their stat, seen in /proc/locks without taking locks."""
     held = set()
     for line in proc_locks.read_text().splitlines():
         fields = line.split()
@@ -77,7 +79,7 @@ def live_records(state_dir: Path, proc_locks: Path = Path("/proc/locks")) -> lis
         except FileNotFoundError:
             continue
         if (identity.st_dev, identity.st_ino) in held:
-            live.append(path)
+            live.append((path, identity))
     return live
 
 

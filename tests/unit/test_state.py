@@ -70,7 +70,7 @@ def test_live_records_are_the_locked_ones(tmp_path: Path) -> None:
     held = state.claim(tmp_path, "live", {"cgroup": ""})
     (tmp_path / "dead.json").write_text("{}")
     try:
-        assert state.live_records(tmp_path) == [tmp_path / "live.json"]
+        assert [path for path, _ in state.live_records(tmp_path)] == [tmp_path / "live.json"]
     finally:
         held.release()
     assert state.live_records(tmp_path) == []
