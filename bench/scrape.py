@@ -2,7 +2,7 @@
 
 Why: the exporter reads every container's cgroup files at scrape time (nothing is cached), so a
 scrape can never cost less than reading those files. This times a full scrape
-(`generate_latest` over a ContainerCollector, native metrics) next to that floor: the same
+(ContainerCollector.render(), native metrics: what `cgctl exporter` serves) next to that floor: the same
 cgroup files read raw in one loop, plus listing the state directory and reading each run record,
 with no parsing. The goal is a scrape of at most 2x the floor; above it, the exporter's own Python
 work (parsing, metric objects, text exposition) dominates what the kernel has to do. The two take
@@ -46,7 +46,6 @@ from importlib.metadata import version
 from pathlib import Path
 
 from cgroup2_host import CGROUP_MOUNT, require_cgroup2_root
-from prometheus_client import CollectorRegistry, generate_latest
 
 from cgctl import accounting, state
 from cgctl.cgroup import fs
@@ -232,10 +231,9 @@ def make_floor(fleet: Fleet) -> Callable[[], None]:
 
 
 def make_scrape(fleet: Fleet) -> tuple[Callable[[], bytes], ContainerCollector]:
-    registry = CollectorRegistry(auto_describe=False)
+    """What `cgctl exporter` serves for its containers at each scrape: the collector's rendered text."""
     collector = ContainerCollector(state_dir=fleet.state_dir)
-    registry.register(collector)
-    return (lambda: generate_latest(registry)), collector
+    return (lambda: collector.render().encode()), collector
 
 
 def check_exposition(exposition: bytes, count: int, collector: ContainerCollector) -> int:
@@ -327,8 +325,8 @@ def report(results: list[Result], scrapes: int) -> None:
     kernel = platform.release()
     client = version("prometheus-client")
     print(
-        f"one scrape (generate_latest, native metrics) vs reading the same files raw; kernel {kernel}, "
-        f"Python {platform.python_version()}, prometheus_client {client}"
+        f"one scrape (ContainerCollector.render, native metrics) vs reading the same files raw; "
+        f"kernel {kernel}, Python {platform.python_version()}, prometheus_client {client}"
     )
     print(
         f"{scrapes} rounds each after {WARMUP_ROUNDS} warm-ups, scrape and floor interleaved; "

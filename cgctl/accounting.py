@@ -20,27 +20,35 @@ from cgctl import state
 from cgctl.cgroup import fs, io
 
 
-def _single(text: str) -> dict[str, float]:
-    value = fs.parse_int(text)
-    return {} if value is None else {"": float(value)}
+def _keyed(text: str) -> dict[str, str]:
+    words = iter(text.split())
+    return dict(zip(words, words, strict=True))
 
 
-def _cpu_max(text: str) -> dict[str, float]:
+def _single(text: str) -> dict[str, str]:
+    value = text.strip()
+    return {} if value == "max" else {"": value}
+
+
+def _cpu_max(text: str) -> dict[str, str]:
     quota, period = text.split()
-    return {"period": float(period)} | ({} if quota == "max" else {"quota": float(quota)})
+    return {"period": period} | ({} if quota == "max" else {"quota": quota})
 
 
-def _pressure(text: str) -> dict[str, float]:
-    return {
-        f"{line}.{key}": value
-        for line, pairs in fs.parse_nested(text).items()
-        for key, value in pairs.items()
-    }
+def _pressure(text: str) -> dict[str, str]:
+    values = {}
+    for line in text.splitlines():
+        kind, *pairs = line.split()
+        for pair in pairs:
+            key, _, value = pair.partition("=")
+            values[f"{kind}.{key}"] = value
+    return values
 
 
-# Every file a snapshot reads, with the parser that turns it into {key: value}.
-READERS: tuple[tuple[str, Callable[[str], dict[str, float]]], ...] = (
-    *((name, fs.parse_keyed) for name in ("cpu.stat", "memory.stat", "memory.events", "pids.events")),
+# Every file a snapshot reads, with the parser that turns it into {key: value text}; values are
+# converted only when asked for, as a scrape needs a third of memory.stat's.
+READERS: tuple[tuple[str, Callable[[str], dict[str, str]]], ...] = (
+    *((name, _keyed) for name in ("cpu.stat", "memory.stat", "memory.events", "pids.events")),
     *(
         (name, _single)
         for name in (
@@ -79,11 +87,12 @@ class Container:
 class Snapshot:
     container: Container
     taken_at: float
-    files: dict[str, dict[str, float]]  # file -> key -> value; "max" limits are left out
+    files: dict[str, dict[str, str]]  # file -> key -> value as the kernel wrote it; "max" limits left out
     devices: dict[str, dict[str, float]]  # io.stat: device name (vda, or MAJ:MIN) -> key -> value
 
     def value(self, file: str, key: str = "") -> float | None:
-        return self.files.get(file, {}).get(key)
+        text = self.files.get(file, {}).get(key)
+        return None if text is None else float(text)
 
     def oom_kills(self) -> float | None:
         """Processes the OOM killer killed: with memory.oom.group the kernel counts the victim twice in

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Literal
 
 from prometheus_client.core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from cgctl.accounting import Container, Snapshot, read_snapshot, running_containers
 from cgctl.cgroup.io import SYS_DEV_BLOCK
@@ -455,7 +457,12 @@ def cadvisor_labels(snap: Snapshot, unified: Path) -> dict[str, str]:
 
 
 class ContainerCollector(Collector):
-    """Reads every running container's cgroup at scrape time and yields the metric table's rows."""
+    """Reads every running container's cgroup at scrape time and renders the metric table's rows.
+
+    `render` writes the text exposition directly (the exporter serves it): prometheus_client's
+    generic writer costs more per sample than reading the cgroup files. `collect` offers the same
+    families to any prometheus_client registry by parsing that text, so there is one source of truth.
+    """
 
     def __init__(
         self,
@@ -475,6 +482,10 @@ class ContainerCollector(Collector):
         return []  # unchecked: the series depend on what is running at scrape time
 
     def collect(self) -> Iterator[Metric]:
+        yield from text_string_to_metric_families(self.render())
+
+    def render(self) -> str:
+        """The Prometheus text exposition (format 0.0.4) of every running container, read now."""
         started = time.perf_counter()
         durations = {}
         try:
@@ -492,46 +503,71 @@ class ContainerCollector(Collector):
             except (OSError, ValueError):
                 self.errors["read"] += 1
         durations["read"] = time.perf_counter() - started - durations["discover"]
-        yield from self._families(snaps)
-        yield from self._self_metrics(len(snaps), durations, time.perf_counter() - started)
+        out: list[str] = []
+        self._render_families(out, snaps)
+        self._render_self_metrics(out, len(snaps), durations, time.perf_counter() - started)
+        return "".join(out)
 
-    def _families(self, snaps: list[Snapshot]) -> Iterator[Metric]:
-        info = Metric(
-            "cgctl_container_info", "Identity and labels of each running container; always 1.", "gauge"
+    def _render_families(self, out: list[str], snaps: list[Snapshot]) -> None:
+        _family(
+            out, "cgctl_container_info", "gauge", "Identity and labels of each running container; always 1."
         )
         for snap in snaps:
-            info.add_sample("cgctl_container_info", info_labels(snap, self.unified), 1)
-        yield info
-        labels: dict[Family, list[dict[str, str]]] = {
+            out.append(f"cgctl_container_info{{{_labels(info_labels(snap, self.unified))}}} 1.0\n")
+        base: dict[Family, list[dict[str, str]]] = {
             "native": [{"container": snap.container.name} for snap in snaps],
             "cadvisor": [cadvisor_labels(snap, self.unified) for snap in snaps],
+        }
+        rendered: dict[Family, list[str]] = {
+            family: [_labels(labels) for labels in base[family]] for family in base
         }
         for definition in METRICS:
             if definition.family not in self.families:
                 continue
-            name = definition.name.removesuffix("_total") if definition.kind == "counter" else definition.name
-            metric = Metric(name, definition.help, definition.kind)
-            extra_labels = dict(definition.extra_labels)
-            for snap, snap_labels in zip(snaps, labels[definition.family], strict=True):
+            _family(out, definition.name, definition.kind, definition.help)
+            fixed = dict(definition.extra_labels)
+            for snap, labels, text in zip(
+                snaps, base[definition.family], rendered[definition.family], strict=True
+            ):
                 for extra, value in _values(definition, snap):
-                    metric.add_sample(
-                        definition.name, snap_labels | extra_labels | extra, value * definition.scale
+                    label_text = _labels(labels | fixed | extra) if fixed or extra else text
+                    out.append(
+                        f"{definition.name}{{{label_text}}} {floatToGoString(value * definition.scale)}\n"
                     )
-            yield metric
 
-    def _self_metrics(self, containers: int, durations: dict[str, float], total: float) -> Iterator[Metric]:
-        scrape = Metric("cgctl_exporter_scrape_duration_seconds", "Time the last scrape took.", "gauge")
-        scrape.add_sample("cgctl_exporter_scrape_duration_seconds", {}, total)
-        parts = Metric(
-            "cgctl_exporter_part_duration_seconds", "Time each part of the last scrape took.", "gauge"
+    def _render_self_metrics(
+        self, out: list[str], containers: int, durations: dict[str, float], total: float
+    ) -> None:
+        _family(out, "cgctl_exporter_scrape_duration_seconds", "gauge", "Time the last scrape took.")
+        out.append(f"cgctl_exporter_scrape_duration_seconds {floatToGoString(total)}\n")
+        _family(
+            out, "cgctl_exporter_part_duration_seconds", "gauge", "Time each part of the last scrape took."
         )
-        errors = Metric("cgctl_exporter_part_errors", "Errors in each part of the scrapes so far.", "counter")
         for part, seconds in durations.items():
-            parts.add_sample("cgctl_exporter_part_duration_seconds", {"part": part}, seconds)
-            errors.add_sample("cgctl_exporter_part_errors_total", {"part": part}, self.errors[part])
-        count = Metric("cgctl_exporter_containers", "Running containers seen by the last scrape.", "gauge")
-        count.add_sample("cgctl_exporter_containers", {}, containers)
-        yield from (scrape, parts, errors, count)
+            out.append(f'cgctl_exporter_part_duration_seconds{{part="{part}"}} {floatToGoString(seconds)}\n')
+        _family(
+            out, "cgctl_exporter_part_errors_total", "counter", "Errors in each part of the scrapes so far."
+        )
+        for part in durations:
+            out.append(
+                f'cgctl_exporter_part_errors_total{{part="{part}"}} {floatToGoString(self.errors[part])}\n'
+            )
+        _family(out, "cgctl_exporter_containers", "gauge", "Running containers seen by the last scrape.")
+        out.append(f"cgctl_exporter_containers {floatToGoString(containers)}\n")
+
+
+def _family(out: list[str], name: str, kind: Kind, help: str) -> None:
+    escaped = help.replace("\\", "\\\\").replace("\n", "\\n")
+    out.append(f"# HELP {name} {escaped}\n# TYPE {name} {kind}\n")
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(labels: dict[str, str]) -> str:
+    """name="value" pairs, sorted by name, values escaped as the text format wants."""
+    return ",".join(f'{name}="{_escape(value)}"' for name, value in sorted(labels.items()))
 
 
 def _values(definition: MetricDef, snap: Snapshot) -> Iterator[tuple[dict[str, str], float]]:

@@ -25,6 +25,7 @@ SUPERVISOR_LEAF = "cgctl-supervisor"
 # The controllers cgctl applies limits with; a host lacking any of them cannot run every spec.
 SUPPORTED_CONTROLLERS = ("cpu", "io", "memory", "pids")
 V1_NAMES = {"io": "blkio"}  # cgroup v1 called the io controller blkio
+READ_SIZE = 65536
 FIX_UNIFIED = (
     "boot the kernel with 'systemd.unified_cgroup_hierarchy=1 cgroup_no_v1=all' on its "
     "command line (any distribution with systemd >= 226), or use a distribution that "
@@ -71,9 +72,9 @@ class Cgroup:
         except OSError as error:
             raise CgroupError(f"{path}: cannot read: {error.strerror}") from None
         try:
-            chunks = []
-            while chunk := os.read(fd, 65536):
-                chunks.append(chunk)
+            chunks = [os.read(fd, READ_SIZE)]
+            while len(chunks[-1]) == READ_SIZE:  # interface files are small: one read, almost always
+                chunks.append(os.read(fd, READ_SIZE))
             return b"".join(chunks).decode()
         except OSError as error:  # ENODEV: the cgroup was removed while we read it
             raise CgroupError(f"{path}: cannot read: {error.strerror}") from None

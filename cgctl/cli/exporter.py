@@ -34,8 +34,7 @@ def exporter(
     state_dir: Annotated[Path | None, typer.Option(envvar="CGCTL_STATE_DIR", help="the run records")] = None,
 ) -> None:
     """Serve Prometheus metrics of every running container (read at scrape time, never cached)."""
-    from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
-
+    from cgctl.exporter import make_server
     from cgctl.metrics import ContainerCollector
 
     try:
@@ -45,16 +44,13 @@ def exporter(
     unknown = set(compat or []) - {"cadvisor"}
     if unknown:
         raise fail(f"invalid value {sorted(unknown)[0]!r} for --compat: the one compatible mode is cadvisor")
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(ContainerCollector(state_dir, compat=["cadvisor"] if compat else []))
-    ProcessCollector(namespace="cgctl_exporter", registry=registry)
+    collector = ContainerCollector(state_dir, compat=["cadvisor"] if compat else [])
     try:
-        server, _ = start_http_server(port, addr=host, registry=registry)
+        server = make_server(host, port, collector)
     except OSError as error:
         raise fail(f"invalid value {listen!r} for --listen: cannot listen there: {error.strerror}") from None
     print(f"cgctl exporter: serving http://{listen}/metrics", file=sys.stderr, flush=True)
-    stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    server.shutdown()
+        signal.signal(sig, lambda *_: threading.Thread(target=server.shutdown).start())
+    server.serve_forever()
+    server.server_close()

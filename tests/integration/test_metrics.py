@@ -17,9 +17,9 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 
 from cgctl import runtime
+from cgctl.exporter import make_server
 from cgctl.metrics import ContainerCollector
 from tests.integration.workloads import (
     CGCTL_ROOT,
@@ -66,9 +66,8 @@ def background() -> Iterator[Background]:
 
 
 def scrape(compat: tuple[str, ...] = ()) -> str:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(ContainerCollector(compat=compat))  # type: ignore[arg-type]
-    return generate_latest(registry).decode()
+    """What the exporter serves for its containers."""
+    return ContainerCollector(compat=compat).render()  # type: ignore[arg-type]
 
 
 def sample(text: str, metric: str, container: str) -> float:
@@ -167,6 +166,26 @@ def test_promtool_accepts_the_exposition(background: Background) -> None:
         assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_the_exporter_command_serves_and_stops_cleanly(background: Background) -> None:
+    background.start("served", ["sleep", "3600"], labels={"team": "infra"})
+    exporter = subprocess.Popen(
+        [PYTHON, "-m", "cgctl", "exporter", "--listen", "127.0.0.1:9754", "--compat", "cadvisor"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert exporter.stderr and "serving http://127.0.0.1:9754/metrics" in exporter.stderr.readline()
+        with urllib.request.urlopen("http://127.0.0.1:9754/metrics", timeout=30) as response:
+            content_type, text = response.headers["Content-Type"], response.read().decode()
+        assert content_type.startswith("text/plain; version=0.0.4")
+        assert 'cgctl_container_info{cgroup="/cgctl.slice/served",container="served"' in text
+        assert 'container_processes{id="/cgctl.slice/served",image="",name="served"} 1.0' in text
+        assert "cgctl_exporter_process_resident_memory_bytes" in text
+    finally:
+        exporter.terminate()
+    assert exporter.wait(timeout=30) == 0
+
+
 # --- a real Prometheus scraping the exporter while workloads run ---
 
 QueryFn = Callable[[str], list[dict[str, object]]]
@@ -225,9 +244,8 @@ def prometheus() -> Iterator[QueryFn]:
         [PYTHON, "-S", "-c", f"while True: b = b'x' * {48 * MiB}; del b"],  # over memory.high again and again
         limits={"memory": {"high": "16M"}},
     )
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(ContainerCollector())
-    server, _ = start_http_server(9753, addr="127.0.0.1", registry=registry)
+    server = make_server("127.0.0.1", 9753, ContainerCollector())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     workdir = Path(tempfile.mkdtemp(prefix="prometheus-"))
     config = workdir / "prometheus.yml"
     config.write_text(
@@ -274,6 +292,7 @@ def prometheus() -> Iterator[QueryFn]:
         server_process.terminate()
         server_process.wait(timeout=60)
         server.shutdown()
+        server.server_close()
         workloads.stop()
 
 
