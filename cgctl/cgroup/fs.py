@@ -116,12 +116,6 @@ def parse_nested(text: str) -> dict[str, dict[str, float]]:
     return nested
 
 
-def parse_int(text: str) -> int | None:
-    """A single-value file such as memory.max; None for 'max'."""
-    text = text.strip()
-    return None if text == "max" else int(text)
-
-
 def find_unified_mount(mountinfo: Path = MOUNTINFO) -> tuple[Path | None, dict[str, Path]]:
     """(the cgroup2 mount point, {v1 controller: its mount point}) from mountinfo.
 
