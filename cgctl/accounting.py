@@ -145,6 +145,14 @@ def running_containers(
     return containers
 
 
+def find_container(name: str, state_dir: Path | None = None) -> Container:
+    """The running container called name; LookupError if there is none."""
+    for container in running_containers(state_dir):
+        if container.name == name:
+            return container
+    raise LookupError(f"no running container named {name!r}")
+
+
 def read_snapshot(
     container: Container, sys_dev_block: Path = io.SYS_DEV_BLOCK, device_names: dict[str, str] | None = None
 ) -> Snapshot | None:

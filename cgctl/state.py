@@ -44,10 +44,24 @@ class Claim:
         os.close(self.fd)
 
 
+def record_path(state_dir: Path, name: str) -> Path:
+    return state_dir / f"{name}.json"
+
+
+def rewrite(path: Path, record: dict[str, object]) -> None:
+    """Replace a record's content in place: its inode, which the supervisor's lock is on, stays."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(record).encode())
+    finally:
+        os.close(fd)
+
+
 def claim(state_dir: Path, name: str, record: dict[str, object]) -> Claim:
     """Take the name for a new run, or raise SpecError if a live run has it."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = state_dir / f"{name}.json"
+    path = record_path(state_dir, name)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -57,8 +71,7 @@ def claim(state_dir: Path, name: str, record: dict[str, object]) -> Claim:
     if os.fstat(fd).st_nlink == 0:  # a stale-run cleanup unlinked it between our open and flock
         os.close(fd)
         return claim(state_dir, name, record)
-    os.ftruncate(fd, 0)
-    os.write(fd, json.dumps(record).encode())
+    rewrite(path, record)
     return Claim(name, path, fd)
 
 

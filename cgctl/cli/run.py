@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from cgctl.cli import limits
 from cgctl.cli.errors import fail, invalid_options, invalid_value
 
 if TYPE_CHECKING:
@@ -19,28 +20,13 @@ if TYPE_CHECKING:
 OPTION_FOR_FIELD: dict[tuple[str | int, ...], str] = {
     ("name",): "--name",
     ("command",): "CMD",
-    ("limits", "memory", "max"): "--mem",
-    ("limits", "memory", "high"): "--mem-high",
-    ("limits", "memory", "low"): "--mem-low",
-    ("limits", "memory", "min"): "--mem-min",
-    ("limits", "memory", "swap_max"): "--swap",
-    ("limits", "cpu", "cpus"): "--cpus",
-    ("limits", "cpu", "weight"): "--cpu-weight",
-    ("limits", "cpu", "cpuset"): "--cpuset",
-    ("limits", "io", "max"): "--io-max",
-    ("limits", "io", "weight"): "--io-weight",
-    ("limits", "pids", "max"): "--pids",
-    ("limits", "files"): "--cgroup-set",
+    **{("limits", *field): option for field, option in limits.OPTION_FOR_FIELD.items()},
     ("namespaces", "share"): "--share",
     ("hostname",): "--hostname",
     ("env",): "--env",
     ("workdir",): "--workdir",
     ("labels",): "--label",
 }
-
-
-def repeated(help: str) -> object:
-    return typer.Option(help=f"{help} (repeatable)", show_default=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -54,36 +40,32 @@ def run(
     name: Annotated[
         str | None, typer.Option(help="unique name (default: generated); also the cgroup's name")
     ] = None,
-    mem: Annotated[str | None, typer.Option("--mem", help="memory.max: 256M, 1.5G, bytes, or max")] = None,
-    mem_high: Annotated[str | None, typer.Option(help="memory.high: throttle and reclaim above this")] = None,
-    mem_low: Annotated[str | None, typer.Option(help="memory.low: best-effort reclaim protection")] = None,
-    mem_min: Annotated[str | None, typer.Option(help="memory.min: hard reclaim protection")] = None,
-    swap: Annotated[str | None, typer.Option("--swap", help="memory.swap.max")] = None,
-    oom_group: Annotated[
-        bool, typer.Option(help="memory.oom.group: an OOM kill takes the whole workload")
-    ] = True,
-    cpus: Annotated[
-        str | None, typer.Option(help="CPU time in CPUs, e.g. 0.5 or 2 (cpu.max, 100 ms period)")
-    ] = None,
-    cpu_weight: Annotated[str | None, typer.Option(help="cpu.weight 1..10000 (default 100)")] = None,
-    cpuset: Annotated[str | None, typer.Option(help="cpuset.cpus: CPUs it may use, e.g. 0-3,6")] = None,
-    cpu_idle: Annotated[bool, typer.Option(help="cpu.idle: run only when the CPU is otherwise idle")] = False,
-    io_max: Annotated[
-        list[str] | None, repeated("io.max: DEV:rbps=N,wbps=N,riops=N,wiops=N; DEV a path or MAJ:MIN")
-    ] = None,
-    io_weight: Annotated[list[str] | None, repeated("io.weight: W for all devices, or DEV:W")] = None,
-    pids: Annotated[str | None, typer.Option(help="pids.max: most processes and threads at once")] = None,
-    cgroup_set: Annotated[list[str] | None, repeated("FILE=VALUE: any other cgroup interface file")] = None,
+    mem: limits.Mem = None,
+    mem_high: limits.MemHigh = None,
+    mem_low: limits.MemLow = None,
+    mem_min: limits.MemMin = None,
+    swap: limits.Swap = None,
+    oom_group: limits.OomGroup = None,
+    cpus: limits.Cpus = None,
+    cpu_weight: limits.CpuWeight = None,
+    cpuset: limits.Cpuset = None,
+    cpu_idle: limits.CpuIdle = None,
+    io_max: limits.IoMax = None,
+    io_weight: limits.IoWeight = None,
+    pids: limits.Pids = None,
+    cgroup_set: limits.CgroupSet = None,
     share: Annotated[
-        list[str] | None, repeated("keep the host's NS: cgroup, ipc, mnt, net, pid or uts")
+        list[str] | None, limits.repeated("keep the host's NS: cgroup, ipc, mnt, net, pid or uts")
     ] = None,
     userns: Annotated[bool, typer.Option(help="add a user namespace: root inside is you outside")] = False,
     hostname: Annotated[str | None, typer.Option(help="hostname inside (default: the name)")] = None,
-    env: Annotated[list[str] | None, repeated("K=V in the environment; a bare K passes yours on")] = None,
-    env_file: Annotated[list[Path] | None, repeated("a file of K=V lines; # starts a comment")] = None,
+    env: Annotated[
+        list[str] | None, limits.repeated("K=V in the environment; a bare K passes yours on")
+    ] = None,
+    env_file: Annotated[list[Path] | None, limits.repeated("a file of K=V lines; # starts a comment")] = None,
     workdir: Annotated[str | None, typer.Option(help="working directory (default: the current one)")] = None,
     label: Annotated[
-        list[str] | None, repeated("K=V metadata for metrics and policies; never in the env")
+        list[str] | None, limits.repeated("K=V metadata for metrics and policies; never in the env")
     ] = None,
     init: Annotated[bool, typer.Option(help="a minimal reaper as pid 1 that forwards signals")] = False,
     report: Annotated[
@@ -109,25 +91,27 @@ def run(
     fields = {
         "name": name,
         "command": command,
-        "limits": {
-            "memory": {
-                "max": mem,
-                "high": mem_high,
-                "low": mem_low,
-                "min": mem_min,
-                "swap_max": swap,
-                "oom_group": oom_group,
-            },
-            "cpu": {"cpus": cpus, "weight": cpu_weight, "cpuset": cpuset, "idle": cpu_idle},
-            "io": {"max": io_max or [], "weight": io_weight or []},
-            "pids": {"max": pids},
-            "files": _pairs("--cgroup-set", cgroup_set),
-        },
+        "limits": limits.limit_fields(
+            mem,
+            mem_high,
+            mem_low,
+            mem_min,
+            swap,
+            oom_group,
+            cpus,
+            cpu_weight,
+            cpuset,
+            cpu_idle,
+            io_max,
+            io_weight,
+            pids,
+            cgroup_set,
+        ),
         "namespaces": {"share": share or [], "user": userns},
         "hostname": hostname,
         "env": {**_env_files(env_file or []), **_env(env or [])},
         "workdir": workdir,
-        "labels": _pairs("--label", label),
+        "labels": limits.pairs("--label", label),
         "init": init,
     }
     try:
@@ -174,16 +158,6 @@ def _write_report(destination: str, text: str) -> None:
         temporary.replace(path)
     except OSError as error:
         print(f"cgctl: --report {destination}: cannot write the report: {error.strerror}", file=sys.stderr)
-
-
-def _pairs(option: str, values: list[str] | None) -> dict[str, str]:
-    pairs = {}
-    for value in values or []:
-        key, separator, content = value.partition("=")
-        if not separator or not key:
-            raise fail(f"invalid value {value!r} for {option}: expected KEY=VALUE")
-        pairs[key] = content
-    return pairs
 
 
 def _env(values: list[str]) -> dict[str, str]:

@@ -10,6 +10,7 @@ Any failure before the start removes what was made: never a half-applied run.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -23,7 +24,7 @@ from cgctl import ns, state
 from cgctl.cgroup import cpu, cpuset, fs, io, memory, pids
 from cgctl.runtime import spawn
 from cgctl.runtime.report import RunReport, final_report
-from cgctl.spec import SpecError, WorkloadSpec
+from cgctl.spec import Limits, SpecError, WorkloadSpec
 
 FORWARDED_SIGNALS = (
     signal.SIGINT,
@@ -62,20 +63,10 @@ def prepare_host(
     look at its interface files is removed again).
     """
     limits = spec.limits
-    controllers = set(fs.SUPPORTED_CONTROLLERS)
-    if limits.cpu.cpuset is not None:
-        controllers.add(cpuset.CONTROLLER)
-    unified = fs.open_unified_root(controllers)
-    controllers |= {name.split(".")[0] for name in limits.files} & unified.controllers()
+    unified = fs.open_unified_root(base_controllers(limits))
+    controllers = needed_controllers(limits, unified)
     root_path = fs.choose_root(unified, cgroup_root)
-    nearest = [fs.Cgroup(path) for path in (root_path, *root_path.parents) if path.exists()]
-    settings = [
-        *cpuset.settings(limits.cpu, next((g for g in nearest if g.has("cpuset.cpus.effective")), unified)),
-        *memory.settings(limits.memory),
-        *cpu.settings(limits.cpu),
-        *io.settings(limits.io, unified),
-        *pids.settings(limits.pids),
-    ]
+    settings = limit_settings(limits, unified, root_path)
     root_existed = root_path.exists()
     root = fs.open_cgctl_root(unified, controllers, root_path)
     try:
@@ -87,6 +78,29 @@ def prepare_host(
     host = Host(root, state_dir or state.default_state_dir())
     state.clean_stale(host.state_dir)
     return host, settings
+
+
+def base_controllers(limits: Limits) -> set[str]:
+    """The controllers every run needs (for its limits and its accounting), and cpuset if asked for."""
+    return set(fs.SUPPORTED_CONTROLLERS) | ({cpuset.CONTROLLER} if limits.cpu.cpuset is not None else set())
+
+
+def needed_controllers(limits: Limits, unified: fs.Cgroup) -> set[str]:
+    """base_controllers, and those whose files --cgroup-set names (hugetlb, misc, ...)."""
+    return base_controllers(limits) | ({name.split(".")[0] for name in limits.files} & unified.controllers())
+
+
+def limit_settings(limits: Limits, unified: fs.Cgroup, parent: Path) -> list[tuple[str, str]]:
+    """Every (interface file, value) the controllers' limits ask for, checked against this host
+    (devices, CPUs the parent offers); --cgroup-set files are checked by interface_file_settings."""
+    nearest = [fs.Cgroup(path) for path in (parent, *parent.parents) if path.exists()]
+    return [
+        *cpuset.settings(limits.cpu, next((g for g in nearest if g.has("cpuset.cpus.effective")), unified)),
+        *memory.settings(limits.memory),
+        *cpu.settings(limits.cpu),
+        *io.settings(limits.io, unified),
+        *pids.settings(limits.pids),
+    ]
 
 
 def interface_file_settings(files: dict[str, str], root: fs.Cgroup) -> list[tuple[str, str]]:
@@ -139,15 +153,16 @@ def run(spec: WorkloadSpec, cgroup_root: Path | None = None, state_dir: Path | N
         try:
             for file, value in settings:
                 group.write(file, value)
-            applied = {file: group.read(file).strip() for file, _ in settings}
-            return _supervise(spec, name, group, applied)
+            return _supervise(spec, name, group, [file for file, _ in settings], claim)
         finally:
             fs.remove(group)
     finally:
         claim.release()
 
 
-def _supervise(spec: WorkloadSpec, name: str, group: fs.Cgroup, applied: dict[str, str]) -> RunReport:
+def _supervise(
+    spec: WorkloadSpec, name: str, group: fs.Cgroup, written: list[str], claim: state.Claim
+) -> RunReport:
     private = frozenset(spec.namespaces.private())
     launch = spawn.Launch(
         argv=spec.command,
@@ -168,6 +183,8 @@ def _supervise(spec: WorkloadSpec, name: str, group: fs.Cgroup, applied: dict[st
             os.close(alive_fd)
     wall = time.monotonic() - started
     fs.kill_all(group)  # what the main process left behind
+    written += json.loads(claim.path.read_text()).get("written", [])  # what `cgctl update` changed
+    applied = {file: group.read(file).strip() for file in dict.fromkeys(written)}
     return final_report(name, group, status, wall, applied, spec)
 
 

@@ -1,0 +1,157 @@
+"""`cgctl freeze`/`thaw` (`pause`/`unpause`), `kill` and `update`: act on a running container by name."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cgctl.cli import limits
+from cgctl.cli.errors import fail, invalid_options, invalid_value
+
+Name = Annotated[str, typer.Argument(help="the container's name")]
+StateDir = Annotated[Path | None, typer.Option(envvar="CGCTL_STATE_DIR", help="the run records")]
+Timeout = Annotated[float, typer.Option(help="seconds to wait for the kernel", min=0.1)]
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(freeze)
+    app.command()(thaw)
+    app.command("pause", help="Alias of freeze.")(freeze)
+    app.command("unpause", help="Alias of thaw.")(thaw)
+    app.command()(kill)
+    app.command()(update)
+
+
+def freeze(name: Name, timeout: Timeout = 10.0, state_dir: StateDir = None) -> None:
+    """Freeze every process of the container (cgroup.freeze), and wait until the kernel says it is."""
+    _set_frozen(name, True, timeout, state_dir)
+
+
+def thaw(name: Name, timeout: Timeout = 10.0, state_dir: StateDir = None) -> None:
+    """Let a frozen container run again, and wait until the kernel says it does."""
+    _set_frozen(name, False, timeout, state_dir)
+
+
+def _set_frozen(name: str, freeze: bool, timeout: float, state_dir: Path | None) -> None:
+    from cgctl.accounting import find_container
+    from cgctl.cgroup import freezer
+    from cgctl.cgroup.fs import Cgroup, CgroupError
+
+    try:
+        group = Cgroup(find_container(name, state_dir).cgroup)
+        changed = freezer.set_frozen(group, freeze, timeout)
+    except (LookupError, CgroupError) as error:
+        raise fail(str(error)) from None
+    state = "frozen" if freeze else "running"
+    print(f"{name}: {state}" if changed else f"{name}: already {state}")
+
+
+def kill(
+    name: Name,
+    signal_name: Annotated[str, typer.Option("--signal", "-s", help="signal name or number")] = "KILL",
+    state_dir: StateDir = None,
+) -> None:
+    """Send a signal to every process of the container (default SIGKILL, through cgroup.kill)."""
+    from cgctl.accounting import find_container
+    from cgctl.cgroup.fs import Cgroup, CgroupError
+
+    try:
+        sig = _parse_signal(signal_name)
+    except ValueError as error:
+        raise fail(f"invalid value {signal_name!r} for --signal: {error}") from None
+    try:
+        group = Cgroup(find_container(name, state_dir).cgroup)
+        if sig == signal.SIGKILL:
+            group.write("cgroup.kill", "1")
+            print(f"{name}: killed")
+            return
+        signalled = 0
+        for procs in sorted(group.path.rglob("cgroup.procs")):  # its own sub-cgroups too
+            for pid in Cgroup(procs.parent).read("cgroup.procs").split():
+                try:
+                    os.kill(int(pid), sig)
+                    signalled += 1
+                except ProcessLookupError:
+                    pass  # exited meanwhile
+    except (LookupError, CgroupError) as error:
+        raise fail(str(error)) from None
+    print(f"{name}: {sig.name} sent to {signalled} process{'es' if signalled != 1 else ''}")
+
+
+def _parse_signal(text: str) -> signal.Signals:
+    """'KILL', 'SIGKILL', 'kill' or '9'."""
+    try:
+        return (
+            signal.Signals(int(text))
+            if text.isdigit()
+            else signal.Signals["SIG" + text.upper().removeprefix("SIG")]
+        )
+    except (KeyError, ValueError):
+        raise ValueError("not a signal name or number (e.g. TERM, SIGUSR1, 9)") from None
+
+
+def update(
+    name: Name,
+    mem: limits.Mem = None,
+    mem_high: limits.MemHigh = None,
+    mem_low: limits.MemLow = None,
+    mem_min: limits.MemMin = None,
+    swap: limits.Swap = None,
+    oom_group: limits.OomGroup = None,
+    cpus: limits.Cpus = None,
+    cpu_weight: limits.CpuWeight = None,
+    cpuset: limits.Cpuset = None,
+    cpu_idle: limits.CpuIdle = None,
+    io_max: limits.IoMax = None,
+    io_weight: limits.IoWeight = None,
+    pids: limits.Pids = None,
+    cgroup_set: limits.CgroupSet = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Change a running container's limits, with the options of run: every value is checked before
+    anything is written, and a write that fails puts back those already made."""
+    from pydantic import ValidationError
+
+    from cgctl.cgroup.fs import CgroupError
+    from cgctl.runtime.update import update as update_limits
+    from cgctl.spec import SpecError
+
+    changes = limits.limit_fields(
+        mem,
+        mem_high,
+        mem_low,
+        mem_min,
+        swap,
+        oom_group,
+        cpus,
+        cpu_weight,
+        cpuset,
+        cpu_idle,
+        io_max,
+        io_weight,
+        pids,
+        cgroup_set,
+    )
+    if not any(changes.values()):
+        raise fail("nothing to update: give at least one limit option (see cgctl update --help)")
+    # Values are checked alone first (fields as in Limits), then against the host (fields under "limits").
+    options = {
+        **limits.OPTION_FOR_FIELD,
+        **{("limits", *field): opt for field, opt in limits.OPTION_FOR_FIELD.items()},
+    }
+    try:
+        written = update_limits(name, changes, state_dir)
+    except ValidationError as error:
+        raise invalid_options(error, options) from None
+    except SpecError as error:
+        raise invalid_value(error, options) from None
+    except (LookupError, CgroupError) as error:
+        raise fail(str(error)) from None
+    for file, value in written.items():
+        print(f"{name}: {file} = {value}")
+    if not written:
+        print(f"{name}: already so")
