@@ -11,9 +11,11 @@ cgctl's is ever without one. cgroups cgctl did not create are never touched.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +56,43 @@ def rewrite(path: Path, record: dict[str, object]) -> None:
     try:
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(record).encode())
+    finally:
+        os.close(fd)
+
+
+def update(path: Path, **fields: object) -> None:
+    """Set fields of a record in place (None removes one)."""
+    record = json.loads(path.read_text())
+    record.update(fields)
+    rewrite(path, {key: value for key, value in record.items() if value is not None})
+
+
+def _checkpoint_lock(record: Path) -> Path:
+    return record.with_suffix(".checkpoint")
+
+
+@contextlib.contextmanager
+def checkpointing(record: Path) -> Iterator[None]:
+    """Held by `cgctl checkpoint` while CRIU dumps a run and its record is updated: a dump that
+    ends the workload wakes its supervisor, which must wait to read how the checkpoint went."""
+    lock = _checkpoint_lock(record)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def wait_for_checkpoint(record: Path) -> None:
+    """Block while a checkpoint of this run is in progress (see checkpointing)."""
+    try:
+        fd = os.open(_checkpoint_lock(record), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
     finally:
         os.close(fd)
 

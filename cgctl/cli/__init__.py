@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from cgctl.cli import check as check_verb
+from cgctl.cli import checkpoint as checkpoint_verbs
 from cgctl.cli import control as control_verbs
 from cgctl.cli import exporter as exporter_verb
 from cgctl.cli import run as run_verb
@@ -22,6 +23,7 @@ app = typer.Typer(name="cgctl", add_completion=False, pretty_exceptions_enable=F
 run_verb.register(app)
 stats_verb.register(app)
 control_verbs.register(app)
+checkpoint_verbs.register(app)
 exporter_verb.register(app)
 check_verb.register(app)
 

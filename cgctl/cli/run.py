@@ -128,15 +128,22 @@ def run(
         print(f"cgctl: {error}", file=sys.stderr)
         raise typer.Exit(error.exit_code) from None
     if report:
-        _write_report(report, result.model_dump_json(indent=2))
-    _explain_death(result)
+        write_report(report, result.model_dump_json(indent=2))
+    explain_end(result)
     raise typer.Exit(result.exit_status)
 
 
-def _explain_death(result: RunReport) -> None:
+def explain_end(result: RunReport) -> None:
+    """Say on stderr why a workload ended, when it was not by itself: a checkpoint, OOM, a signal."""
     from cgctl.spec import format_size
 
-    if result.oom_killed:
+    if result.checkpointed_to:
+        print(
+            f"cgctl: {result.name} was checkpointed to {result.checkpointed_to}; "
+            f"cgctl restore --dir {result.checkpointed_to} resumes it",
+            file=sys.stderr,
+        )
+    elif result.oom_killed:
         limit = result.memory_limit_bytes
         reached = "no memory.max was set" if limit is None else f"memory.max {format_size(limit)} reached"
         print(
@@ -147,7 +154,7 @@ def _explain_death(result: RunReport) -> None:
         print(f"cgctl: {result.name} killed by {signal.Signals(result.signal).name}", file=sys.stderr)
 
 
-def _write_report(destination: str, text: str) -> None:
+def write_report(destination: str, text: str) -> None:
     if destination == "-":
         print(text, file=sys.stderr)
         return

@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +121,11 @@ def interface_file_settings(files: dict[str, str], root: fs.Cgroup) -> list[tupl
     return list(files.items())
 
 
+# Starts the workload in its cgroup (given its name and the cgroup, every limit written); returns its pid
+# and an fd to close once it has been waited for (spawn's alive pipe), if any.
+Starter = Callable[[str, fs.Cgroup], tuple[int, int | None]]
+
+
 def run(spec: WorkloadSpec, cgroup_root: Path | None = None, state_dir: Path | None = None) -> RunReport:
     """Run spec to completion and return its report.
 
@@ -134,6 +140,33 @@ def run(spec: WorkloadSpec, cgroup_root: Path | None = None, state_dir: Path | N
             "rootless (in a delegated cgroup)",
             125,
         )
+
+    def start(name: str, group: fs.Cgroup) -> tuple[int, int | None]:
+        return spawn.start(
+            spawn.Launch(
+                argv=spec.command,
+                env={**os.environ, **spec.env},
+                workdir=spec.workdir,
+                cgroup_procs=str(group.file("cgroup.procs")),
+                namespaces=ns.Context(private=frozenset(private), hostname=spec.hostname or name),
+                user_namespace=spec.namespaces.user,
+                init=spec.init,
+            )
+        )
+
+    return supervise(spec, start, cgroup_root, state_dir)
+
+
+def supervise(
+    spec: WorkloadSpec,
+    start: Starter,
+    cgroup_root: Path | None = None,
+    state_dir: Path | None = None,
+    record: dict[str, object] | None = None,
+) -> RunReport:
+    """Claim the name, make the cgroup with every limit, start the workload with `start`, wait for it,
+    and return its report; whatever happens, the cgroup and the claim are gone at the end.
+    `record` adds fields to the run record (`cgctl restore` notes where it came from)."""
     host, settings = prepare_host(spec, cgroup_root, state_dir)
     name = spec.name or f"run-{secrets.token_hex(4)}"
     group = host.root.child(name)
@@ -146,6 +179,7 @@ def run(spec: WorkloadSpec, cgroup_root: Path | None = None, state_dir: Path | N
             "supervisor": os.getpid(),
             "started_at": time.time(),
             "spec": spec.model_dump(mode="json", exclude={"env"}),
+            **(record or {}),
         },
     )
     try:
@@ -153,39 +187,37 @@ def run(spec: WorkloadSpec, cgroup_root: Path | None = None, state_dir: Path | N
         try:
             for file, value in settings:
                 group.write(file, value)
-            return _supervise(spec, name, group, [file for file, _ in settings], claim)
+            return _wait(spec, name, group, [file for file, _ in settings], claim, start)
         finally:
             fs.remove(group)
     finally:
         claim.release()
 
 
-def _supervise(
-    spec: WorkloadSpec, name: str, group: fs.Cgroup, written: list[str], claim: state.Claim
+def _wait(
+    spec: WorkloadSpec, name: str, group: fs.Cgroup, written: list[str], claim: state.Claim, start: Starter
 ) -> RunReport:
-    private = frozenset(spec.namespaces.private())
-    launch = spawn.Launch(
-        argv=spec.command,
-        env={**os.environ, **spec.env},
-        workdir=spec.workdir,
-        cgroup_procs=str(group.file("cgroup.procs")),
-        namespaces=ns.Context(private=private, hostname=spec.hostname or name),
-        user_namespace=spec.namespaces.user,
-        init=spec.init,
-    )
     started = time.monotonic()
-    with _SignalForwarder(name, group, namespace_init="pid" in private) as forwarder:
-        pid, alive_fd = spawn.start(launch)
+    with _SignalForwarder(name, group, namespace_init="pid" in spec.namespaces.private()) as forwarder:
+        pid, alive_fd = start(name, group)
+        state.update(claim.path, pid=pid)  # what `cgctl checkpoint` dumps
         forwarder.start(pid)
         try:
             _, status = os.waitpid(pid, 0)
         finally:
-            os.close(alive_fd)
+            if alive_fd is not None:
+                os.close(alive_fd)
     wall = time.monotonic() - started
+    state.wait_for_checkpoint(claim.path)  # a checkpoint that ended the workload finishes its record first
     fs.kill_all(group)  # what the main process left behind
-    written += json.loads(claim.path.read_text()).get("written", [])  # what `cgctl update` changed
+    record = json.loads(claim.path.read_text())
+    written += record.get("written", [])  # what `cgctl update` changed
     applied = {file: group.read(file).strip() for file in dict.fromkeys(written)}
-    return final_report(name, group, status, wall, applied, spec)
+    checkpoint = record.get("checkpoint") or {}
+    report = final_report(name, group, status, wall, applied, spec)
+    if checkpoint.get("complete") and not checkpoint.get("leave_running"):
+        report.checkpointed_to = checkpoint["dir"]
+    return report
 
 
 class _SignalForwarder:

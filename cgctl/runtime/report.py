@@ -42,6 +42,7 @@ class RunReport(BaseModel):
     pids_refused_forks: int
     limits: dict[str, str]  # each interface file cgctl wrote, as the kernel reads it back
     labels: dict[str, str]
+    checkpointed_to: str | None = None  # the checkpoint directory, when `cgctl checkpoint` ended it
 
     @property
     def exit_status(self) -> int:

@@ -1,0 +1,150 @@
+"""`cgctl checkpoint NAME --dir DIR` and `cgctl restore --dir DIR`: CRIU, with hooks and progress."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from cgctl.cli.errors import fail, invalid_value
+from cgctl.cli.run import explain_end, write_report
+
+if TYPE_CHECKING:
+    from cgctl.runtime.checkpoint import Progress
+
+Directory = Annotated[Path, typer.Option("--dir", help="the checkpoint directory (images, logs, manifest)")]
+Hook = Annotated[
+    Path | None,
+    typer.Option(help="an executable run at pre-dump, post-dump, pre-restore, post-restore and failure"),
+]
+StateDir = Annotated[Path | None, typer.Option(envvar="CGCTL_STATE_DIR", help="the run records")]
+# Which option fed each field a SpecError names.
+OPTION_FOR_FIELD: dict[tuple[str | int, ...], str] = {
+    ("dir",): "--dir",
+    ("hook",): "--hook",
+    ("name",): "--name",
+}
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(checkpoint)
+    app.command()(restore)
+
+
+def checkpoint(
+    name: Annotated[str, typer.Argument(help="the container's name")],
+    directory: Directory,
+    leave_running: Annotated[bool, typer.Option(help="keep the container running after the dump")] = False,
+    tcp_established: Annotated[bool, typer.Option(help="dump established TCP connections too")] = False,
+    hook: Hook = None,
+    json_output: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+    state_dir: StateDir = None,
+) -> None:
+    """Dump the container's whole process tree with CRIU into DIR (new or empty).
+
+    The container ends once its images are complete (its `cgctl run` says where it
+    went), unless --leave-running. If anything fails it keeps running, thawed.
+    """
+    from cgctl.runtime.checkpoint import CheckpointError
+    from cgctl.runtime.checkpoint import checkpoint as dump
+    from cgctl.spec import SpecError, format_size
+
+    try:
+        result = dump(
+            name,
+            directory,
+            leave_running=leave_running,
+            tcp_established=tcp_established,
+            hook=hook,
+            state_dir=state_dir,
+            progress=_progress(f"checkpointing {name}"),
+        )
+    except SpecError as error:
+        raise invalid_value(error, OPTION_FOR_FIELD) from None
+    except (LookupError, CheckpointError) as error:
+        raise fail(str(error)) from None
+    _end_progress()
+    if json_output:
+        print(json.dumps({**vars(result), "directory": str(result.directory)}))
+        return
+    after = "left running" if leave_running else "stopped"
+    print(
+        f"{name}: checkpointed to {result.directory} "
+        f"({format_size(result.image_bytes)} of memory images in {result.seconds:.1f} s; {after})"
+    )
+
+
+def restore(
+    directory: Directory,
+    name: Annotated[
+        str | None, typer.Option(help="the new container's name (default: the dumped one's)")
+    ] = None,
+    hook: Hook = None,
+    report: Annotated[
+        str | None, typer.Option(help="write a JSON report here when it ends (- = stderr)")
+    ] = None,
+    cgroup_root: Annotated[
+        Path | None, typer.Option(envvar="CGCTL_CGROUP_ROOT", help="cgctl's cgroup subtree")
+    ] = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Restore a checkpoint as a new container in a new cgroup with the limits it had, and supervise
+    it as `cgctl run` does: its stdio becomes this command's, and this command exits with its status."""
+    from cgctl.cgroup.fs import CgroupError
+    from cgctl.runtime.checkpoint import CheckpointError
+    from cgctl.runtime.checkpoint import restore as undump
+    from cgctl.spec import SpecError
+
+    def restored(name: str, seconds: float) -> None:
+        _end_progress()
+        print(f"cgctl: restored {name} from {directory} in {seconds:.1f} s", file=sys.stderr)
+
+    try:
+        result = undump(
+            directory,
+            name=name,
+            hook=hook,
+            cgroup_root=cgroup_root,
+            state_dir=state_dir,
+            progress=_progress(f"restoring {name or directory}"),
+            on_restored=restored,
+        )
+    except SpecError as error:
+        raise invalid_value(error, OPTION_FOR_FIELD) from None
+    except (CheckpointError, CgroupError) as error:
+        _end_progress()
+        raise fail(str(error)) from None
+    if report:
+        write_report(report, result.model_dump_json(indent=2))
+    explain_end(result)
+    raise typer.Exit(result.exit_status)
+
+
+def _progress(doing: str) -> Progress:
+    """On a terminal, a line redrawn in place; elsewhere a line every 5 s, so short dumps print nothing."""
+    from cgctl.spec import format_size
+
+    terminal = sys.stderr.isatty()
+    last = time.monotonic()
+
+    def show(done: int, expected: int | None) -> None:
+        nonlocal last
+        if not terminal and time.monotonic() - last < 5:
+            return
+        last = time.monotonic()
+        of = f" of ~{format_size(expected)}" if expected else ""
+        line = f"cgctl: {doing}: {format_size(done)}{of}"
+        print(
+            f"\r{line}\033[K" if terminal else line, end="" if terminal else "\n", file=sys.stderr, flush=True
+        )
+
+    return show
+
+
+def _end_progress() -> None:
+    if sys.stderr.isatty():
+        print("\r\033[K", end="", file=sys.stderr, flush=True)
