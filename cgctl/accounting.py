@@ -10,7 +10,6 @@ vanishes while being read is skipped, never an error.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -128,7 +127,7 @@ def running_containers(
             containers.append(known[path][1])
             continue
         try:
-            record = json.loads(path.read_text())
+            record = state.read(path)
         except (OSError, ValueError):
             continue  # ended meanwhile, or not yet written
         container = Container(

@@ -15,9 +15,11 @@ import contextlib
 import fcntl
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cgctl.cgroup import fs
 from cgctl.spec import SpecError
@@ -51,18 +53,32 @@ def record_path(state_dir: Path, name: str) -> Path:
 
 
 def rewrite(path: Path, record: dict[str, object]) -> None:
-    """Replace a record's content in place: its inode, which the supervisor's lock is on, stays."""
+    """Replace a record's content in place: its inode, which the supervisor's lock is on, stays.
+
+    One write, padded with spaces (JSON ignores them) to at least the old length, so that a
+    reader (the exporter, `cgctl stats`) never catches the file empty or cut short.
+    """
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(record).encode())
+        os.pwrite(fd, json.dumps(record).encode().ljust(os.fstat(fd).st_size), 0)
     finally:
         os.close(fd)
 
 
+def read(path: Path) -> dict[str, Any]:
+    """A record's content. A read that races a rewrite can come out torn (reads of a regular file
+    are not atomic against a write), so read again until it parses; ValueError after 0.1 s."""
+    for _ in range(100):
+        try:
+            return dict(json.loads(path.read_text()))
+        except ValueError:
+            time.sleep(0.001)
+    return dict(json.loads(path.read_text()))
+
+
 def update(path: Path, **fields: object) -> None:
     """Set fields of a record in place (None removes one)."""
-    record = json.loads(path.read_text())
+    record = read(path)
     record.update(fields)
     rewrite(path, {key: value for key, value in record.items() if value is not None})
 
@@ -149,7 +165,10 @@ def clean_stale(state_dir: Path) -> list[str]:
             os.close(fd)
             continue  # alive
         try:
-            record = json.loads(path.read_text() or "{}")
+            try:
+                record = read(path)
+            except ValueError:
+                record = {}  # its claimer died before writing it: it made no cgroup
             if record.get("cgroup"):
                 fs.remove(fs.Cgroup(Path(record["cgroup"])))
             path.unlink(missing_ok=True)

@@ -47,6 +47,7 @@ from cgctl.runtime.local import supervise
 from cgctl.runtime.report import RunReport
 from cgctl.spec import SpecError, WorkloadSpec
 
+CRIU_PATHS = ("/usr/sbin/criu", "/sbin/criu")  # where Debian puts it, if sbin is not on PATH
 MANIFEST = "cgctl.json"
 MANIFEST_VERSION = 1
 ACTION_SCRIPT = Path(__file__).with_name("criu-action.sh")
@@ -94,7 +95,7 @@ def checkpoint(
     hook = _checked_hook(hook)
     container = find_container(name, state_dir)
     record_path = state.record_path(state_dir or state.default_state_dir(), name)
-    record = json.loads(record_path.read_text())
+    record = state.read(record_path)
     if "pid" not in record:
         raise CheckpointError(
             f"{name} was started by a cgctl that did not record its pid; it cannot be dumped"
@@ -220,9 +221,7 @@ def restore(
 
 
 def _criu() -> str:
-    criu = shutil.which("criu") or next(
-        (path for path in ("/usr/sbin/criu", "/sbin/criu") if os.access(path, os.X_OK)), None
-    )
+    criu = shutil.which("criu") or next((path for path in CRIU_PATHS if os.access(path, os.X_OK)), None)
     if criu is None:
         raise CheckpointError("criu is not installed: install it (Debian/Ubuntu: apt-get install criu)")
     if os.geteuid() != 0:

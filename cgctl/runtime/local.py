@@ -10,7 +10,6 @@ Any failure before the start removes what was made: never a half-applied run.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
@@ -210,7 +209,7 @@ def _wait(
     wall = time.monotonic() - started
     state.wait_for_checkpoint(claim.path)  # a checkpoint that ended the workload finishes its record first
     fs.kill_all(group)  # what the main process left behind
-    record = json.loads(claim.path.read_text())
+    record = state.read(claim.path)
     written += record.get("written", [])  # what `cgctl update` changed
     applied = {file: group.read(file).strip() for file in dict.fromkeys(written)}
     checkpoint = record.get("checkpoint") or {}

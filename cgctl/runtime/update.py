@@ -8,7 +8,6 @@ limits in force then.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ def update(name: str, changes: dict[str, dict[str, Any]], state_dir: Path | None
     Limits.model_validate(changes)  # bad values are refused before anything is looked up
     container = find_container(name, state_dir)
     path = state.record_path(state_dir or state.default_state_dir(), name)
-    record = json.loads(path.read_text())
+    record = state.read(path)
     old = Limits.model_validate(record["spec"]["limits"])
     new = Limits.model_validate(_merge(record["spec"]["limits"], changes))
     group = fs.Cgroup(container.cgroup)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -87,3 +88,18 @@ def test_stdio_is_handed_over_for_pipes_and_files_once_each() -> None:
         assert checkpoint._inherit_stdio(files, stack) == {100: "socket:[7]", 101: "var/log/job.log"}
     with pytest.raises(OSError):
         os.fstat(101)  # closed with the stack
+
+
+def test_progress_is_reported_while_criu_works() -> None:
+    seen: list[tuple[int, int | None]] = []
+    with checkpoint._reporting(lambda: (5, 10), lambda done, expected: seen.append((done, expected))):
+        time.sleep(1.2)
+    assert seen and set(seen) == {(5, 10)}
+
+
+def test_without_criu_nothing_is_tried(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(checkpoint, "CRIU_PATHS", ())
+    with pytest.raises(checkpoint.CheckpointError, match="criu is not installed: .*apt-get install criu"):
+        checkpoint.checkpoint("job", tmp_path / "images")
+    assert not (tmp_path / "images").exists()

@@ -74,3 +74,18 @@ def test_live_records_are_the_locked_ones(tmp_path: Path) -> None:
     finally:
         held.release()
     assert state.live_records(tmp_path) == []
+
+
+def test_updates_keep_the_locked_inode_and_are_never_seen_half_written(tmp_path: Path) -> None:
+    held = state.claim(tmp_path, "job", {"spec": {"command": ["x" * 500]}})
+    inode = held.path.stat().st_ino
+    reader = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom pathlib import Path\nfrom cgctl import state\n"
+         "for _ in range(3000): state.read(Path(sys.argv[1]))", str(held.path)],
+    )  # fmt: skip
+    for number in range(3000):
+        state.update(held.path, pid=number, spec={"command": ["y"]} if number % 2 else None)
+    assert reader.wait() == 0, "a reader saw the record empty or cut short"
+    assert held.path.stat().st_ino == inode
+    assert json.loads(held.path.read_text()) == {"pid": 2999, "spec": {"command": ["y"]}}
+    held.release()
