@@ -100,6 +100,6 @@ def test_progress_is_reported_while_criu_works() -> None:
 def test_without_criu_nothing_is_tried(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setattr(checkpoint, "CRIU_PATHS", ())
-    with pytest.raises(checkpoint.CheckpointError, match="criu is not installed: .*apt-get install criu"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"criu is not installed: .*apt-get install criu"):
         checkpoint.checkpoint("job", tmp_path / "images")
     assert not (tmp_path / "images").exists()
