@@ -224,6 +224,67 @@ class Namespaces(_Model):
         return [name for name in NAMESPACES if name not in self.share]
 
 
+def _absolute(path: str) -> str:
+    if not path.startswith("/"):
+        raise ValueError(f"{path!r} is not an absolute path")
+    return path
+
+
+class Volume(_Model):
+    """A host path bind-mounted into the container's root: HOST:PATH[:ro]."""
+
+    source: str = Field(description="absolute path on the host")
+    target: str = Field(description="absolute path in the container")
+    read_only: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        parts = value.split(":")
+        if len(parts) == 3 and parts[2] in ("ro", "rw"):
+            return {"source": parts[0], "target": parts[1], "read_only": parts[2] == "ro"}
+        if len(parts) == 2:
+            return {"source": parts[0], "target": parts[1]}
+        raise ValueError("not HOST:PATH or HOST:PATH:ro")
+
+    @field_validator("source", "target")
+    @classmethod
+    def _absolute_paths(cls, path: str) -> str:
+        return _absolute(path)
+
+
+class RootFs(_Model):
+    """A root of the workload's own: overlayfs over read-only layers, writes to an upper layer."""
+
+    layers: list[str] = Field(min_length=1, description="lower layer directories, bottom first")
+    upper: str | None = Field(None, description="a directory for the upper layer (default: tmpfs)")
+    keep_upper: bool = Field(False, description="keep the upper directory when the container ends")
+    read_only: bool = Field(False, description="mount the root read-only (/tmp and volumes excepted)")
+    image: str | None = Field(None, description="the image NAME:TAG the layers come from")
+
+    @field_validator("layers")
+    @classmethod
+    def _layer_paths(cls, layers: list[str]) -> list[str]:
+        for layer in layers:
+            _absolute(layer)
+            if ":" in layer or "," in layer:  # overlayfs's option syntax
+                raise ValueError(f"{layer!r}: overlayfs cannot take a layer path with ':' or ','")
+        return layers
+
+    @field_validator("upper")
+    @classmethod
+    def _upper_path(cls, upper: str | None) -> str | None:
+        return None if upper is None else cls._layer_paths([upper])[0]
+
+    @model_validator(mode="after")
+    def _keep_needs_upper(self) -> RootFs:
+        if self.keep_upper and self.upper is None:
+            raise ValueError("keep_upper needs an upper directory (--upper DIR): a tmpfs cannot be kept")
+        return self
+
+
 class WorkloadSpec(_Model):
     """What to run, where, and within which limits."""
 
@@ -236,6 +297,16 @@ class WorkloadSpec(_Model):
     workdir: str | None = Field(None, description="working directory (default: the caller's)")
     labels: dict[str, str] = Field(default_factory=dict, description="metadata; never in the environment")
     init: bool = Field(False, description="run a minimal reaper as pid 1 that forwards signals")
+    rootfs: RootFs | None = Field(None, description="a root of its own; default: the host's")
+    volumes: list[Volume] = Field(default_factory=list, description="bind mounts into its root")
+
+    @model_validator(mode="after")
+    def _root_needs_mount_namespace(self) -> WorkloadSpec:
+        if self.rootfs is not None and "mnt" in self.namespaces.share:
+            raise ValueError("a root of its own needs its own mount namespace: drop --share mnt")
+        if self.volumes and self.rootfs is None:
+            raise ValueError("volumes need a root of its own (--rootfs, --layer or --image)")
+        return self
 
     @field_validator("command")
     @classmethod

@@ -40,9 +40,10 @@ def invalid_options(error: ValidationError, options: dict[tuple[str | int, ...],
         option = option_for(tuple(detail["loc"]), options)
         given = detail.get("input")
         reason = detail["msg"].removeprefix("Value error, ")
-        lines.append(
-            f"invalid value {given!r} for {option}: {reason}"
-            if isinstance(given, str | int)
-            else f"invalid {option}: {reason}"
-        )
+        if not option:  # a rule across options (the whole spec's)
+            lines.append(reason)
+        elif isinstance(given, str | int):
+            lines.append(f"invalid value {given!r} for {option}: {reason}")
+        else:
+            lines.append(f"invalid {option}: {reason}")
     return fail("\ncgctl: ".join(lines))

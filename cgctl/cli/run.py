@@ -26,6 +26,10 @@ OPTION_FOR_FIELD: dict[tuple[str | int, ...], str] = {
     ("env",): "--env",
     ("workdir",): "--workdir",
     ("labels",): "--label",
+    ("rootfs", "layers"): "--rootfs/--layer",
+    ("rootfs", "upper"): "--upper",
+    ("rootfs", "keep_upper"): "--keep-upper",
+    ("volumes",): "--volume",
 }
 
 
@@ -68,6 +72,18 @@ def run(
         list[str] | None, limits.repeated("K=V metadata for metrics and policies; never in the env")
     ] = None,
     init: Annotated[bool, typer.Option(help="a minimal reaper as pid 1 that forwards signals")] = False,
+    rootfs: Annotated[
+        Path | None, typer.Option(help="a root of its own: DIR as its read-only bottom layer")
+    ] = None,
+    layer: Annotated[list[Path] | None, limits.repeated("a read-only layer over --rootfs, in order")] = None,
+    upper: Annotated[
+        Path | None, typer.Option(help="keep writes in DIR/upper (default: a tmpfs, gone at the end)")
+    ] = None,
+    keep_upper: Annotated[bool, typer.Option(help="keep --upper's DIR when it ends")] = False,
+    read_only: Annotated[
+        bool, typer.Option(help="a read-only root (/tmp and volumes stay writable)")
+    ] = False,
+    volume: Annotated[list[str] | None, limits.repeated("HOST:PATH[:ro] bind-mounted into the root")] = None,
     report: Annotated[
         str | None, typer.Option(help="write a JSON report here when it ends (- = stderr)")
     ] = None,
@@ -113,6 +129,8 @@ def run(
         "workdir": workdir,
         "labels": limits.pairs("--label", label),
         "init": init,
+        "rootfs": _root(rootfs, layer or [], upper, keep_upper, read_only),
+        "volumes": volume or [],
     }
     try:
         spec = WorkloadSpec.model_validate(fields)
@@ -131,6 +149,23 @@ def run(
         write_report(report, result.model_dump_json(indent=2))
     explain_end(result)
     raise typer.Exit(result.exit_status)
+
+
+def _root(
+    rootfs: Path | None, layers: list[Path], upper: Path | None, keep_upper: bool, read_only: bool
+) -> dict[str, object] | None:
+    """The spec's rootfs from --rootfs/--layer/--upper/--keep-upper/--read-only (paths made absolute)."""
+    lowers = [str(path.absolute()) for path in ([rootfs] if rootfs else []) + layers]
+    if not lowers:
+        if upper or keep_upper or read_only:
+            raise fail("--upper, --keep-upper and --read-only need a root of its own: --rootfs or --layer")
+        return None
+    return {
+        "layers": lowers,
+        "upper": str(upper.absolute()) if upper else None,
+        "keep_upper": keep_upper,
+        "read_only": read_only,
+    }
 
 
 def explain_end(result: RunReport) -> None:

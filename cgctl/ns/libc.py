@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -22,6 +23,8 @@ MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
 
@@ -61,6 +64,17 @@ MNT_DETACH = 0x2
 
 def umount(target: str, flags: int = 0) -> None:
     _check(_libc.umount2(target.encode(), ctypes.c_int(flags)), f"umount2({target!r}, {flags})")
+
+
+# pivot_root(2) has no glibc wrapper: the raw system call, by architecture.
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    number = SYS_PIVOT_ROOT[platform.machine()]
+    _check(
+        _libc.syscall(number, new_root.encode(), put_old.encode()), f"pivot_root({new_root!r}, {put_old!r})"
+    )
 
 
 def prctl(option: int, value: int = 0) -> int:

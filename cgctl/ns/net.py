@@ -1,4 +1,4 @@
-"""The net namespace: loopback only, and up; a fresh /sys shows only the workload's interfaces."""
+"""The net namespace: loopback only, and up; a fresh read-only /sys shows only the workload's interfaces."""
 
 from __future__ import annotations
 
@@ -24,4 +24,5 @@ def in_child(context: Context) -> None:
 
 def in_init(context: Context) -> None:
     if "mnt" in context.private:
-        libc.mount("sysfs", "/sys", "sysfs", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC)
+        flags = libc.MS_RDONLY | libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
+        libc.mount("sysfs", "/sys", "sysfs", flags)

@@ -10,10 +10,13 @@ Any failure before the start removes what was made: never a half-applied run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +25,7 @@ from pathlib import Path
 
 from cgctl import ns, state
 from cgctl.cgroup import cpu, cpuset, fs, io, memory, pids
+from cgctl.ns import rootfs
 from cgctl.runtime import spawn
 from cgctl.runtime.report import RunReport, final_report
 from cgctl.spec import Limits, SpecError, WorkloadSpec
@@ -140,20 +144,69 @@ def run(spec: WorkloadSpec, cgroup_root: Path | None = None, state_dir: Path | N
             125,
         )
 
-    def start(name: str, group: fs.Cgroup) -> tuple[int, int | None]:
-        return spawn.start(
-            spawn.Launch(
-                argv=spec.command,
-                env={**os.environ, **spec.env},
-                workdir=spec.workdir,
-                cgroup_procs=str(group.file("cgroup.procs")),
-                namespaces=ns.Context(private=frozenset(private), hostname=spec.hostname or name),
-                user_namespace=spec.namespaces.user,
-                init=spec.init,
-            )
-        )
+    _check_root(spec)
+    with contextlib.ExitStack() as cleanup:
+        root = _root_plan(spec, cleanup) if spec.rootfs else None
 
-    return supervise(spec, start, cgroup_root, state_dir)
+        def start(name: str, group: fs.Cgroup) -> tuple[int, int | None]:
+            return spawn.start(
+                spawn.Launch(
+                    argv=spec.command,
+                    env={**os.environ, **spec.env},
+                    workdir=spec.workdir,
+                    cgroup_procs=str(group.file("cgroup.procs")),
+                    namespaces=ns.Context(private=frozenset(private), hostname=spec.hostname or name),
+                    user_namespace=spec.namespaces.user,
+                    init=spec.init,
+                    root=root,
+                )
+            )
+
+        return supervise(spec, start, cgroup_root, state_dir)
+
+
+def _check_root(spec: WorkloadSpec) -> None:
+    """The layers and volume sources must exist: checked before anything is made."""
+    for index, layer in enumerate(spec.rootfs.layers if spec.rootfs else []):
+        if not os.path.isdir(layer):
+            raise SpecError(("rootfs", "layers", index), layer, "not a directory")
+    for index, volume in enumerate(spec.volumes):
+        if not os.path.exists(volume.source):
+            raise SpecError(("volumes", index), volume.source, "no such file or directory on the host")
+
+
+def _root_plan(spec: WorkloadSpec, cleanup: contextlib.ExitStack) -> rootfs.Plan:
+    """Make what the root needs on the host (a staging directory; the --upper directory's upper/
+    and work/), registering their removal, unless --keep-upper, in cleanup."""
+    assert spec.rootfs is not None
+    staging = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="cgctl-root-"))
+    upper = spec.rootfs.upper
+    if upper is not None:
+        made = not os.path.exists(upper)
+        try:
+            for part in ("upper", "work"):
+                os.makedirs(f"{upper}/{part}", mode=0o755, exist_ok=True)
+        except OSError as error:
+            reason = f"cannot make its upper/ and work/: {error.strerror}"
+            raise SpecError(("rootfs", "upper"), upper, reason) from None
+        if not spec.rootfs.keep_upper:
+            cleanup.callback(_remove_upper, upper, made)
+    return rootfs.Plan(
+        lowers=tuple(spec.rootfs.layers),
+        upper=upper,
+        staging=staging,
+        read_only=spec.rootfs.read_only,
+        volumes=tuple(rootfs.Volume(v.source, v.target, v.read_only) for v in spec.volumes),
+        private=frozenset(spec.namespaces.private()),
+    )
+
+
+def _remove_upper(upper: str, made: bool) -> None:
+    for part in ("upper", "work"):
+        shutil.rmtree(f"{upper}/{part}", ignore_errors=True)
+    if made:
+        with contextlib.suppress(OSError):
+            os.rmdir(upper)
 
 
 def supervise(

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, NoReturn
 
 from cgctl import ns
-from cgctl.ns import libc, user
+from cgctl.ns import libc, rootfs, user
 
 # Serialises the moment the supervisor is a child subreaper, for callers that run workloads from threads.
 _SUBREAPER_LOCK = threading.Lock()
@@ -56,6 +56,7 @@ class Launch:
     namespaces: ns.Context
     user_namespace: bool
     init: bool  # a reaper as pid 1 that forwards signals to the command
+    root: rootfs.Plan | None = None  # a root of its own (overlay layers), else the host's
 
 
 def start(launch: Launch) -> tuple[int, int]:
@@ -172,6 +173,9 @@ def _workload_init(launch: Launch, report_w: int, alive_r: int) -> NoReturn:
         stage = "joining the cgroup"
         with open(launch.cgroup_procs, "w") as procs:
             procs.write("0")
+        if launch.root:
+            stage = "building the root filesystem"
+            rootfs.enter(launch.root)
         stage = "setting up namespaces"
         ns.init_steps(launch.namespaces)
         os.setsid()
