@@ -297,6 +297,10 @@ class WorkloadSpec(_Model):
     workdir: str | None = Field(None, description="working directory (default: the caller's)")
     labels: dict[str, str] = Field(default_factory=dict, description="metadata; never in the environment")
     init: bool = Field(False, description="run a minimal reaper as pid 1 that forwards signals")
+    user: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?$",
+        description="USER[:GROUP], names or ids, looked up in the root's /etc/passwd and /etc/group",
+    )  # fmt: skip
     rootfs: RootFs | None = Field(None, description="a root of its own; default: the host's")
     volumes: list[Volume] = Field(default_factory=list, description="bind mounts into its root")
 

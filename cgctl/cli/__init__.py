@@ -15,6 +15,7 @@ from cgctl.cli import check as check_verb
 from cgctl.cli import checkpoint as checkpoint_verbs
 from cgctl.cli import control as control_verbs
 from cgctl.cli import exporter as exporter_verb
+from cgctl.cli import image as image_verbs
 from cgctl.cli import run as run_verb
 from cgctl.cli import stats as stats_verb
 from cgctl.cli.errors import EXIT_CGCTL_ERROR
@@ -24,6 +25,7 @@ run_verb.register(app)
 stats_verb.register(app)
 control_verbs.register(app)
 checkpoint_verbs.register(app)
+image_verbs.register(app)
 exporter_verb.register(app)
 check_verb.register(app)
 

@@ -6,7 +6,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -26,6 +26,7 @@ OPTION_FOR_FIELD: dict[tuple[str | int, ...], str] = {
     ("env",): "--env",
     ("workdir",): "--workdir",
     ("labels",): "--label",
+    ("user",): "--user",
     ("rootfs", "layers"): "--rootfs/--layer",
     ("rootfs", "upper"): "--upper",
     ("rootfs", "keep_upper"): "--keep-upper",
@@ -72,6 +73,12 @@ def run(
         list[str] | None, limits.repeated("K=V metadata for metrics and policies; never in the env")
     ] = None,
     init: Annotated[bool, typer.Option(help="a minimal reaper as pid 1 that forwards signals")] = False,
+    user: Annotated[
+        str | None, typer.Option(help="USER[:GROUP] to run as (names from the root's /etc)")
+    ] = None,
+    image: Annotated[
+        str | None, typer.Option(help="an imported image NAME[:TAG]: its layers and its config as defaults")
+    ] = None,
     rootfs: Annotated[
         Path | None, typer.Option(help="a root of its own: DIR as its read-only bottom layer")
     ] = None,
@@ -102,8 +109,12 @@ def run(
     from cgctl.cgroup.fs import CgroupError
     from cgctl.spec import SpecError, WorkloadSpec
 
+    root = _root(image, rootfs, layer or [], upper, keep_upper, read_only)
+    defaults = _image_defaults(image, rootfs, root) if image and root else {}
+    command = [*defaults.get("Entrypoint", []), *(command or defaults.get("Cmd", []))]
     if not command:
         raise fail("no command given: cgctl run [OPTIONS] -- CMD [ARGS...]")
+    image_env = dict(entry.partition("=")[::2] for entry in defaults.get("Env", []))
     fields = {
         "name": name,
         "command": command,
@@ -125,11 +136,12 @@ def run(
         ),
         "namespaces": {"share": share or [], "user": userns},
         "hostname": hostname,
-        "env": {**_env_files(env_file or []), **_env(env or [])},
-        "workdir": workdir,
+        "env": {**image_env, **_env_files(env_file or []), **_env(env or [])},
+        "workdir": workdir or defaults.get("WorkingDir"),
         "labels": limits.pairs("--label", label),
         "init": init,
-        "rootfs": _root(rootfs, layer or [], upper, keep_upper, read_only),
+        "user": user or defaults.get("User"),
+        "rootfs": root,
         "volumes": volume or [],
     }
     try:
@@ -151,14 +163,38 @@ def run(
     raise typer.Exit(result.exit_status)
 
 
+def _image_defaults(image: str, rootfs: Path | None, root: dict[str, Any]) -> dict[str, Any]:
+    """Put the image's layers under root's (--layer adds layers over an image; --upper and
+    --read-only apply), and return its config: Env, Cmd, Entrypoint, WorkingDir, User."""
+    from cgctl.images import Store, default_root
+
+    if rootfs:
+        raise fail("--image and --rootfs both name the bottom layer: add layers over an image with --layer")
+    store = Store(default_root())
+    try:
+        record = store.load(image)
+    except (LookupError, ValueError) as error:
+        raise fail(f"invalid value {image!r} for --image: {error}") from None
+    root["layers"] = [str(store.layer(diff_id)) for diff_id in record["layers"]] + root["layers"]
+    root["image"] = f"{record['name']}:{record['tag']}"
+    return dict(record["config"])
+
+
 def _root(
-    rootfs: Path | None, layers: list[Path], upper: Path | None, keep_upper: bool, read_only: bool
-) -> dict[str, object] | None:
+    image: str | None,
+    rootfs: Path | None,
+    layers: list[Path],
+    upper: Path | None,
+    keep_upper: bool,
+    read_only: bool,
+) -> dict[str, Any] | None:
     """The spec's rootfs from --rootfs/--layer/--upper/--keep-upper/--read-only (paths made absolute)."""
     lowers = [str(path.absolute()) for path in ([rootfs] if rootfs else []) + layers]
-    if not lowers:
+    if not lowers and not image:
         if upper or keep_upper or read_only:
-            raise fail("--upper, --keep-upper and --read-only need a root of its own: --rootfs or --layer")
+            raise fail(
+                "--upper, --keep-upper and --read-only need a root of its own: --rootfs, --layer or --image"
+            )
         return None
     return {
         "layers": lowers,

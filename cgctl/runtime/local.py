@@ -152,13 +152,15 @@ def run(spec: WorkloadSpec, cgroup_root: Path | None = None, state_dir: Path | N
             return spawn.start(
                 spawn.Launch(
                     argv=spec.command,
-                    env={**os.environ, **spec.env},
+                    # An image brings its own environment; otherwise the caller's is passed on.
+                    env=spec.env if spec.rootfs and spec.rootfs.image else {**os.environ, **spec.env},
                     workdir=spec.workdir,
                     cgroup_procs=str(group.file("cgroup.procs")),
                     namespaces=ns.Context(private=frozenset(private), hostname=spec.hostname or name),
                     user_namespace=spec.namespaces.user,
                     init=spec.init,
                     root=root,
+                    user=spec.user,
                 )
             )
 

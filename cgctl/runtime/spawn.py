@@ -57,6 +57,7 @@ class Launch:
     user_namespace: bool
     init: bool  # a reaper as pid 1 that forwards signals to the command
     root: rootfs.Plan | None = None  # a root of its own (overlay layers), else the host's
+    user: str | None = None  # USER[:GROUP] to become just before exec
 
 
 def start(launch: Launch) -> tuple[int, int]:
@@ -182,6 +183,9 @@ def _workload_init(launch: Launch, report_w: int, alive_r: int) -> NoReturn:
         if launch.workdir:
             stage = f"changing to the working directory {launch.workdir}"
             os.chdir(launch.workdir)
+        if launch.user:
+            stage = f"becoming the user {launch.user}"
+            _become(launch.user)
         _close_inherited_fds(keep={report_w, alive_r})
         if launch.init:
             _reaper(launch, report_w)
@@ -189,6 +193,35 @@ def _workload_init(launch: Launch, report_w: int, alive_r: int) -> NoReturn:
     except BaseException as error:  # every failure must reach the supervisor
         _report(report_w, stage=stage, error=str(error), errno=getattr(error, "errno", None) or 0)
         os._exit(125)
+
+
+def _become(user: str) -> None:
+    """Switch to USER[:GROUP] (names from the root's /etc/passwd and /etc/group, or numbers; with no
+    GROUP, the user's own group, or 0 for an id /etc/passwd does not know, as docker does)."""
+    name, _, group = user.partition(":")
+    passwd = _entries("/etc/passwd")
+    entry = next((e for e in passwd if name in (e[0], e[2])), None)
+    if entry is None and not name.isdigit():
+        raise OSError(errno.ENOENT, f"no user {name!r} in the root's /etc/passwd")
+    uid = int(entry[2]) if entry else int(name)
+    gid = int(entry[3]) if entry else 0
+    if group:
+        found = next((e for e in _entries("/etc/group") if group in (e[0], e[2])), None)
+        if found is None and not group.isdigit():
+            raise OSError(errno.ENOENT, f"no group {group!r} in the root's /etc/group")
+        gid = int(found[2]) if found else int(group)
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+
+
+def _entries(path: str) -> list[list[str]]:
+    """The colon-separated entries of /etc/passwd or /etc/group (none if the file is missing)."""
+    try:
+        with open(path) as file:
+            return [line.split(":") for line in file.read().splitlines() if line.count(":") >= 3]
+    except FileNotFoundError:
+        return []
 
 
 def _close_inherited_fds(keep: set[int]) -> None:

@@ -1,0 +1,134 @@
+"""`cgctl image import|ls|rm|inspect`: the local image store."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from cgctl.cli.errors import fail
+
+if TYPE_CHECKING:  # the verbs import what they use: `cgctl --help` stays light
+    from cgctl.images import Store
+    from cgctl.images.importer import Progress
+
+StoreDir = Annotated[
+    Path | None, typer.Option("--store", envvar="CGCTL_IMAGE_STORE", help="the image store directory")
+]
+Reference = Annotated[str, typer.Argument(help="NAME[:TAG] (default tag: latest)")]
+StateDir = Annotated[Path | None, typer.Option(envvar="CGCTL_STATE_DIR", help="the run records")]
+
+app = typer.Typer(help="Import, list, inspect and remove images (OCI layouts, docker save archives).")
+
+
+def register(parent: typer.Typer) -> None:
+    parent.add_typer(app, name="image")
+
+
+def _store(root: Path | None) -> Store:
+    from cgctl.images import Store, default_root
+
+    return Store(root or default_root())
+
+
+@app.command("import")
+def import_(
+    archive: Annotated[
+        Path, typer.Argument(help="an OCI image layout (directory or tar) or a docker save tar")
+    ],
+    reference: Reference,
+    store: StoreDir = None,
+) -> None:
+    """Verify and unpack an image's layers into the store (each layer once), and record it as NAME[:TAG]."""
+    from cgctl.images import ImageError, LayerError, import_image
+    from cgctl.spec import format_size
+
+    started = time.monotonic()
+    try:
+        record = import_image(archive, reference, _store(store), _progress_bar())
+    except ValueError as error:
+        raise fail(f"invalid value for NAME[:TAG]: {error}") from None
+    except (ImageError, LayerError, OSError) as error:
+        _end_bar()
+        raise fail(f"{archive}: not imported: {error}") from None
+    _end_bar()
+    seconds = time.monotonic() - started
+    print(
+        f"{record['name']}:{record['tag']}: imported {len(record['layers'])} layer(s), "
+        f"{format_size(record['size'])}, in {seconds:.1f} s ({record['id'][:19]})"
+    )
+
+
+@app.command("ls")
+def list_(
+    store: StoreDir = None,
+    json_output: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """List the images in the store."""
+    from cgctl.spec import format_size
+
+    images = list(_store(store).images())
+    if json_output:
+        print(json.dumps(images))
+        return
+    rows = [("IMAGE", "ID", "LAYERS", "SIZE")]
+    rows += [
+        (f"{i['name']}:{i['tag']}", i["id"].removeprefix("sha256:")[:12], str(len(i["layers"])),
+         format_size(i["size"]))
+        for i in images
+    ]  # fmt: skip
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+@app.command()
+def inspect(reference: Reference, store: StoreDir = None) -> None:
+    """Print an image's record: its layers and its config (Env, Cmd, Entrypoint, WorkingDir, User)."""
+    try:
+        print(json.dumps(_store(store).load(reference), indent=2))
+    except (LookupError, ValueError) as error:
+        raise fail(str(error)) from None
+
+
+@app.command()
+def rm(reference: Reference, store: StoreDir = None, state_dir: StateDir = None) -> None:
+    """Remove an image, and the layers no other image uses; refused while a container runs it."""
+    from cgctl import state
+    from cgctl.images import parse_reference
+
+    try:
+        name, tag = parse_reference(reference)
+        wanted = f"{name}:{tag}"
+        for path, _ in state.live_records(state_dir or state.default_state_dir()):
+            with_image = ((state.read(path).get("spec") or {}).get("rootfs") or {}).get("image")
+            if with_image == wanted:
+                raise fail(f"{wanted} is in use by the running container {path.stem}: stop it first")
+        removed = _store(store).remove(reference)
+    except (LookupError, ValueError) as error:
+        raise fail(str(error)) from None
+    print(f"{wanted}: removed, with {len(removed)} layer(s) no other image uses")
+
+
+def _progress_bar() -> Progress | None:
+    """A bar redrawn on stderr if it is a terminal; nothing otherwise."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        from cgctl.spec import format_size
+
+        share = done / total if total else 1.0
+        bar = "#" * int(share * 30)
+        print(f"\r[{bar:<30}] {share:4.0%} {format_size(done)}\033[K", end="", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _end_bar() -> None:
+    if sys.stderr.isatty():
+        print("\r\033[K", end="", file=sys.stderr, flush=True)
