@@ -1,0 +1,218 @@
+"""Images and roots of their own, for real: import, overlay layers, whiteouts, volumes, read-only roots."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import oci
+from tests.integration.workloads import CGCTL_ROOT, PYTHON, cgctl_in_process, wait_for, workload_pids
+from tests.unit.test_images import REASONS, malicious
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+SCRIPT = (
+    "cat /etc/greeting; ls /etc; ls /opaque; echo GREETING=$GREETING; pwd; id -u; "
+    "env | grep -c CALLER_SECRET; echo ok > /tmp/write-test && cat /tmp/write-test"
+)
+
+
+def tmpfs(path: Path) -> Path:
+    """Overlayfs needs its upper layer (and cgctl's whiteouts) on a real filesystem, not the VM's overlay."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(path)], check=True)
+    return path
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    root = tmpfs(tmp_path / "store")
+    monkeypatch.setenv("CGCTL_IMAGE_STORE", str(root))
+    yield root
+    subprocess.run(["umount", "--lazy", str(root)], check=True)
+
+
+@pytest.fixture
+def demo(tmp_path: Path, store: Path, capfd: pytest.CaptureFixture[str]) -> str:
+    """demo:1, two layers: busybox with /etc/gone and /opaque/a, then a layer deleting both."""
+    bottom = oci.busybox_layer(
+        oci.file("etc/greeting", b"hello from the image\n"),
+        oci.file("etc/gone", b"deleted above\n"),
+        oci.directory("opaque"),
+        oci.file("opaque/a", b"a"),
+        oci.directory("srv"),
+        oci.directory("tmp", 0o1777),
+    )
+    top = [
+        oci.directory("etc"),
+        oci.file("etc/.wh.gone"),
+        oci.file("etc/added", b"added\n"),
+        oci.directory("opaque"),
+        oci.file("opaque/.wh..wh..opq"),
+        oci.file("opaque/b", b"b"),
+    ]
+    oci.write_oci_layout(
+        tmp_path / "demo",
+        [bottom, top],
+        Cmd=["/bin/sh", "-c", SCRIPT],
+        Env=["PATH=/bin", "GREETING=from-image"],
+        WorkingDir="/srv",
+        User="nobody",
+    )
+    status, out, err = cgctl_in_process(capfd, "image", "import", str(tmp_path / "demo"), "demo:1")
+    assert status == 0, err
+    assert out.startswith("demo:1: imported 2 layer(s)")
+    return "demo:1"
+
+
+def layer_dirs(store: Path) -> list[Path]:
+    return sorted((store / "layers" / "sha256").iterdir())
+
+
+def test_an_image_runs_with_its_layers_config_and_whiteouts(
+    capfd: pytest.CaptureFixture[str], demo: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CALLER_SECRET", "never inside")
+    status, out, err = cgctl_in_process(capfd, "run", "--image", demo)
+    assert status == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "hello from the image"
+    config_at = lines.index("GREETING=from-image")
+    etc, opaque = lines[1 : config_at - 1], lines[config_at - 1 : config_at]
+    assert "added" in etc and "greeting" in etc and "gone" not in etc, out  # the whiteout hides it
+    assert opaque == ["b"] and "a" not in lines, out  # the opaque directory hides the lower /opaque/a
+    # Env, WorkingDir and User from the config; the caller's environment stays outside.
+    assert lines[config_at:] == ["GREETING=from-image", "/srv", "65534", "0", "ok"], out
+
+    # CMD replaces the image's Cmd; --env, --workdir and --user override its config.
+    status, out, err = cgctl_in_process(
+        capfd, "run", "--image", demo, "--env", "GREETING=mine", "--workdir", "/", "--user", "0:0",
+        "--", "sh", "-c", "echo $GREETING; pwd; id -u",
+    )  # fmt: skip
+    assert (status, out) == (0, "mine\n/\n0\n"), err
+
+
+def test_writes_go_to_the_upper_layer_never_to_the_store(
+    capfd: pytest.CaptureFixture[str], demo: str, store: Path, tmp_path: Path
+) -> None:
+    before = {path: sorted(p.name for p in path.rglob("*")) for path in layer_dirs(store)}
+    write = "echo changed > /etc/greeting; echo new > /etc/newfile; rm /etc/added; cat /etc/greeting"
+    status, out, err = cgctl_in_process(
+        capfd, "run", "--image", demo, "--user", "root", "--", "sh", "-c", write
+    )
+    assert (status, out) == (0, "changed\n"), err
+    assert {path: sorted(p.name for p in path.rglob("*")) for path in layer_dirs(store)} == before
+    assert "hello from the image" in next(p.read_text() for p in store.rglob("greeting"))
+
+    upper = tmpfs(tmp_path / "uppers") / "job"
+    args = ["run", "--image", demo, "--user", "root", "--upper", str(upper)]
+    status, _, err = cgctl_in_process(capfd, *args, "--keep-upper", "--", "sh", "-c", write)
+    assert status == 0, err
+    assert (upper / "upper" / "etc" / "newfile").read_text() == "new\n"
+    assert (upper / "upper" / "etc" / "added").is_char_device()  # the deletion, as overlayfs records it
+    # A kept upper carries on where it was; without --keep-upper its layer is removed at the end
+    # (and DIR too, had cgctl made it).
+    status, out, err = cgctl_in_process(capfd, *args, "--", "cat", "/etc/newfile")
+    assert (status, out) == (0, "new\n"), err
+    assert not (upper / "upper").exists() and not (upper / "work").exists()
+    subprocess.run(["umount", "--lazy", str(tmp_path / "uppers")], check=True)
+
+
+def test_read_only_root_volumes_and_rootfs_layers(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    base, extra = tmp_path / "base", tmp_path / "extra"
+    layers = {
+        base: oci.busybox_layer(oci.file("etc/which", b"base\n")),
+        extra: [oci.directory("etc"), oci.file("etc/which", b"extra\n")],
+    }
+    for directory, members in layers.items():
+        directory.mkdir()
+        subprocess.run(["tar", "-x", "-C", str(directory)], input=oci.tar_bytes(members), check=True)
+    shared, readonly = tmp_path / "shared", tmp_path / "readonly"
+    shared.mkdir()
+    readonly.mkdir()
+    (readonly / "data").write_text("read me\n")
+    script = (
+        "cat /etc/which; touch /rootfile 2>/dev/null || echo root-ro; touch /tmp/t && echo tmp-rw; "
+        "echo from-inside > /shared/out; cat /ro/data; touch /ro/x 2>/dev/null || echo vol-ro"
+    )
+    status, out, err = cgctl_in_process(
+        capfd, "run", "--rootfs", str(base), "--layer", str(extra), "--read-only",
+        "--volume", f"{shared}:/shared", "--volume", f"{readonly}:/ro:ro", "--", "/bin/sh", "-c", script,
+    )  # fmt: skip
+    assert status == 0, err
+    assert out.splitlines() == ["extra", "root-ro", "tmp-rw", "read me", "vol-ro"]
+    assert (shared / "out").read_text() == "from-inside\n"
+    assert not (readonly / "x").exists() and not (base / "rootfile").exists()
+    assert (base / "etc" / "which").read_text() == "base\n"
+
+    for args, message in [
+        (["--volume", "relative:/x", "--rootfs", str(base)], "is not an absolute path"),
+        (["--volume", f"{tmp_path}/nope:/x", "--rootfs", str(base)], "no such file or directory on the host"),
+        (["--rootfs", str(tmp_path / "nope")], "not a directory"),
+        (["--volume", f"{shared}:/x"], "volumes need a root of its own"),
+        (["--rootfs", str(base), "--share", "mnt"], "needs its own mount namespace"),
+        (["--image", "nosuch:1"], "no image nosuch:1"),
+    ]:
+        status, _, err = cgctl_in_process(capfd, "run", *args, "--", "/bin/true")
+        assert status == 125 and message in err, (args, err)
+
+
+def root_lowerdir(name: str) -> str:
+    """The lowerdir of the root mount the container's first process sees ('' if none yet)."""
+    pids = workload_pids(name)
+    if not pids:
+        return ""
+    for line in Path(f"/proc/{pids[0]}/mountinfo").read_text().splitlines():
+        if line.split()[4] == "/" and "lowerdir=" in line:
+            return line.split("lowerdir=")[1].split(",")[0]
+    return ""
+
+
+def test_two_containers_share_the_layers_and_the_image_stays_while_used(
+    capfd: pytest.CaptureFixture[str], demo: str, store: Path
+) -> None:
+    runs = [
+        subprocess.Popen(
+            [PYTHON, "-m", "cgctl", "run", "--name", f"sharer{n}", "--image", demo, "--", "sleep", "1000"]
+        )
+        for n in (1, 2)
+    ]
+    try:
+        for n in (1, 2):  # the init joins its cgroup before it builds its root
+            wait_for(lambda n=n: str(store) in root_lowerdir(f"sharer{n}"), f"sharer{n} to pivot")
+        lowers = [root_lowerdir(f"sharer{n}") for n in (1, 2)]
+        record = json.loads((store / "images" / "demo" / "1.json").read_text())
+        top_first = [str(store / "layers" / d.replace(":", "/")) for d in reversed(record["layers"])]
+        assert lowers[0] == lowers[1] == ":".join(top_first)
+        status, _, err = cgctl_in_process(capfd, "image", "rm", demo)
+        assert status == 125 and "in use by the running container sharer" in err, err
+        assert layer_dirs(store)
+    finally:
+        for n in (1, 2):
+            if (CGCTL_ROOT / f"sharer{n}").exists():
+                (CGCTL_ROOT / f"sharer{n}" / "cgroup.kill").write_text("1")
+        for run in runs:
+            run.wait(timeout=60)
+    status, out, err = cgctl_in_process(capfd, "image", "rm", demo)
+    assert (status, out) == (0, "demo:1: removed, with 2 layer(s) no other image uses\n"), err
+    assert not layer_dirs(store)
+    status, out, _ = cgctl_in_process(capfd, "image", "ls")
+    assert out.splitlines() == ["IMAGE  ID  LAYERS  SIZE"]
+
+
+@pytest.mark.parametrize("case", sorted(REASONS))
+def test_malicious_archives_are_refused_by_the_cli(
+    capfd: pytest.CaptureFixture[str], store: Path, tmp_path: Path, case: str
+) -> None:
+    oci.write_oci_layout(tmp_path / "evil", [malicious(case)])
+    outside = {p.name for p in tmp_path.iterdir()}
+    status, _, err = cgctl_in_process(capfd, "image", "import", str(tmp_path / "evil"), "evil")
+    assert status == 125 and REASONS[case] in err and "not imported" in err, err
+    assert {p.name for p in tmp_path.iterdir()} == outside
+    assert not any(store.rglob("*.json")) and not any((store / "layers" / "sha256").iterdir())
+    assert not os.path.exists("/tmp/evil") and not os.path.exists("/evil")
