@@ -35,7 +35,7 @@ def unpack(stream: BinaryIO, destination: Path, as_root: bool) -> int:
     directories: list[tuple[Path, tarfile.TarInfo]] = []
     written = 0
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as archive:
+        with tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20) as archive:
             for member in archive:
                 name = _clean(member.name)
                 if name is None:
