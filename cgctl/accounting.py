@@ -136,6 +136,7 @@ def running_containers(
             cgroup=Path(record["cgroup"]),
             started_at=record.get("started_at", 0.0),
             labels=record.get("spec", {}).get("labels", {}),
+            image=((record.get("spec", {}).get("rootfs") or {}).get("image")) or "",
         )
         known[path] = (key, container)
         containers.append(container)

@@ -79,15 +79,17 @@ def _clean(name: str) -> str | None:
     return "/".join(parts) or None
 
 
-def _check_parents(destination: Path, parent: str, member: str) -> None:
-    """Every directory on the way must be a real directory of the layer (made if missing), never a
-    symlink, so nothing is ever written through one."""
+def _check_parents(destination: Path, parent: str, member: str, make: bool = True) -> None:
+    """Every directory on the way must be a real directory of the layer (made if missing and
+    `make`), never a symlink, so nothing is ever written through one."""
     here = destination
     for part in parent.split("/") if parent else []:
         here = here / part
         try:
             mode = os.lstat(here).st_mode
         except FileNotFoundError:
+            if not make:
+                return  # what is looked up below it does not exist either
             os.mkdir(here, 0o755)
             continue
         if stat.S_ISLNK(mode):
@@ -148,7 +150,7 @@ def _create(
         source = _clean(member.linkname)
         if source is None:
             raise LayerError(f"{member.name!r}: a hard link to the layer's root")
-        _check_parents(destination, posixpath.dirname(source), member.name)
+        _check_parents(destination, posixpath.dirname(source), member.name, make=False)
         if not os.path.lexists(destination / source) or (destination / source).is_dir():
             raise LayerError(f"{member.name!r}: a hard link to {member.linkname!r}, not a file of the layer")
         os.link(destination / source, target, follow_symlinks=False)

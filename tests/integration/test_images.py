@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from cgctl.accounting import find_container
 from tests import oci
 from tests.integration.workloads import CGCTL_ROOT, PYTHON, cgctl_in_process, wait_for, workload_pids
 from tests.unit.test_images import REASONS, malicious
@@ -189,6 +190,7 @@ def test_two_containers_share_the_layers_and_the_image_stays_while_used(
         record = json.loads((store / "images" / "demo" / "1.json").read_text())
         top_first = [str(store / "layers" / d.replace(":", "/")) for d in reversed(record["layers"])]
         assert lowers[0] == lowers[1] == ":".join(top_first)
+        assert find_container("sharer1").image == demo  # the exporter's `image` label
         status, _, err = cgctl_in_process(capfd, "image", "rm", demo)
         assert status == 125 and "in use by the running container sharer" in err, err
         assert layer_dirs(store)
