@@ -68,6 +68,8 @@ def checkpoint(
     except (LookupError, CheckpointError) as error:
         raise fail(str(error)) from None
     _end_progress()
+    for note in result.notes:
+        print(f"cgctl: note: {note}", file=sys.stderr)
     if json_output:
         print(json.dumps({**vars(result), "directory": str(result.directory)}))
         return

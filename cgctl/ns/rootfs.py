@@ -47,6 +47,26 @@ class Plan:
 
 def enter(plan: Plan) -> None:
     """Mount the root described by plan and make it the process's root."""
+    root = mount_layers(plan)
+    _dev(f"{root}/dev")
+    libc.mount("tmpfs", f"{root}/tmp", "tmpfs", NOSUID_NODEV, "mode=1777")
+    if "pid" not in plan.private:
+        _bind("/proc", f"{root}/proc", read_only=False)
+    if "net" not in plan.private:
+        _bind("/sys", f"{root}/sys", read_only=True)
+    for volume in plan.volumes:
+        _bind(volume.source, f"{root}/{volume.target.lstrip('/')}", volume.read_only)
+    if plan.read_only:
+        libc.mount("none", root, None, libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY)
+    os.chdir(root)
+    libc.pivot_root(".", ".")  # the old root ends up stacked under the new one...
+    libc.umount(".", libc.MNT_DETACH)  # ...and is detached from it
+    os.chdir("/")
+
+
+def mount_layers(plan: Plan) -> str:
+    """The overlay with its mount points, at <staging>/merged (returned): what `cgctl restore` gives
+    CRIU as the root to restore the container's other mounts onto."""
     libc.mount("tmpfs", plan.staging, "tmpfs", NOSUID_NODEV, "mode=0755")
     if plan.upper is None:
         upper, work = f"{plan.staging}/upper", f"{plan.staging}/work"
@@ -58,14 +78,8 @@ def enter(plan: Plan) -> None:
     os.mkdir(root, 0o755)
     lowers = ":".join(reversed(plan.lowers))  # overlayfs lists the top layer first
     libc.mount("overlay", root, "overlay", 0, f"lowerdir={lowers},upperdir={upper},workdir={work}")
-    for directory in ("proc", "sys", "dev", "tmp"):
+    for directory in ("proc", "sys", "dev", "tmp"):  # mount points, made in the upper layer if missing
         os.makedirs(f"{root}/{directory}", exist_ok=True)
-    _dev(f"{root}/dev")
-    libc.mount("tmpfs", f"{root}/tmp", "tmpfs", NOSUID_NODEV, "mode=1777")
-    if "pid" not in plan.private:
-        _bind("/proc", f"{root}/proc", read_only=False)
-    if "net" not in plan.private:
-        _bind("/sys", f"{root}/sys", read_only=True)
     for volume in plan.volumes:
         target = f"{root}/{volume.target.lstrip('/')}"
         if os.path.isdir(volume.source):
@@ -73,13 +87,7 @@ def enter(plan: Plan) -> None:
         elif not os.path.exists(target):
             os.makedirs(os.path.dirname(target), exist_ok=True)
             open(target, "x").close()
-        _bind(volume.source, target, volume.read_only)
-    if plan.read_only:
-        libc.mount("none", root, None, libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY)
-    os.chdir(root)
-    libc.pivot_root(".", ".")  # the old root ends up stacked under the new one...
-    libc.umount(".", libc.MNT_DETACH)  # ...and is detached from it
-    os.chdir("/")
+    return root
 
 
 def _dev(dev: str) -> None:

@@ -43,7 +43,8 @@ from pydantic import ValidationError
 from cgctl import state
 from cgctl.accounting import find_container
 from cgctl.cgroup import freezer, fs
-from cgctl.runtime.local import supervise
+from cgctl.ns import libc, rootfs
+from cgctl.runtime.local import check_root, root_plan, supervise
 from cgctl.runtime.report import RunReport
 from cgctl.spec import SpecError, WorkloadSpec
 
@@ -72,6 +73,7 @@ class Checkpoint:
     seconds: float
     image_bytes: int
     left_running: bool
+    notes: tuple[str, ...] = ()  # what the images do not hold
 
 
 def checkpoint(
@@ -149,7 +151,21 @@ def checkpoint(
         )
         if leave_running:
             state.update(record_path, checkpoint=None)
-    return Checkpoint(name, directory, time.monotonic() - started, _image_bytes(directory), leave_running)
+    seconds = time.monotonic() - started
+    return Checkpoint(
+        name, directory, seconds, _image_bytes(directory), leave_running, _notes(record["spec"])
+    )
+
+
+def _notes(spec: dict[str, Any]) -> tuple[str, ...]:
+    """A root's upper layer is not in CRIU's images: say when writes to it will not come back."""
+    root = spec.get("rootfs") or {}
+    if root and not (root.get("upper") and root.get("keep_upper")):
+        return (
+            "files written to its root (outside /tmp, /dev/shm and volumes) are not in the checkpoint: "
+            "the upper layer is not dumped; run with --upper DIR --keep-upper to keep them for a restore",
+        )
+    return ()
 
 
 def restore(
@@ -179,45 +195,50 @@ def restore(
             raise SpecError(("name",), name, "not a valid name (letters, digits, _ . -)") from None
         raise SpecError(("dir",), str(directory), f"its manifest's spec is not valid: {error}") from None
 
-    def start(name: str, group: fs.Cgroup) -> tuple[int, int | None]:
-        started = time.monotonic()
-        with ExitStack() as stack:
-            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cgctl-restore-")))
-            pidfile = scratch / "pid"
-            inherited = _inherit_stdio(manifest["stdio"], stack)
-            args = [
-                criu,
-                "restore",
-                "--images-dir", str(directory),
-                "--log-file", "restore.log",
-                "--restore-detached",
-                "--restore-sibling",
-                "--manage-cgroups=ignore",
-                "--root", "/",
-                "--pidfile", str(pidfile),
-                *EXTERNAL_MOUNTS,
-                *(["--tcp-established"] if manifest.get("tcp_established") else []),
-                *(arg for fd, key in inherited.items() for arg in ("--inherit-fd", f"fd[{fd}]:{key}")),
-            ]  # fmt: skip
-            env = {**_hook_env(hook, name, directory), "CGCTL_DUMPED_INIT_PID": str(manifest["init_pid"])}
-            try:
-                _run_criu(
-                    args,
-                    directory / "restore.log",
-                    env,
-                    lambda: (_memory(group) or 0, _image_bytes(directory)),
-                    progress,
-                    cgroup=group,
-                    pass_fds=tuple(inherited),
-                )
-                pid = int(pidfile.read_text())
-            except CheckpointError as error:
-                raise CheckpointError(f"{error}{_run_failure_hook(hook, name, directory)}") from None
-        if on_restored:
-            on_restored(name, time.monotonic() - started)
-        return pid, None
+    check_root(spec)
+    with ExitStack() as cleanup:
+        root = root_plan(spec, cleanup) if spec.rootfs else None
 
-    return supervise(spec, start, cgroup_root, state_dir, record={"restored_from": str(directory)})
+        def start(name: str, group: fs.Cgroup) -> tuple[int, int | None]:
+            started = time.monotonic()
+            with ExitStack() as stack:
+                scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cgctl-restore-")))
+                pidfile = scratch / "pid"
+                inherited = _inherit_stdio(manifest["stdio"], stack)
+                args = [
+                    criu,
+                    "restore",
+                    "--images-dir", str(directory),
+                    "--log-file", "restore.log",
+                    "--restore-detached",
+                    "--restore-sibling",
+                    "--manage-cgroups=ignore",
+                    "--root", f"{root.staging}/merged" if root else "/",
+                    "--pidfile", str(pidfile),
+                    *EXTERNAL_MOUNTS,
+                    *(["--tcp-established"] if manifest.get("tcp_established") else []),
+                    *(arg for fd, key in inherited.items() for arg in ("--inherit-fd", f"fd[{fd}]:{key}")),
+                ]  # fmt: skip
+                env = {**_hook_env(hook, name, directory), "CGCTL_DUMPED_INIT_PID": str(manifest["init_pid"])}
+                try:
+                    _run_criu(
+                        args,
+                        directory / "restore.log",
+                        env,
+                        lambda: (_memory(group) or 0, _image_bytes(directory)),
+                        progress,
+                        cgroup=group,
+                        pass_fds=tuple(inherited),
+                        root=root,
+                    )
+                    pid = int(pidfile.read_text())
+                except CheckpointError as error:
+                    raise CheckpointError(f"{error}{_run_failure_hook(hook, name, directory)}") from None
+            if on_restored:
+                on_restored(name, time.monotonic() - started)
+            return pid, None
+
+        return supervise(spec, start, cgroup_root, state_dir, record={"restored_from": str(directory)})
 
 
 def _criu() -> str:
@@ -331,14 +352,20 @@ def _run_criu(
     progress: Progress | None,
     cgroup: fs.Cgroup | None = None,
     pass_fds: tuple[int, ...] = (),
+    root: rootfs.Plan | None = None,
 ) -> None:
-    """Run CRIU with our action script (CRIU in `cgroup` if given); CheckpointError names its log."""
+    """Run CRIU with our action script; CheckpointError names its log. With `cgroup`, CRIU runs in
+    it; with `root`, in a mount namespace of its own where the root's layers are mounted."""
     procs = str(cgroup.file("cgroup.procs")) if cgroup else None
 
-    def join_cgroup() -> None:
+    def prepare() -> None:
         if procs:
             with open(procs, "w") as file:
                 file.write("0")
+        if root:
+            libc.unshare(libc.CLONE_NEWNS)
+            libc.mount("none", "/", None, libc.MS_REC | libc.MS_PRIVATE)
+            rootfs.mount_layers(root)
 
     command = [*args, "--action-script", str(ACTION_SCRIPT)]
     with open(log.with_suffix(".out"), "wb") as output, _reporting(measure, progress):
@@ -350,7 +377,7 @@ def _run_criu(
                 stdout=output,
                 stderr=output,
                 pass_fds=pass_fds,
-                preexec_fn=join_cgroup if procs else None,
+                preexec_fn=prepare if procs or root else None,
             ).returncode
         except OSError as error:
             raise CheckpointError(f"cannot run {args[0]}: {error}") from None

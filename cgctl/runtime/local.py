@@ -144,9 +144,9 @@ def run(spec: WorkloadSpec, cgroup_root: Path | None = None, state_dir: Path | N
             125,
         )
 
-    _check_root(spec)
+    check_root(spec)
     with contextlib.ExitStack() as cleanup:
-        root = _root_plan(spec, cleanup) if spec.rootfs else None
+        root = root_plan(spec, cleanup) if spec.rootfs else None
 
         def start(name: str, group: fs.Cgroup) -> tuple[int, int | None]:
             return spawn.start(
@@ -167,7 +167,7 @@ def run(spec: WorkloadSpec, cgroup_root: Path | None = None, state_dir: Path | N
         return supervise(spec, start, cgroup_root, state_dir)
 
 
-def _check_root(spec: WorkloadSpec) -> None:
+def check_root(spec: WorkloadSpec) -> None:
     """The layers and volume sources must exist: checked before anything is made."""
     for index, layer in enumerate(spec.rootfs.layers if spec.rootfs else []):
         if not os.path.isdir(layer):
@@ -177,7 +177,7 @@ def _check_root(spec: WorkloadSpec) -> None:
             raise SpecError(("volumes", index), volume.source, "no such file or directory on the host")
 
 
-def _root_plan(spec: WorkloadSpec, cleanup: contextlib.ExitStack) -> rootfs.Plan:
+def root_plan(spec: WorkloadSpec, cleanup: contextlib.ExitStack) -> rootfs.Plan:
     """Make what the root needs on the host (a staging directory; the --upper directory's upper/
     and work/), registering their removal, unless --keep-upper, in cleanup."""
     assert spec.rootfs is not None

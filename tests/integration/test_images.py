@@ -218,3 +218,40 @@ def test_malicious_archives_are_refused_by_the_cli(
     assert {p.name for p in tmp_path.iterdir()} == outside
     assert not any(store.rglob("*.json")) and not any((store / "layers" / "sha256").iterdir())
     assert not os.path.exists("/tmp/evil") and not os.path.exists("/evil")
+
+
+def test_a_container_with_its_own_root_checkpoints_and_restores_with_its_tmpfs(
+    capfd: pytest.CaptureFixture[str], demo: str, store: Path, tmp_path: Path
+) -> None:
+    # The count lives only in the container's /tmp (a tmpfs inside its mount namespace).
+    counter = (
+        "while :; do i=$(($(cat /tmp/n 2>/dev/null || echo 0) + 1)); echo $i >/tmp/n; echo $i; "
+        "sleep 0.1; done"
+    )
+    run = subprocess.Popen(
+        [PYTHON, "-m", "cgctl", "run", "--name", "rooted", "--image", demo, "--user", "root", "--",
+         "sh", "-c", counter],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert run.stdout is not None
+    assert int(run.stdout.readline()) == 1
+    status, _, err = cgctl_in_process(capfd, "checkpoint", "rooted", "--dir", str(tmp_path / "images"))
+    assert status == 0, err
+    assert "note: files written to its root (outside /tmp, /dev/shm and volumes) are not in" in err
+    assert run.wait(timeout=60) == 137
+    last = int(run.stdout.read().split()[-1])
+    restored = subprocess.Popen(
+        [PYTHON, "-m", "cgctl", "restore", "--dir", str(tmp_path / "images"), "--name", "rerooted"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert restored.stdout is not None and restored.stderr is not None
+    try:
+        first = restored.stdout.readline()
+        assert first, restored.stderr.read().decode()
+        assert int(first) == last + 1
+        assert str(store) in root_lowerdir("rerooted")  # its root is the image's layers, not the host's
+        init = workload_pids("rerooted")[0]
+        assert sorted(os.listdir(f"/proc/{init}/root/etc")) == ["added", "greeting", "group", "passwd"]
+    finally:
+        assert cgctl_in_process(capfd, "kill", "rerooted")[0] == 0
+        assert restored.wait(timeout=60) == 137
