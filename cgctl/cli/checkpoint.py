@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from cgctl.cli.errors import fail, invalid_value
-from cgctl.cli.run import explain_end, write_report
+from cgctl.cli.run import CgroupRoot, Report, explain_end, write_report
 
 if TYPE_CHECKING:
     from cgctl.runtime.checkpoint import Progress
@@ -86,12 +86,8 @@ def restore(
         str | None, typer.Option(help="the new container's name (default: the dumped one's)")
     ] = None,
     hook: Hook = None,
-    report: Annotated[
-        str | None, typer.Option(help="write a JSON report here when it ends (- = stderr)")
-    ] = None,
-    cgroup_root: Annotated[
-        Path | None, typer.Option(envvar="CGCTL_CGROUP_ROOT", help="cgctl's cgroup subtree")
-    ] = None,
+    report: Report = None,
+    cgroup_root: CgroupRoot = None,
     state_dir: StateDir = None,
 ) -> None:
     """Restore a checkpoint as a new container in a new cgroup with the limits it had, and supervise

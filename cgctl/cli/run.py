@@ -34,6 +34,11 @@ OPTION_FOR_FIELD: dict[tuple[str | int, ...], str] = {
 }
 
 
+# Shared with `cgctl restore`, which supervises as run does.
+Report = Annotated[str | None, typer.Option(help="write a JSON report here when it ends (- = stderr)")]
+CgroupRoot = Annotated[Path | None, typer.Option(envvar="CGCTL_CGROUP_ROOT", help="cgctl's cgroup subtree")]
+
+
 def register(app: typer.Typer) -> None:
     app.command(context_settings={"allow_interspersed_args": False})(run)
 
@@ -91,12 +96,8 @@ def run(
         bool, typer.Option(help="a read-only root (/tmp and volumes stay writable)")
     ] = False,
     volume: Annotated[list[str] | None, limits.repeated("HOST:PATH[:ro] bind-mounted into the root")] = None,
-    report: Annotated[
-        str | None, typer.Option(help="write a JSON report here when it ends (- = stderr)")
-    ] = None,
-    cgroup_root: Annotated[
-        Path | None, typer.Option(envvar="CGCTL_CGROUP_ROOT", help="cgctl's cgroup subtree")
-    ] = None,
+    report: Report = None,
+    cgroup_root: CgroupRoot = None,
 ) -> None:
     """Run CMD in new namespaces and its own cgroup, under the given limits.
 

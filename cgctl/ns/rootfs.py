@@ -19,18 +19,12 @@ import os
 from dataclasses import dataclass
 
 from cgctl.ns import libc
+from cgctl.spec import Volume
 
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
              "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}  # fmt: skip
 NOSUID_NODEV = libc.MS_NOSUID | libc.MS_NODEV
-
-
-@dataclass(frozen=True)
-class Volume:
-    source: str  # on the host
-    target: str  # in the container
-    read_only: bool
 
 
 @dataclass(frozen=True)

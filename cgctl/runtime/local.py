@@ -198,7 +198,7 @@ def root_plan(spec: WorkloadSpec, cleanup: contextlib.ExitStack) -> rootfs.Plan:
         upper=upper,
         staging=staging,
         read_only=spec.rootfs.read_only,
-        volumes=tuple(rootfs.Volume(v.source, v.target, v.read_only) for v in spec.volumes),
+        volumes=tuple(spec.volumes),
         private=frozenset(spec.namespaces.private()),
     )
 

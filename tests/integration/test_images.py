@@ -10,9 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from cgctl import state
 from cgctl.accounting import find_container
 from tests import oci
-from tests.integration.workloads import CGCTL_ROOT, PYTHON, cgctl_in_process, wait_for, workload_pids
+from tests.integration.workloads import (
+    CGCTL_ROOT,
+    PYTHON,
+    STATE_DIR,
+    cgctl_in_process,
+    wait_for,
+)
 from tests.unit.test_images import REASONS, malicious
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
@@ -164,11 +171,13 @@ def test_read_only_root_volumes_and_rootfs_layers(capfd: pytest.CaptureFixture[s
 
 
 def root_lowerdir(name: str) -> str:
-    """The lowerdir of the root mount the container's first process sees ('' if none yet)."""
-    pids = workload_pids(name)
-    if not pids:
+    """The lowerdir of the root mount the container's init sees ('' if none yet). The init, as its
+    record says: while a restore finishes, CRIU's action scripts run in its cgroup too."""
+    record = STATE_DIR / f"{name}.json"
+    pid = state.read(record).get("pid") if record.exists() else None
+    if pid is None:
         return ""
-    for line in Path(f"/proc/{pids[0]}/mountinfo").read_text().splitlines():
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
         if line.split()[4] == "/" and "lowerdir=" in line:
             return line.split("lowerdir=")[1].split(",")[0]
     return ""
@@ -249,8 +258,9 @@ def test_a_container_with_its_own_root_checkpoints_and_restores_with_its_tmpfs(
         first = restored.stdout.readline()
         assert first, restored.stderr.read().decode()
         assert int(first) == last + 1
+        wait_for(lambda: root_lowerdir("rerooted") != "", "the restorer to record the init")
         assert str(store) in root_lowerdir("rerooted")  # its root is the image's layers, not the host's
-        init = workload_pids("rerooted")[0]
+        init = state.read(STATE_DIR / "rerooted.json")["pid"]
         assert sorted(os.listdir(f"/proc/{init}/root/etc")) == ["added", "greeting", "group", "passwd"]
     finally:
         assert cgctl_in_process(capfd, "kill", "rerooted")[0] == 0
