@@ -30,10 +30,9 @@ class LayerError(Exception):
     """The layer cannot be unpacked safely or completely."""
 
 
-def unpack(stream: BinaryIO, destination: Path, as_root: bool) -> int:
-    """Unpack the tar stream into destination (an empty directory); returns the bytes of file data."""
+def unpack(stream: BinaryIO, destination: Path, as_root: bool) -> None:
+    """Unpack the tar stream into destination (an empty directory)."""
     directories: list[tuple[Path, tarfile.TarInfo]] = []
-    written = 0
     try:
         with tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20) as archive:
             for member in archive:
@@ -53,7 +52,7 @@ def unpack(stream: BinaryIO, destination: Path, as_root: bool) -> int:
                     os.mknod(target, stat.S_IFCHR | 0o600, os.makedev(0, 0))
                     continue
                 target = destination / name
-                written += _create(archive, member, target, destination, name, as_root)
+                _create(archive, member, target, destination, name, as_root)
                 if member.isdir():
                     directories.append((target, member))
                 else:
@@ -66,7 +65,6 @@ def unpack(stream: BinaryIO, destination: Path, as_root: bool) -> int:
         raise LayerError(f"the layer is cut short or corrupt: {error}") from None
     for target, member in reversed(directories):  # children first: a read-only directory is set last
         _set_metadata(target, member, as_root)
-    return written
 
 
 def _clean(name: str) -> str | None:
@@ -124,12 +122,12 @@ def _create(
     destination: Path,
     name: str,
     as_root: bool,
-) -> int:
+) -> None:
     if member.isdir():
         if not target.is_dir() or target.is_symlink():
             _clear(target)
             os.mkdir(target, 0o700)
-        return 0
+        return
     _clear(target)
     if member.isreg():
         data = archive.extractfile(member)
@@ -139,7 +137,7 @@ def _create(
             shutil.copyfileobj(data, file, 1 << 20)
             if file.tell() != member.size:
                 raise LayerError(f"{member.name!r}: cut short")
-        return member.size
+        return
     if member.issym():
         start = "" if member.linkname.startswith("/") else posixpath.dirname(name)
         resolved = posixpath.normpath(posixpath.join(start, member.linkname.lstrip("/")))
@@ -162,7 +160,6 @@ def _create(
         os.mkfifo(target, 0o600)
     else:
         raise LayerError(f"{member.name!r}: an unsupported tar member type {member.type!r}")
-    return 0
 
 
 def _set_metadata(target: Path, member: tarfile.TarInfo, as_root: bool) -> None:

@@ -44,7 +44,7 @@ from cgctl import state
 from cgctl.accounting import find_container
 from cgctl.cgroup import freezer, fs
 from cgctl.ns import libc, rootfs
-from cgctl.runtime.local import check_root, root_plan, supervise
+from cgctl.runtime.local import prepared_root, supervise
 from cgctl.runtime.report import RunReport
 from cgctl.spec import SpecError, WorkloadSpec
 
@@ -195,9 +195,7 @@ def restore(
             raise SpecError(("name",), name, "not a valid name (letters, digits, _ . -)") from None
         raise SpecError(("dir",), str(directory), f"its manifest's spec is not valid: {error}") from None
 
-    check_root(spec)
-    with ExitStack() as cleanup:
-        root = root_plan(spec, cleanup) if spec.rootfs else None
+    with prepared_root(spec) as root:
 
         def start(name: str, group: fs.Cgroup) -> tuple[int, int | None]:
             started = time.monotonic()

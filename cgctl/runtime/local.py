@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,9 +144,7 @@ def run(spec: WorkloadSpec, cgroup_root: Path | None = None, state_dir: Path | N
             125,
         )
 
-    check_root(spec)
-    with contextlib.ExitStack() as cleanup:
-        root = root_plan(spec, cleanup) if spec.rootfs else None
+    with prepared_root(spec) as root:
 
         def start(name: str, group: fs.Cgroup) -> tuple[int, int | None]:
             return spawn.start(
@@ -167,40 +165,40 @@ def run(spec: WorkloadSpec, cgroup_root: Path | None = None, state_dir: Path | N
         return supervise(spec, start, cgroup_root, state_dir)
 
 
-def check_root(spec: WorkloadSpec) -> None:
-    """The layers and volume sources must exist: checked before anything is made."""
-    for index, layer in enumerate(spec.rootfs.layers if spec.rootfs else []):
+@contextlib.contextmanager
+def prepared_root(spec: WorkloadSpec) -> Iterator[rootfs.Plan | None]:
+    """The plan of the spec's own root (None for the host's), with what it needs on the host made
+    (a staging directory; --upper's upper/ and work/) and removed again at the end, unless
+    --keep-upper. Missing layers or volume sources raise SpecError before anything is made."""
+    if spec.rootfs is None:
+        yield None
+        return
+    for index, layer in enumerate(spec.rootfs.layers):
         if not os.path.isdir(layer):
             raise SpecError(("rootfs", "layers", index), layer, "not a directory")
     for index, volume in enumerate(spec.volumes):
         if not os.path.exists(volume.source):
             raise SpecError(("volumes", index), volume.source, "no such file or directory on the host")
-
-
-def root_plan(spec: WorkloadSpec, cleanup: contextlib.ExitStack) -> rootfs.Plan:
-    """Make what the root needs on the host (a staging directory; the --upper directory's upper/
-    and work/), registering their removal, unless --keep-upper, in cleanup."""
-    assert spec.rootfs is not None
-    staging = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="cgctl-root-"))
-    upper = spec.rootfs.upper
-    if upper is not None:
-        made = not os.path.exists(upper)
-        try:
-            for part in ("upper", "work"):
-                os.makedirs(f"{upper}/{part}", mode=0o755, exist_ok=True)
-        except OSError as error:
-            reason = f"cannot make its upper/ and work/: {error.strerror}"
-            raise SpecError(("rootfs", "upper"), upper, reason) from None
-        if not spec.rootfs.keep_upper:
-            cleanup.callback(_remove_upper, upper, made)
-    return rootfs.Plan(
-        lowers=tuple(spec.rootfs.layers),
-        upper=upper,
-        staging=staging,
-        read_only=spec.rootfs.read_only,
-        volumes=tuple(spec.volumes),
-        private=frozenset(spec.namespaces.private()),
-    )
+    with tempfile.TemporaryDirectory(prefix="cgctl-root-") as staging, contextlib.ExitStack() as cleanup:
+        upper = spec.rootfs.upper
+        if upper is not None:
+            made = not os.path.exists(upper)
+            try:
+                for part in ("upper", "work"):
+                    os.makedirs(f"{upper}/{part}", mode=0o755, exist_ok=True)
+            except OSError as error:
+                reason = f"cannot make its upper/ and work/: {error.strerror}"
+                raise SpecError(("rootfs", "upper"), upper, reason) from None
+            if not spec.rootfs.keep_upper:
+                cleanup.callback(_remove_upper, upper, made)
+        yield rootfs.Plan(
+            lowers=tuple(spec.rootfs.layers),
+            upper=upper,
+            staging=staging,
+            read_only=spec.rootfs.read_only,
+            volumes=tuple(spec.volumes),
+            private=frozenset(spec.namespaces.private()),
+        )
 
 
 def _remove_upper(upper: str, made: bool) -> None:
