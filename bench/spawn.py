@@ -4,7 +4,9 @@ Why: cgctl's cost to start a workload should be judged against what it does (a c
 namespaces, a fork and an exec), so this times cgctl's CLI and library next to a shell doing the
 bare minimum (the floor) and next to the OCI runtimes runc and crun doing the same job. Each
 result's ratio is its median over the floor's median measured in the same run; the peers take
-turns run by run, so a change in the machine's load weighs on all of them alike.
+turns run by run, so a change in the machine's load weighs on all of them alike. cgctl runs with
+its default sandbox (capabilities, no_new_privs, seccomp, masked kernel paths, device program) and
+with --privileged (none of it), so the sandbox's own cost is their ratio.
 
 How: it writes to /sys/fs/cgroup, so it needs root and a pure cgroup v2 hierarchy; on this project's
 development machines (cgroup v1) that means the micro-VM:
@@ -88,15 +90,21 @@ def oci_peer(name: str, bundle: Path) -> Peer:
     return Peer(name, lambda: check([*argv, f"bench-{name}-{next(ids)}"]))
 
 
-def run_cgctl_cli() -> None:
-    check([str(CGCTL_CLI), "run", "--mem", "256M", "--", "true"])
+def cgctl_cli(*options: str) -> Callable[[], None]:
+    return lambda: check([str(CGCTL_CLI), "run", "--mem", "256M", *options, "--", "true"])
 
 
-def run_cgctl_library() -> None:
-    spec = WorkloadSpec.model_validate({"command": ["true"], "limits": {"memory": {"max": "256M"}}})
-    result = runtime.run(spec)
-    if result.exit_code != 0:
-        raise RuntimeError(f"cgctl runtime.run(true) did not exit 0: {result}")
+def cgctl_library(privileged: bool) -> Callable[[], None]:
+    spec = WorkloadSpec.model_validate(
+        {"command": ["true"], "limits": {"memory": {"max": "256M"}}, "security": {"privileged": privileged}}
+    )
+
+    def run() -> None:
+        result = runtime.run(spec)
+        if result.exit_code != 0:
+            raise RuntimeError(f"cgctl runtime.run(true) did not exit 0: {result}")
+
+    return run
 
 
 def build_bundle(bundle: Path, spec_tool: str) -> None:
@@ -128,7 +136,12 @@ def select_peers(workdir: Path) -> tuple[list[Peer], list[str]]:
         bundle = workdir / "bundle"
         build_bundle(bundle, spec_tool=present[0])
         peers += [oci_peer(name, bundle) for name in present]
-    peers += [Peer("cgctl CLI", run_cgctl_cli), Peer("cgctl library", run_cgctl_library)]
+    peers += [
+        Peer("cgctl CLI", cgctl_cli()),
+        Peer("cgctl CLI priv", cgctl_cli("--privileged")),
+        Peer("cgctl library", cgctl_library(privileged=False)),
+        Peer("cgctl lib priv", cgctl_library(privileged=True)),
+    ]
     return peers, missing
 
 
@@ -188,8 +201,18 @@ def report(results: list[Result], missing: list[str], runs: int) -> None:
         print(
             f"{result.name:<16}{result.median_ms:>11.1f}{result.p90_ms:>10.1f}{result.ratio_to_floor:>9.2f}"
         )
+    medians = {result.name: result.median_ms for result in results}
+    sandbox = {
+        way: medians[f"cgctl {way}"] / medians[f"cgctl {short} priv"]
+        for way, short in (("CLI", "CLI"), ("library", "lib"))
+    }
+    print(
+        f"default sandbox vs --privileged: library {sandbox['library']:.3f}x, CLI {sandbox['CLI']:.3f}x "
+        "(same run, same workload)"
+    )
     summary = {
         "kernel": kernel,
+        "sandbox_ratio": sandbox,
         "runs": runs,
         "warmup_runs": WARMUP_RUNS,
         "skipped": missing,

@@ -25,6 +25,22 @@ _UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
 _CPU_LIST = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LABEL_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_./-]{0,62}$")
+# Linux capabilities, index = number (linux/capability.h); a kernel may know fewer (cap_last_cap).
+_CAPABILITY_NAMES = (
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "SETPCAP",
+    "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW", "IPC_LOCK", "IPC_OWNER",
+    "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT", "SYS_ADMIN", "SYS_BOOT", "SYS_NICE",
+    "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD", "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP",
+    "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF",
+    "CHECKPOINT_RESTORE",
+)  # fmt: skip
+CAPABILITIES = tuple(f"CAP_{name}" for name in _CAPABILITY_NAMES)
+# What a root workload keeps by default: docker's set, enough to own files, switch users and serve on port 80.
+DEFAULT_CAPABILITIES = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETGID",
+    "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+)  # fmt: skip
 
 
 class SpecError(ValueError):
@@ -285,6 +301,89 @@ class RootFs(_Model):
         return self
 
 
+def capability_name(name: str) -> str:
+    """'CAP_SYS_ADMIN' from 'sys_admin', 'SYS_ADMIN' or 'cap_sys_admin'; 'ALL' stays 'ALL'."""
+    upper = name.strip().upper()
+    if upper == "ALL":
+        return upper
+    full = upper if upper.startswith("CAP_") else f"CAP_{upper}"
+    if full not in CAPABILITIES:
+        raise ValueError("not a Linux capability (e.g. NET_ADMIN, CAP_SYS_PTRACE, ALL)")
+    return full
+
+
+Capability = Annotated[str, BeforeValidator(lambda value: capability_name(str(value)))]
+
+
+class Device(_Model):
+    """A host device node the workload may use: HOST_PATH[:CONTAINER_PATH][:rwm]."""
+
+    path: str = Field(description="the device node on the host")
+    target: str | None = Field(None, description="where it appears in the container (default: path)")
+    access: str = Field("rwm", description="r, w and/or m (mknod)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        parts = value.split(":")
+        access = parts.pop() if len(parts) > 1 and not parts[-1].startswith("/") else None
+        if not 1 <= len(parts) <= 2:
+            raise ValueError("not HOST_PATH[:CONTAINER_PATH][:rwm]")
+        target = parts[1] if len(parts) == 2 else None
+        return {"path": parts[0], "target": target, "access": "rwm" if access is None else access}
+
+    @field_validator("path", "target")
+    @classmethod
+    def _absolute_paths(cls, path: str | None) -> str | None:
+        return None if path is None else _absolute(path)
+
+    @field_validator("access")
+    @classmethod
+    def _access(cls, access: str) -> str:
+        if not access or set(access) - set("rwm") or len(set(access)) != len(access):
+            raise ValueError(f"{access!r} is not an access mode: r, w and/or m, each once (e.g. rw)")
+        return access
+
+
+class Security(_Model):
+    """The default sandbox and its exceptions: what the workload may ask of the kernel and the host."""
+
+    privileged: bool = Field(
+        False, description="turn the sandbox off: every capability, no seccomp, all devices, writable /proc"
+    )
+    cap_add: list[Capability] = Field(default_factory=list, description="capabilities over the default set")
+    cap_drop: list[Capability] = Field(default_factory=list, description="capabilities to drop; ALL for all")
+    no_new_privileges: bool = Field(True, description="setuid and file capabilities grant nothing on exec")
+    seccomp: str = Field(
+        "default", description="default, unconfined, or an absolute path to an OCI/docker JSON profile"
+    )
+    devices: list[Device] = Field(default_factory=list, description="host device nodes it may use")
+
+    @field_validator("cap_add")
+    @classmethod
+    def _no_add_all(cls, names: list[str]) -> list[str]:
+        if "ALL" in names:
+            raise ValueError("adding ALL capabilities is --privileged's job (or name each one)")
+        return names
+
+    @field_validator("seccomp")
+    @classmethod
+    def _seccomp_source(cls, source: str) -> str:
+        if source not in ("default", "unconfined") and not source.startswith("/"):
+            raise ValueError("give default, unconfined, or an absolute path to a JSON profile")
+        return source
+
+    def capabilities(self) -> list[str]:
+        """The capability set a root workload keeps, in the kernel's order."""
+        if self.privileged:
+            return list(CAPABILITIES)
+        kept = set() if "ALL" in self.cap_drop else set(DEFAULT_CAPABILITIES) - set(self.cap_drop)
+        kept |= set(self.cap_add)
+        return [name for name in CAPABILITIES if name in kept]
+
+
 class WorkloadSpec(_Model):
     """What to run, where, and within which limits."""
 
@@ -303,6 +402,7 @@ class WorkloadSpec(_Model):
     )  # fmt: skip
     rootfs: RootFs | None = Field(None, description="a root of its own; default: the host's")
     volumes: list[Volume] = Field(default_factory=list, description="bind mounts into its root")
+    security: Security = Field(default_factory=Security)
 
     @model_validator(mode="after")
     def _root_needs_mount_namespace(self) -> WorkloadSpec:
@@ -310,6 +410,16 @@ class WorkloadSpec(_Model):
             raise ValueError("a root of its own needs its own mount namespace: drop --share mnt")
         if self.volumes and self.rootfs is None:
             raise ValueError("volumes need a root of its own (--rootfs, --layer or --image)")
+        if "mnt" in self.namespaces.share and not self.security.privileged:
+            raise ValueError(
+                "the sandbox masks kernel paths in the workload's own mount namespace: "
+                "--share mnt needs --privileged"
+            )
+        for device in self.security.devices:
+            if device.target not in (None, device.path) and self.rootfs is None:
+                raise ValueError(
+                    f"--device {device.path}:{device.target}: a path of its own needs a root of its own"
+                )
         return self
 
     @field_validator("command")

@@ -36,9 +36,10 @@ def link(name: str, target: str, hard: bool = False) -> Member:
     return info, None
 
 
-def device(name: str, major: int = 1, minor: int = 3) -> Member:
+def device(name: str, major: int = 1, minor: int = 3, block: bool = False) -> Member:
     info = tarfile.TarInfo(name)
-    info.type, info.devmajor, info.devminor, info.mode = tarfile.CHRTYPE, major, minor, 0o666
+    info.type = tarfile.BLKTYPE if block else tarfile.CHRTYPE
+    info.devmajor, info.devminor, info.mode = major, minor, 0o666
     return info, None
 
 

@@ -21,24 +21,36 @@ def check(
         Path | None, typer.Option(envvar="CGCTL_CGROUP_ROOT", help="cgctl's cgroup subtree")
     ] = None,
 ) -> None:
-    """Check that this host has a usable cgroup v2 with the memory, cpu, io and pids controllers."""
+    """Check that this host has a usable cgroup v2 with the memory, cpu, io and pids controllers, and
+    whether the default sandbox's seccomp filter and device program work here."""
+    from cgctl.cgroup import devices
     from cgctl.cgroup.fs import HostNotSupported, check_host
+    from cgctl.sandbox import seccomp
 
     try:
         unified, root = check_host(cgroup_root)
     except HostNotSupported as error:
         raise fail(str(error)) from None
     controllers = sorted(unified.controllers())
+    seccomp_problem, devices_problem = seccomp.problem(), devices.problem()
     if as_json:
         report = {
             "cgroup2_mount": str(unified.path),
             "controllers": controllers,
             "cgctl_root": str(root),
             "cgctl_root_exists": root.exists(),
-        }
+            "seccomp": {"usable": seccomp_problem is None, "libseccomp": seccomp.version(),
+                        "problem": seccomp_problem},
+            "device_program": {"usable": devices_problem is None, "problem": devices_problem},
+        }  # fmt: skip
         print(json.dumps(report, indent=2))
-        return
-    print(f"cgroup v2 mount: {unified.path}")
-    print(f"controllers:     {' '.join(controllers)}")
-    print(f"cgctl root:      {root} ({'exists' if root.exists() else 'created on first run'})")
-    print("ready: cgctl can apply limits on this host")
+    else:
+        print(f"cgroup v2 mount: {unified.path}")
+        print(f"controllers:     {' '.join(controllers)}")
+        print(f"cgctl root:      {root} ({'exists' if root.exists() else 'created on first run'})")
+        print(f"seccomp:         {seccomp_problem or f'usable (libseccomp {seccomp.version()})'}")
+        print(f"devices:         {devices_problem or 'usable (cgroup BPF device program)'}")
+    if seccomp_problem:
+        raise fail(f"the default sandbox needs seccomp: {seccomp_problem} (or run with --seccomp unconfined)")
+    if not as_json:
+        print("ready: cgctl can apply limits and its default sandbox on this host")

@@ -31,6 +31,12 @@ OPTION_FOR_FIELD: dict[tuple[str | int, ...], str] = {
     ("rootfs", "upper"): "--upper",
     ("rootfs", "keep_upper"): "--keep-upper",
     ("volumes",): "--volume",
+    ("security", "privileged"): "--privileged",
+    ("security", "cap_add"): "--cap-add",
+    ("security", "cap_drop"): "--cap-drop",
+    ("security", "no_new_privileges"): "--allow-new-privileges",
+    ("security", "seccomp"): "--seccomp",
+    ("security", "devices"): "--device",
 }
 
 
@@ -96,10 +102,36 @@ def run(
         bool, typer.Option(help="a read-only root (/tmp and volumes stay writable)")
     ] = False,
     volume: Annotated[list[str] | None, limits.repeated("HOST:PATH[:ro] bind-mounted into the root")] = None,
+    privileged: Annotated[
+        bool,
+        typer.Option(
+            help="turn the sandbox OFF: every capability, no seccomp, no_new_privs or masked kernel paths, "
+            "every device, writable /proc/sys and cgroup files; the workload can own the host"
+        ),
+    ] = False,
+    cap_add: Annotated[
+        list[str] | None, limits.repeated("a capability over the default set, e.g. NET_ADMIN")
+    ] = None,
+    cap_drop: Annotated[list[str] | None, limits.repeated("a capability to drop, or ALL")] = None,
+    seccomp: Annotated[
+        str | None,
+        typer.Option(help="seccomp profile: default, unconfined, or an OCI/docker JSON profile FILE"),
+    ] = None,
+    allow_new_privileges: Annotated[
+        bool,
+        typer.Option(
+            help="leave no_new_privs off: setuid programs and file capabilities grant privileges on exec"
+        ),
+    ] = False,
+    device: Annotated[
+        list[str] | None, limits.repeated("HOST_PATH[:CONTAINER_PATH][:rwm]: a host device it may use")
+    ] = None,
     report: Report = None,
     cgroup_root: CgroupRoot = None,
 ) -> None:
-    """Run CMD in new namespaces and its own cgroup, under the given limits.
+    """Run CMD in new namespaces and its own cgroup, under the given limits, sandboxed: a root CMD keeps
+    only docker's default capabilities, runs with no_new_privs under a seccomp allowlist, and reaches
+    no kernel path or device it has no business with (--privileged turns that off).
 
     Exits with CMD's status; 125: cgctl error (nothing started); 126: not executable;
     127: not found; 128+N: killed by signal N.
@@ -144,6 +176,14 @@ def run(
         "user": user or defaults.get("User"),
         "rootfs": root,
         "volumes": volume or [],
+        "security": {
+            "privileged": privileged,
+            "cap_add": cap_add or [],
+            "cap_drop": cap_drop or [],
+            "no_new_privileges": not allow_new_privileges,
+            "seccomp": _seccomp_source(seccomp),
+            "devices": device or [],
+        },
     }
     try:
         spec = WorkloadSpec.model_validate(fields)
@@ -179,6 +219,13 @@ def _image_defaults(image: str, rootfs: Path | None, root: dict[str, Any]) -> di
     root["layers"] = [str(store.layer(diff_id)) for diff_id in record["layers"]] + root["layers"]
     root["image"] = f"{record['name']}:{record['tag']}"
     return dict(record["config"])
+
+
+def _seccomp_source(value: str | None) -> str:
+    """--seccomp's value for the spec: default, unconfined, or the profile's absolute path."""
+    if value is None:
+        return "default"
+    return value if value in ("default", "unconfined") else str(Path(value).absolute())
 
 
 def _root(

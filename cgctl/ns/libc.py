@@ -1,4 +1,4 @@
-"""The few Linux system calls Python 3.11's os module lacks (unshare, mount, prctl), through ctypes.
+"""The few Linux system calls Python 3.11's os module lacks (unshare, mount, prctl, capset), through ctypes.
 
 Python 3.12 adds os.unshare; until cgctl requires it, a dozen lines of ctypes
 are smaller and better kept than a third-party binding. Every failure raises
@@ -24,15 +24,26 @@ MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
 MS_REMOUNT = 0x20
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
+MS_RELATIME = 0x200000
 
 PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP = 24
 PR_SET_CHILD_SUBREAPER = 36
 PR_GET_CHILD_SUBREAPER = 37
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 _libc = ctypes.CDLL(None, use_errno=True)
+# Resolved here, in the parent: a symbol first looked up in the forked workload costs it milliseconds
+# under emulation, on its way to exec.
+_unshare, _mount, _umount2, _syscall = _libc.unshare, _libc.mount, _libc.umount2, _libc.syscall
+_prctl, _capset = _libc.prctl, _libc.capset
 
 
 def _check(result: int, call: str) -> int:
@@ -43,12 +54,12 @@ def _check(result: int, call: str) -> int:
 
 
 def unshare(flags: int) -> None:
-    _check(_libc.unshare(ctypes.c_int(flags)), f"unshare({flags:#x})")
+    _check(_unshare(ctypes.c_int(flags)), f"unshare({flags:#x})")
 
 
 def mount(source: str, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
     _check(
-        _libc.mount(
+        _mount(
             source.encode(),
             target.encode(),
             fstype.encode() if fstype else None,
@@ -63,7 +74,34 @@ MNT_DETACH = 0x2
 
 
 def umount(target: str, flags: int = 0) -> None:
-    _check(_libc.umount2(target.encode(), ctypes.c_int(flags)), f"umount2({target!r}, {flags})")
+    _check(_umount2(target.encode(), ctypes.c_int(flags)), f"umount2({target!r}, {flags})")
+
+
+# mount_setattr(2) (Linux 5.12) has no glibc wrapper either; new system calls share one number everywhere.
+SYS_MOUNT_SETATTR = 442
+AT_FDCWD = -100
+AT_RECURSIVE = 0x8000
+MOUNT_ATTR_RDONLY = 0x1
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in ("attr_set", "attr_clr", "propagation", "userns_fd")]
+
+
+def make_read_only_recursively(path: str) -> None:
+    """The mount at path and every mount below it read-only, in one call (other flags untouched).
+    Raises OSError(ENOSYS) on kernels before 5.12."""
+    attr = _MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0)
+    result = _syscall(
+        ctypes.c_long(SYS_MOUNT_SETATTR),
+        ctypes.c_int(AT_FDCWD),
+        path.encode(),
+        ctypes.c_uint(AT_RECURSIVE),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+    )
+    if result == -1:
+        _check(-1, f"mount_setattr({path!r}, AT_RECURSIVE, MOUNT_ATTR_RDONLY)")
 
 
 # pivot_root(2) has no glibc wrapper: the raw system call, by architecture.
@@ -72,16 +110,40 @@ SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "
 
 def pivot_root(new_root: str, put_old: str) -> None:
     number = SYS_PIVOT_ROOT[platform.machine()]
-    _check(
-        _libc.syscall(number, new_root.encode(), put_old.encode()), f"pivot_root({new_root!r}, {put_old!r})"
-    )
+    _check(_syscall(number, new_root.encode(), put_old.encode()), f"pivot_root({new_root!r}, {put_old!r})")
 
 
-def prctl(option: int, value: int = 0) -> int:
-    return _check(_libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0), f"prctl({option}, {value})")
+def prctl(option: int, value: int = 0, value2: int = 0) -> int:
+    result: int = _prctl(option, ctypes.c_ulong(value), ctypes.c_ulong(value2), 0, 0)
+    return result if result != -1 else _check(result, f"prctl({option}, {value}, {value2})")
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+_CAPABILITY_VERSION_3 = 0x20080522  # two 32-bit words per set
+
+
+def capset(effective: int, permitted: int, inheritable: int) -> None:
+    """Set this thread's capability sets (bit N = capability N)."""
+    low, high = _CapData(), _CapData()
+    low.effective, low.permitted, low.inheritable = effective, permitted, inheritable  # truncated to 32 bits
+    high.effective, high.permitted, high.inheritable = effective >> 32, permitted >> 32, inheritable >> 32
+    data = (_CapData * 2)(low, high)
+    if _capset(ctypes.byref(_CapHeader(_CAPABILITY_VERSION_3, 0)), data) == -1:
+        _check(-1, f"capset({effective:#x}, {permitted:#x}, {inheritable:#x})")
 
 
 def get_child_subreaper() -> bool:
     flag = ctypes.c_int(0)
-    _check(_libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0), "prctl(PR_GET_CHILD_SUBREAPER)")
+    _check(_prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0), "prctl(PR_GET_CHILD_SUBREAPER)")
     return bool(flag.value)

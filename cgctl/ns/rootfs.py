@@ -9,7 +9,8 @@ which the supervisor made, outlives the workload.
     staging (tmpfs) ── upper/ work/   (the writable layer, unless --upper DIR)
                     └─ merged/        overlay: lowerdir=top:...:bottom, upperdir, workdir
                                       + /dev (tmpfs, host nodes bound), /dev/pts, /dev/shm,
-                                        /tmp (tmpfs), volumes, then read-only if asked;
+                                        --device nodes, /tmp (tmpfs), volumes, then read-only
+                                        if asked;
                                       pivot_root(merged), old root detached
 """
 
@@ -37,12 +38,19 @@ class Plan:
     read_only: bool
     volumes: tuple[Volume, ...]
     private: frozenset[str]  # the workload's own namespaces: the host's /proc or /sys otherwise
+    devices: tuple[tuple[str, str], ...] = ()  # (host node, path inside) bound into the root
 
 
 def enter(plan: Plan) -> None:
     """Mount the root described by plan and make it the process's root."""
     root = mount_layers(plan)
     _dev(f"{root}/dev")
+    for node, target in plan.devices:  # bound, not made: mknod is not ours in a user namespace
+        inside = f"{root}/{target.lstrip('/')}"
+        os.makedirs(os.path.dirname(inside), exist_ok=True)
+        if not os.path.exists(inside):
+            open(inside, "x").close()
+        libc.mount(node, inside, None, libc.MS_BIND)
     libc.mount("tmpfs", f"{root}/tmp", "tmpfs", NOSUID_NODEV, "mode=1777")
     if "pid" not in plan.private:
         _bind("/proc", f"{root}/proc", read_only=False)

@@ -228,6 +228,9 @@ def restore(
                         cgroup=group,
                         pass_fds=tuple(inherited),
                         root=root,
+                        # CRIU 3.17 restores capabilities and seccomp filters but not no_new_privs:
+                        # set it on CRIU itself, and every task it forks inherits it.
+                        no_new_privs=spec.security.no_new_privileges and not spec.security.privileged,
                     )
                     pid = int(pidfile.read_text())
                 except CheckpointError as error:
@@ -351,9 +354,11 @@ def _run_criu(
     cgroup: fs.Cgroup | None = None,
     pass_fds: tuple[int, ...] = (),
     root: rootfs.Plan | None = None,
+    no_new_privs: bool = False,
 ) -> None:
     """Run CRIU with our action script; CheckpointError names its log. With `cgroup`, CRIU runs in
-    it; with `root`, in a mount namespace of its own where the root's layers are mounted."""
+    it; with `root`, in a mount namespace of its own where the root's layers are mounted; with
+    `no_new_privs`, under no_new_privs (so are the tasks it restores, and the hooks it runs)."""
     procs = str(cgroup.file("cgroup.procs")) if cgroup else None
 
     def prepare() -> None:
@@ -364,6 +369,8 @@ def _run_criu(
             libc.unshare(libc.CLONE_NEWNS)
             libc.mount("none", "/", None, libc.MS_REC | libc.MS_PRIVATE)
             rootfs.mount_layers(root)
+        if no_new_privs:
+            libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
 
     command = [*args, "--action-script", str(ACTION_SCRIPT)]
     with open(log.with_suffix(".out"), "wb") as output, _reporting(measure, progress):
@@ -375,7 +382,7 @@ def _run_criu(
                 stdout=output,
                 stderr=output,
                 pass_fds=pass_fds,
-                preexec_fn=prepare if procs or root else None,
+                preexec_fn=prepare if procs or root or no_new_privs else None,
             ).returncode
         except OSError as error:
             raise CheckpointError(f"cannot run {args[0]}: {error}") from None

@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cgctl import ns, state
-from cgctl.cgroup import cpu, cpuset, fs, io, memory, pids
+from cgctl import ns, sandbox, state
+from cgctl.cgroup import cpu, cpuset, devices, fs, io, memory, pids
 from cgctl.ns import rootfs
 from cgctl.runtime import spawn
 from cgctl.runtime.report import RunReport, final_report
@@ -144,6 +144,7 @@ def run(spec: WorkloadSpec, cgroup_root: Path | None = None, state_dir: Path | N
             125,
         )
 
+    confinement = sandbox.plan(spec.security)
     with prepared_root(spec) as root:
 
         def start(name: str, group: fs.Cgroup) -> tuple[int, int | None]:
@@ -157,6 +158,7 @@ def run(spec: WorkloadSpec, cgroup_root: Path | None = None, state_dir: Path | N
                     namespaces=ns.Context(private=frozenset(private), hostname=spec.hostname or name),
                     user_namespace=spec.namespaces.user,
                     init=spec.init,
+                    sandbox=confinement,
                     root=root,
                     user=spec.user,
                 )
@@ -198,6 +200,7 @@ def prepared_root(spec: WorkloadSpec) -> Iterator[rootfs.Plan | None]:
             read_only=spec.rootfs.read_only,
             volumes=tuple(spec.volumes),
             private=frozenset(spec.namespaces.private()),
+            devices=tuple((device.path, device.target or device.path) for device in spec.security.devices),
         )
 
 
@@ -219,6 +222,9 @@ def supervise(
     """Claim the name, make the cgroup with every limit, start the workload with `start`, wait for it,
     and return its report; whatever happens, the cgroup and the claim are gone at the end.
     `record` adds fields to the run record (`cgctl restore` notes where it came from)."""
+    # Rootless, the kernel itself refuses device nodes (user namespaces cannot create or reach them):
+    # only root may, and must, attach a device program.
+    rules = sandbox.device_rules(spec.security) if os.geteuid() == 0 else None
     host, settings = prepare_host(spec, cgroup_root, state_dir)
     name = spec.name or f"run-{secrets.token_hex(4)}"
     group = host.root.child(name)
@@ -239,6 +245,8 @@ def supervise(
         try:
             for file, value in settings:
                 group.write(file, value)
+            if rules is not None:
+                devices.attach(group, rules)
             return _wait(spec, name, group, [file for file, _ in settings], claim, start)
         finally:
             fs.remove(group)

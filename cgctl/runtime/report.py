@@ -8,7 +8,7 @@ from pydantic import BaseModel
 
 from cgctl.accounting import Container, read_snapshot
 from cgctl.cgroup import fs
-from cgctl.spec import WorkloadSpec
+from cgctl.spec import Security, WorkloadSpec
 
 
 class IoUsage(BaseModel):
@@ -17,6 +17,34 @@ class IoUsage(BaseModel):
     write_bytes: int
     read_ios: int
     write_ios: int
+
+
+class SandboxReport(BaseModel):
+    """The sandbox in force (see cgctl.sandbox)."""
+
+    privileged: bool  # True: none of what follows applied
+    capabilities: list[str]  # what a root workload holds; a non-root --user holds none effective
+    no_new_privileges: bool
+    seccomp: str  # default, unconfined, or the profile file
+    masked_paths: bool  # kernel paths in /proc and /sys masked or read-only
+    devices: list[str]  # device nodes granted beyond the default set, HOST[:PATH]:ACCESS; "all" if privileged
+
+    @classmethod
+    def of(cls, security: Security) -> SandboxReport:
+        privileged = security.privileged
+        return cls(
+            privileged=privileged,
+            capabilities=security.capabilities(),
+            no_new_privileges=security.no_new_privileges and not privileged,
+            seccomp="unconfined" if privileged else security.seccomp,
+            masked_paths=not privileged,
+            devices=["all"]
+            if privileged
+            else [
+                ":".join(filter(None, (device.path, device.target, device.access)))
+                for device in security.devices
+            ],
+        )
 
 
 class RunReport(BaseModel):
@@ -42,6 +70,7 @@ class RunReport(BaseModel):
     pids_refused_forks: int
     limits: dict[str, str]  # each interface file cgctl wrote, as the kernel reads it back
     labels: dict[str, str]
+    sandbox: SandboxReport
     checkpointed_to: str | None = None  # the checkpoint directory, when `cgctl checkpoint` ended it
 
     @property
@@ -94,4 +123,5 @@ def final_report(
         pids_refused_forks=whole("pids.events", "max") or 0,
         limits=applied,
         labels=spec.labels,
+        sandbox=SandboxReport.of(spec.security),
     )

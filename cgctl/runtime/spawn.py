@@ -3,8 +3,10 @@
 The dance, the same for root and rootless:
 
     supervisor ──fork──> setup child: [user ns] unshare(mnt uts ipc net pid), hostname, lo up
-                              └──fork──> workload init (pid 1): joins the cgroup, cgroup ns,
-                                         /proc /sys /sys/fs/cgroup, setsid, exec
+                              └──fork──> workload init (pid 1): joins the cgroup, [its root],
+                                         cgroup ns, /proc /sys /sys/fs/cgroup, kernel paths
+                                         masked, setsid, the sandbox (capabilities, user,
+                                         no_new_privs, seccomp), exec
     the setup child reports the init's pid and exits; the init is reparented
     to the supervisor, which is a child subreaper for that moment.
 
@@ -30,8 +32,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NoReturn
 
-from cgctl import ns
+from cgctl import ns, sandbox
 from cgctl.ns import libc, rootfs, user
+from cgctl.sandbox import paths
 
 # Serialises the moment the supervisor is a child subreaper, for callers that run workloads from threads.
 _SUBREAPER_LOCK = threading.Lock()
@@ -56,6 +59,7 @@ class Launch:
     namespaces: ns.Context
     user_namespace: bool
     init: bool  # a reaper as pid 1 that forwards signals to the command
+    sandbox: sandbox.Plan
     root: rootfs.Plan | None = None  # a root of its own (overlay layers), else the host's
     user: str | None = None  # USER[:GROUP] to become just before exec
 
@@ -179,14 +183,20 @@ def _workload_init(launch: Launch, report_w: int, alive_r: int) -> NoReturn:
             rootfs.enter(launch.root)
         stage = "setting up namespaces"
         ns.init_steps(launch.namespaces)
+        if launch.sandbox.restrict_paths:
+            stage = "masking kernel paths"
+            paths.restrict()
         os.setsid()
         if launch.workdir:
             stage = f"changing to the working directory {launch.workdir}"
             os.chdir(launch.workdir)
+        identity = None
         if launch.user:
-            stage = f"becoming the user {launch.user}"
-            _become(launch.user)
+            stage = f"looking up the user {launch.user}"
+            identity = _identity(launch.user)
         _close_inherited_fds(keep={report_w, alive_r})
+        stage = "entering the sandbox" + (f" as the user {launch.user}" if launch.user else "")
+        sandbox.enter(launch.sandbox, identity)
         if launch.init:
             _reaper(launch, report_w)
         _exec(launch, report_w)
@@ -195,9 +205,9 @@ def _workload_init(launch: Launch, report_w: int, alive_r: int) -> NoReturn:
         os._exit(125)
 
 
-def _become(user: str) -> None:
-    """Switch to USER[:GROUP] (names from the root's /etc/passwd and /etc/group, or numbers; with no
-    GROUP, the user's own group, or 0 for an id /etc/passwd does not know, as docker does)."""
+def _identity(user: str) -> tuple[int, int]:
+    """The (uid, gid) of USER[:GROUP] (names from the root's /etc/passwd and /etc/group, or numbers; with
+    no GROUP, the user's own group, or 0 for an id /etc/passwd does not know, as docker does)."""
     name, _, group = user.partition(":")
     passwd = _entries("/etc/passwd")
     entry = next((e for e in passwd if name in (e[0], e[2])), None)
@@ -210,9 +220,7 @@ def _become(user: str) -> None:
         if found is None and not group.isdigit():
             raise OSError(errno.ENOENT, f"no group {group!r} in the root's /etc/group")
         gid = int(found[2]) if found else int(group)
-    os.setgroups([])
-    os.setgid(gid)
-    os.setuid(uid)
+    return uid, gid
 
 
 def _entries(path: str) -> list[list[str]]:

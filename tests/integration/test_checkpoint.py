@@ -74,6 +74,13 @@ def host_cgroups(pids: list[int]) -> set[str]:
     return seen
 
 
+def sandbox_status(pid: int) -> dict[str, str]:
+    """The sandbox as the kernel applies it to pid: capability sets, no_new_privs, seccomp filters."""
+    keys = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp", "Seccomp_filters")
+    fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return {key: fields[key].strip() for key in keys}
+
+
 def stop(*supervisors: subprocess.Popen[bytes], names: tuple[str, ...] = ()) -> None:
     for name in names:
         if (CGCTL_ROOT / name).exists():
@@ -101,6 +108,8 @@ def test_restored_counter_continues_in_a_new_cgroup_under_its_limits(
     file = tmp_path / "count"
     original = counter("counting", file, "--mem", "64M", "--pids", "50", "--label", "team=ops")
     images, hook_path, hook_log = tmp_path / "images", *hook(tmp_path)
+    sandboxed = sandbox_status(state.read(STATE_DIR / "counting.json")["pid"])
+    assert sandboxed["Seccomp"] == "2" and sandboxed["NoNewPrivs"] == "1", sandboxed
 
     status, out, err = cgctl_in_process(capfd, "checkpoint", "counting", "--dir", str(images))
     assert status == 0, err
@@ -135,6 +144,7 @@ def test_restored_counter_continues_in_a_new_cgroup_under_its_limits(
     wait_for(lambda: "pid" in state.read(record), "the restorer to record the pid")
     init = state.read(record)["pid"]
     assert init in pids and host_cgroups([init]) == {"0::/cgctl.slice/resumed"}
+    assert sandbox_status(init) == sandboxed, "CRIU did not restore the sandbox (capabilities, seccomp)"
     assert Path(f"/proc/{init}/status").read_text().split("NSpid:")[1].split("\n")[0].split()[-1] == "1"
     assert Path(f"/proc/{init}/ns/pid").resolve() != Path("/proc/self/ns/pid").resolve()
     inside = ["nsenter", "--cgroup", "--target", str(init), "cat", "/proc/self/cgroup"]

@@ -158,6 +158,7 @@ def test_promtool_accepts_the_exposition(background: Background) -> None:
         ["sh", "-c", f"dd if=/dev/zero of={DISK} bs=1M count=4 oflag=direct; sleep 3600"],
         limits={"memory": {"max": "64M"}, "cpu": {"cpus": "1"}, "pids": {"max": 10}},
         labels={"team": "infra"},
+        security={"devices": [DISK]},
     )
     for compat in ((), ("cadvisor",)):
         done = subprocess.run(
@@ -221,6 +222,7 @@ def prometheus() -> Iterator[QueryFn]:
             "status=none; sleep 0.2; done",
         ],
         limits={"pids": {"max": 16}},
+        security={"devices": [DISK]},
     )
     workloads.start(
         "near-limit",

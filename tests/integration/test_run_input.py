@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,6 +60,12 @@ def everything_cgctl_made() -> tuple[list[str], list[str]]:
         (["--env", "1BAD=x"], "--env: '1BAD' is not an environment variable name"),
         (["--workdir", "relative"], "invalid value 'relative' for --workdir"),
         (["--env-file", "/nonexistent"], "invalid value '/nonexistent' for --env-file: No such file"),
+        (["--cap-add", "SYS_WIZARD"], "invalid value 'SYS_WIZARD' for --cap-add: not a Linux capability"),
+        (["--device", "/dev/nope"], "invalid value '/dev/nope' for --device: /dev/nope: no such device node"),
+        (["--device", "/etc/hostname:r"], "for --device: /etc/hostname: not a device node: it is a regular"),
+        (["--seccomp", "/nonexistent.json"], "invalid value '/nonexistent.json' for --seccomp: /nonexistent"),
+        (["--seccomp", "/etc/hostname"], "for --seccomp: /etc/hostname: not valid JSON at line 1"),
+        (["--share", "mnt"], "--share mnt needs --privileged"),
     ],
 )
 def test_bad_input_exits_125_and_creates_nothing(
@@ -129,18 +136,32 @@ def unprivileged_delegation() -> Iterator[Path]:
         *(group / name for name in ("cgroup.procs", "cgroup.subtree_control", "cgroup.threads")),
     ):
         os.chown(path, 65534, 65534)
-    home = Path("/root")
-    mode = home.stat().st_mode
-    home.chmod(mode | 0o005)  # the host Python lives under /root; this VM's root is a throwaway overlay
+    opened = open_to_others(Path.cwd(), Path(PYTHON).resolve(), Path(sys.prefix), Path(sys.base_prefix))
     try:
         yield group
     finally:
-        home.chmod(mode)
+        for directory, mode in opened.items():
+            directory.chmod(mode)
         for leaf in sorted(group.iterdir(), reverse=True):
             if leaf.is_dir():
                 leaf.rmdir()
         group.rmdir()
         parent.rmdir()
+
+
+def open_to_others(*paths: Path) -> dict[Path, int]:
+    """Let nobody reach the checkout and this Python, wherever they are (a clone under /root, which is
+    0700, or in a private temporary directory): every directory above them gets o+rx. Only in the
+    micro-VM, whose root is a throwaway overlay; returns the modes to put back."""
+    assert os.environ.get("CGCTL_VM") == "1", "this test changes directory modes: run it in the micro-VM"
+    opened = {}
+    for path in paths:
+        for directory in (path, *path.parents) if path.is_dir() else path.parents:
+            mode = directory.stat().st_mode & 0o7777
+            if mode & 0o005 != 0o005 and directory not in opened:
+                opened[directory] = mode
+                directory.chmod(mode | 0o005)
+    return opened
 
 
 def as_nobody_in(group: Path | None, cgctl_args: str) -> subprocess.CompletedProcess[str]:

@@ -69,7 +69,7 @@ def test_allocation_under_mem_completes_and_its_peak_is_measured() -> None:
 
 def test_mem_high_throttles_page_cache_without_a_kill() -> None:
     write = ["dd", "if=/dev/zero", f"of={DISK}", "bs=1M", "count=128", "status=none"]
-    report = runtime.run(spec(write, limits={"memory": {"high": "32M"}}))
+    report = runtime.run(spec(write, limits={"memory": {"high": "32M"}}, security={"devices": [DISK]}))
     assert (report.exit_code, report.oom_killed) == (0, False)
     assert report.memory_high_events > 0
     assert report.memory_peak_bytes is not None and report.memory_peak_bytes < 96 * MiB
@@ -112,7 +112,9 @@ def test_cpu_weights_100_and_300_share_a_contended_cpu_1_to_3(tmp_path: Path) ->
 def test_io_max_wbps_limits_direct_writes(tmp_path: Path) -> None:
     write = ["dd", "if=/dev/zero", f"of={DISK}", "bs=64K", "count=64", "oflag=direct", "status=none"]  # 4 MiB
     started = time.monotonic()
-    report = runtime.run(spec(write, limits={"io": {"max": [f"{DISK}:wbps=1M"]}}))
+    report = runtime.run(
+        spec(write, limits={"io": {"max": [f"{DISK}:wbps=1M"]}}, security={"devices": [DISK]})
+    )
     rate = 4 / (time.monotonic() - started)
     assert report.exit_code == 0
     assert 0.6 <= rate <= 1.3, f"{rate:.2f} MiB/s under wbps=1M"

@@ -43,6 +43,17 @@ def cgctl(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *
         (["--label", "novalue", "--", "true"], "invalid value 'novalue' for --label: expected KEY=VALUE"),
         (["--hostname", "", "--", "true"], "invalid value '' for --hostname"),
         (["--no-such-option", "--", "true"], "No such option: --no-such-option"),
+        (["--cap-add", "SYS_WIZARD", "--", "true"], "invalid value 'SYS_WIZARD' for --cap-add: not a Linux"),
+        (["--cap-drop", "cap_", "--", "true"], "invalid value 'cap_' for --cap-drop"),
+        (["--cap-add", "ALL", "--", "true"], "invalid --cap-add: adding ALL capabilities is --privileged"),
+        (["--device", "dev/vda", "--", "true"], "invalid value 'dev/vda' for --device: 'dev/vda' is not"),
+        (["--device", "/dev/vda:rwx", "--", "true"], "invalid value 'rwx' for --device: 'rwx' is not an"),
+        (["--device", "/dev/vda:/dev/xvda", "--", "true"], "a path of its own needs a root of its own"),
+        (["--share", "mnt", "--", "true"], "--share mnt needs --privileged"),
+        (
+            ["--seccomp", "/no/such/profile.json", "--", "true"],
+            "invalid value '/no/such/profile.json' for --seccomp",
+        ),
     ],
 )
 def test_bad_input_exits_125_naming_option_and_value(

@@ -7,7 +7,18 @@ from decimal import Decimal
 import pytest
 from pydantic import ValidationError
 
-from cgctl.spec import Limits, Namespaces, WorkloadSpec, format_size, parse_size
+from cgctl.spec import (
+    CAPABILITIES,
+    DEFAULT_CAPABILITIES,
+    Device,
+    Limits,
+    Namespaces,
+    Security,
+    WorkloadSpec,
+    capability_name,
+    format_size,
+    parse_size,
+)
 
 MiB = 1 << 20
 
@@ -186,3 +197,75 @@ def test_namespaces_default_private_and_share() -> None:
 def test_bad_env_labels_and_workdir(field: str, value: object) -> None:
     with pytest.raises(ValidationError, match=field):
         WorkloadSpec.model_validate({"command": ["true"], field: value})
+
+
+@pytest.mark.parametrize("name", ["sys_admin", "SYS_ADMIN", "cap_sys_admin", "CAP_SYS_ADMIN", " Sys_Admin "])
+def test_capability_names_with_or_without_cap_in_any_case(name: str) -> None:
+    assert capability_name(name) == "CAP_SYS_ADMIN"
+
+
+@pytest.mark.parametrize("name", ["", "CAP_", "SYS_WIZARD", "cap_cap_chown", "0", "NET ADMIN"])
+def test_unknown_capabilities_are_refused_by_name(name: str) -> None:
+    with pytest.raises(ValueError, match="not a Linux capability"):
+        capability_name(name)
+
+
+def test_capability_numbers_are_the_kernels() -> None:
+    # linux/capability.h: the numbers are ABI; a shifted table would drop the wrong capabilities.
+    assert CAPABILITIES.index("CAP_CHOWN") == 0
+    assert CAPABILITIES.index("CAP_NET_RAW") == 13
+    assert CAPABILITIES.index("CAP_SYS_ADMIN") == 21
+    assert CAPABILITIES.index("CAP_MKNOD") == 27
+    assert CAPABILITIES.index("CAP_SETFCAP") == 31
+    assert CAPABILITIES.index("CAP_CHECKPOINT_RESTORE") == 40 == len(CAPABILITIES) - 1
+    assert set(DEFAULT_CAPABILITIES) < set(CAPABILITIES) and len(DEFAULT_CAPABILITIES) == 14
+
+
+def test_the_capability_set_from_the_default_add_and_drop() -> None:
+    assert Security().capabilities() == [name for name in CAPABILITIES if name in DEFAULT_CAPABILITIES]
+    kept = Security(cap_add=["net_admin"], cap_drop=["chown", "MKNOD"]).capabilities()
+    assert "CAP_NET_ADMIN" in kept and "CAP_CHOWN" not in kept and "CAP_MKNOD" not in kept
+    assert Security(cap_drop=["ALL"]).capabilities() == []
+    assert Security(cap_drop=["all"], cap_add=["kill"]).capabilities() == ["CAP_KILL"]
+    assert Security(privileged=True, cap_drop=["ALL"]).capabilities() == list(CAPABILITIES)
+
+
+@pytest.mark.parametrize(
+    ("text", "device"),
+    [
+        ("/dev/vda", ("/dev/vda", None, "rwm")),
+        ("/dev/vda:r", ("/dev/vda", None, "r")),
+        ("/dev/vda:/dev/xvda", ("/dev/vda", "/dev/xvda", "rwm")),
+        ("/dev/vda:/dev/xvda:rw", ("/dev/vda", "/dev/xvda", "rw")),
+    ],
+)
+def test_devices_parse_as_docker_writes_them(text: str, device: tuple[str, str | None, str]) -> None:
+    parsed = Device.model_validate(text)
+    assert (parsed.path, parsed.target, parsed.access) == device
+
+
+@pytest.mark.parametrize(
+    "text", ["vda", "/dev/vda:rr", "/dev/vda:x", "/a:/b:/c:r", "/dev/vda:dev/x", "/dev/vda:"]
+)
+def test_bad_devices_are_refused(text: str) -> None:
+    with pytest.raises(ValidationError):
+        Device.model_validate(text)
+
+
+@pytest.mark.parametrize("seccomp", ["default", "unconfined", "/etc/cgctl/profile.json"])
+def test_seccomp_sources(seccomp: str) -> None:
+    assert Security(seccomp=seccomp).seccomp == seccomp
+
+
+def test_a_relative_seccomp_profile_is_refused() -> None:
+    with pytest.raises(ValidationError, match="absolute path"):
+        Security(seccomp="profile.json")
+
+
+def test_sharing_the_mount_namespace_needs_privileged() -> None:
+    with pytest.raises(ValidationError, match="--share mnt needs --privileged"):
+        WorkloadSpec(command=["true"], namespaces=Namespaces(share=["mnt"]))
+    spec = WorkloadSpec(
+        command=["true"], namespaces=Namespaces(share=["mnt"]), security=Security(privileged=True)
+    )
+    assert spec.security.privileged

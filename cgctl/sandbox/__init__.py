@@ -1,0 +1,112 @@
+"""The default sandbox: what a workload may ask of the kernel and the host, beyond its limits.
+
+Layers, each closing what the others leave open (runc's and docker's defaults, bubblewrap's and
+nsjail's no_new_privs):
+
+- capabilities: a root workload keeps a small set (spec.DEFAULT_CAPABILITIES) in its bounding,
+  permitted, effective and inheritable sets, none ambient; a non-root --user has none effective;
+- no_new_privs: setuid programs and file capabilities grant nothing on exec;
+- seccomp: an allowlist of system calls (seccomp-default.json, docker's profile format), built by
+  libseccomp in the supervisor and installed as the last step before exec;
+- kernel paths: /proc and /sys files that reach the kernel masked or read-only (paths.py);
+- devices: a cgroup device program (cgroup/devices.py), attached by the supervisor to the
+  workload's cgroup before the workload joins it.
+
+`--privileged` turns every layer off. The supervisor makes the plan (every error is a SpecError
+before anything exists); the workload's init enters it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cgctl.cgroup import devices
+from cgctl.ns import libc
+from cgctl.sandbox import seccomp
+from cgctl.spec import CAPABILITIES, Security, SpecError
+
+CAP_LAST_CAP = Path("/proc/sys/kernel/cap_last_cap")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the workload's init needs to enter the sandbox, decided by the supervisor."""
+
+    capabilities: int  # bit N = capability N: what a root workload keeps
+    bounding_drop: tuple[int, ...]  # capabilities this kernel knows that the workload must not keep
+    no_new_privileges: bool
+    seccomp: seccomp.Filter | None
+    restrict_paths: bool  # mask and write-protect kernel paths (paths.py)
+
+
+def plan(security: Security) -> Plan:
+    """The sandbox a spec asks for, checked against this host (its capabilities, the seccomp profile);
+    raises SpecError naming the field and value before anything is created."""
+    last = _last_capability()
+    kept = security.capabilities()
+    for index, name in enumerate(security.cap_add):
+        if CAPABILITIES.index(name) > last:
+            reason = f"this kernel does not know it (its last capability is {CAPABILITIES[last]})"
+            raise SpecError(("security", "cap_add", index), name, reason)
+    kept = [name for name in kept if CAPABILITIES.index(name) <= last]
+    mask = sum(1 << CAPABILITIES.index(name) for name in kept)
+    if security.privileged:
+        return Plan(mask, (), False, None, False)
+    compiled = None
+    if security.seccomp != seccomp.UNCONFINED:
+        compiled = seccomp.filter_for(security.seccomp, kept)
+    return Plan(
+        capabilities=mask,
+        bounding_drop=tuple(cap for cap in range(last + 1) if not mask >> cap & 1),
+        no_new_privileges=security.no_new_privileges,
+        seccomp=compiled,
+        restrict_paths=True,
+    )
+
+
+def device_rules(security: Security) -> tuple[devices.Rule, ...] | None:
+    """The devices the workload may use (None: all, when privileged); a --device that is not a device
+    node on this host raises SpecError."""
+    if security.privileged:
+        return None
+    rules = list(devices.DEFAULT_RULES)
+    for index, device in enumerate(security.devices):
+        try:
+            rules.append(devices.rule_for(device.path, device.access))
+        except ValueError as error:
+            raise SpecError(("security", "devices", index), device.path, str(error)) from None
+    return tuple(rules)
+
+
+@functools.cache
+def _last_capability() -> int:
+    """The number of the last capability this kernel knows (it does not change while it runs)."""
+    return int(CAP_LAST_CAP.read_text())
+
+
+def enter(plan: Plan, identity: tuple[int, int] | None) -> None:
+    """Drop to the plan's privileges and become identity (uid, gid) if given: the workload's last steps
+    before exec, in the one order that works. Without no_new_privs, loading a seccomp filter needs
+    CAP_SYS_ADMIN, so the filter goes in first (then the profile must allow what follows: capset,
+    setuid, prctl; the default one does)."""
+    if plan.no_new_privileges:
+        libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
+    elif plan.seccomp:
+        seccomp.install(plan.seccomp)
+    for cap in plan.bounding_drop:
+        libc.prctl(libc.PR_CAPBSET_DROP, cap)
+    libc.prctl(libc.PR_CAP_AMBIENT, libc.PR_CAP_AMBIENT_CLEAR_ALL)
+    if identity is not None:
+        uid, gid = identity
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)  # to a non-root uid: the kernel empties the permitted and effective sets
+    if os.geteuid() == 0:
+        libc.capset(plan.capabilities, plan.capabilities, plan.capabilities)
+    else:
+        libc.capset(0, 0, 0)
+    if plan.no_new_privileges and plan.seccomp:
+        seccomp.install(plan.seccomp)
