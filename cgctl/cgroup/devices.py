@@ -276,7 +276,7 @@ def attach(group: Cgroup, rules: Iterable[Rule]) -> None:
     ancestors (systemd's DevicePolicy=) still apply too, and programs of descendants may be added.
     """
     try:
-        program_fd = _loaded(program(rules))
+        program_fd = _loaded(tuple(rules))
     except OSError as error:
         raise CgroupError(
             f"{group.path}: cannot load the device program: {error.strerror}{_hint(error)}"
@@ -298,11 +298,11 @@ def attach(group: Cgroup, rules: Iterable[Rule]) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def _loaded(code: bytes) -> int:
-    """A program fd, loaded (and verified) once per program for the life of the process: a process that
-    starts many workloads (a daemon, a library caller) attaches the same program to each cgroup. The fd
-    is close-on-exec, and workloads close every inherited fd anyway."""
-    return _load(code)
+def _loaded(rules: tuple[Rule, ...]) -> int:
+    """A program fd, built and loaded (verified) once per set of rules for the life of the process: a
+    process that starts many workloads (a daemon, a library caller) attaches the same program to each
+    cgroup. The fd is close-on-exec, and workloads close every inherited fd anyway."""
+    return _load(program(rules))
 
 
 def attached(group: Cgroup, effective: bool = False) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+from typing import NoReturn
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -46,35 +47,36 @@ _unshare, _mount, _umount2, _syscall = _libc.unshare, _libc.mount, _libc.umount2
 _prctl, _capset = _libc.prctl, _libc.capset
 
 
-def _check(result: int, call: str) -> int:
-    if result == -1:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"{call}: {os.strerror(errno)}")
-    return result
+def _fail(call: str) -> NoReturn:
+    """Raise the OSError of the call that just returned -1 (messages are built only then: in the
+    forked workload every needless string costs)."""
+    errno = ctypes.get_errno()
+    raise OSError(errno, f"{call}: {os.strerror(errno)}")
 
 
 def unshare(flags: int) -> None:
-    _check(_unshare(ctypes.c_int(flags)), f"unshare({flags:#x})")
+    if _unshare(ctypes.c_int(flags)) == -1:
+        _fail(f"unshare({flags:#x})")
 
 
 def mount(source: str, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
-    _check(
-        _mount(
-            source.encode(),
-            target.encode(),
-            fstype.encode() if fstype else None,
-            ctypes.c_ulong(flags),
-            data.encode() if data else None,
-        ),
-        f"mount({source!r}, {target!r}, {fstype!r})",
+    result = _mount(
+        source.encode(),
+        target.encode(),
+        fstype.encode() if fstype else None,
+        ctypes.c_ulong(flags),
+        data.encode() if data else None,
     )
+    if result == -1:
+        _fail(f"mount({source!r}, {target!r}, {fstype!r})")
 
 
 MNT_DETACH = 0x2
 
 
 def umount(target: str, flags: int = 0) -> None:
-    _check(_umount2(target.encode(), ctypes.c_int(flags)), f"umount2({target!r}, {flags})")
+    if _umount2(target.encode(), ctypes.c_int(flags)) == -1:
+        _fail(f"umount2({target!r}, {flags})")
 
 
 # mount_setattr(2) (Linux 5.12) has no glibc wrapper either; new system calls share one number everywhere.
@@ -101,7 +103,7 @@ def make_read_only_recursively(path: str) -> None:
         ctypes.c_size_t(ctypes.sizeof(attr)),
     )
     if result == -1:
-        _check(-1, f"mount_setattr({path!r}, AT_RECURSIVE, MOUNT_ATTR_RDONLY)")
+        _fail(f"mount_setattr({path!r}, AT_RECURSIVE, MOUNT_ATTR_RDONLY)")
 
 
 # pivot_root(2) has no glibc wrapper: the raw system call, by architecture.
@@ -110,12 +112,15 @@ SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "
 
 def pivot_root(new_root: str, put_old: str) -> None:
     number = SYS_PIVOT_ROOT[platform.machine()]
-    _check(_syscall(number, new_root.encode(), put_old.encode()), f"pivot_root({new_root!r}, {put_old!r})")
+    if _syscall(number, new_root.encode(), put_old.encode()) == -1:
+        _fail(f"pivot_root({new_root!r}, {put_old!r})")
 
 
 def prctl(option: int, value: int = 0, value2: int = 0) -> int:
     result: int = _prctl(option, ctypes.c_ulong(value), ctypes.c_ulong(value2), 0, 0)
-    return result if result != -1 else _check(result, f"prctl({option}, {value}, {value2})")
+    if result == -1:
+        _fail(f"prctl({option}, {value}, {value2})")
+    return result
 
 
 class _CapHeader(ctypes.Structure):
@@ -140,10 +145,11 @@ def capset(effective: int, permitted: int, inheritable: int) -> None:
     high.effective, high.permitted, high.inheritable = effective >> 32, permitted >> 32, inheritable >> 32
     data = (_CapData * 2)(low, high)
     if _capset(ctypes.byref(_CapHeader(_CAPABILITY_VERSION_3, 0)), data) == -1:
-        _check(-1, f"capset({effective:#x}, {permitted:#x}, {inheritable:#x})")
+        _fail(f"capset({effective:#x}, {permitted:#x}, {inheritable:#x})")
 
 
 def get_child_subreaper() -> bool:
     flag = ctypes.c_int(0)
-    _check(_prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0), "prctl(PR_GET_CHILD_SUBREAPER)")
+    if _prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) == -1:
+        _fail("prctl(PR_GET_CHILD_SUBREAPER)")
     return bool(flag.value)

@@ -140,7 +140,8 @@ def _one_of(known: Iterable[str]) -> str:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", alias_generator=to_camel)
+    # Built on first use: a run under --privileged or --seccomp unconfined never parses a profile.
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, defer_build=True)
 
 
 class Arg(_Model):
