@@ -145,6 +145,8 @@ def test_restored_counter_continues_in_a_new_cgroup_under_its_limits(
     init = state.read(record)["pid"]
     assert init in pids and host_cgroups([init]) == {"0::/cgctl.slice/resumed"}
     assert sandbox_status(init) == sandboxed, "CRIU did not restore the sandbox (capabilities, seccomp)"
+    mounts = {f[4]: f[5] for f in map(str.split, Path(f"/proc/{init}/mountinfo").read_text().splitlines())}
+    assert "/proc/kcore" in mounts and mounts["/proc/sys"].startswith("ro,"), "the masks were not restored"
     assert Path(f"/proc/{init}/status").read_text().split("NSpid:")[1].split("\n")[0].split()[-1] == "1"
     assert Path(f"/proc/{init}/ns/pid").resolve() != Path("/proc/self/ns/pid").resolve()
     inside = ["nsenter", "--cgroup", "--target", str(init), "cat", "/proc/self/cgroup"]
