@@ -193,7 +193,8 @@ def test_a_program_the_verifier_refuses_comes_with_its_log(
     reads_unset_register = devices.mov_reg(devices.R0, 2) + devices.exit_()
     monkeypatch.setattr(devices, "program", lambda rules: reads_unset_register)
     with pytest.raises(CgroupError) as error:
-        attach(group, DEFAULT_RULES)
+        # Rules of its own: attach loads each set of rules once per process, and DEFAULT_RULES is loaded.
+        attach(group, (devices.Rule("c", 4, 64, "r"),))
     message = str(error.value)
     assert message.startswith(f"{group.path}: cannot load the device program: bpf(BPF_PROG_LOAD")
     assert "the verifier's log:" in message and "R2 !read_ok" in message
