@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from cgctl.cgroup.fs import Cgroup, CgroupError
+from cgctl.ns import libc
 
 SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361}
 
@@ -185,9 +186,6 @@ def _rule_block(rule: Rule) -> list[bytes]:
     return block
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 class VerifierError(OSError):
     """The kernel's verifier refused the program; the message carries its log."""
 
@@ -202,7 +200,7 @@ def _bpf(command: int, attr: ctypes.Array[ctypes.c_char], call: str) -> int:
     number = SYS_BPF.get(platform.machine())
     if number is None:
         raise OSError(errno.ENOSYS, f"{call}: cgctl knows no bpf() system call on {platform.machine()}")
-    result = _libc.syscall(
+    result = libc.raw_syscall(
         ctypes.c_long(number),
         ctypes.c_long(command),
         ctypes.c_void_p(ctypes.addressof(attr)),

@@ -45,6 +45,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 # under emulation, on its way to exec.
 _unshare, _mount, _umount2, _syscall = _libc.unshare, _libc.mount, _libc.umount2, _libc.syscall
 _prctl, _capset = _libc.prctl, _libc.capset
+# Unchecked, for the modules that read errno themselves (seccomp(2), bpf(2) and their probes).
+raw_syscall, raw_prctl = _syscall, _prctl
 
 
 def _fail(call: str) -> NoReturn:

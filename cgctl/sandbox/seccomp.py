@@ -38,6 +38,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from cgctl.ns import libc
 from cgctl.spec import CAPABILITIES, SpecError
 
 DEFAULT = "default"
@@ -444,7 +445,7 @@ def problem() -> str | None:
         )
     # The classic probe: with filters built in, a NULL program is refused with EFAULT (and nothing is set).
     if (
-        _libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, None, 0, 0) != -1
+        libc.raw_prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, None, 0, 0) != -1
         or ctypes.get_errno() != errno.EFAULT
     ):
         return "this kernel has no seccomp filters (CONFIG_SECCOMP_FILTER): rebuild it with them"
@@ -808,10 +809,8 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
 # Looked up before the fork: install() runs in the workload, on its way to exec, where every first
 # touch of Python's memory costs a copy-on-write fault.
-_syscall = _libc.syscall
 _SYS_SECCOMP_HERE = SYS_SECCOMP.get(platform.machine())
 
 
@@ -825,7 +824,7 @@ def install(filter: Filter) -> None:
         raise OSError(errno.ENOSYS, f"seccomp(2): cgctl does not know its number on {platform.machine()}")
     program = ctypes.create_string_buffer(filter.program, len(filter.program))
     fprog = _SockFprog(count, ctypes.cast(program, ctypes.c_void_p))
-    result = _syscall(
+    result = libc.raw_syscall(
         ctypes.c_long(_SYS_SECCOMP_HERE),
         ctypes.c_long(SECCOMP_SET_MODE_FILTER),
         ctypes.c_long(filter.flags),
