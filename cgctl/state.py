@@ -24,6 +24,8 @@ from typing import Any
 from cgctl.cgroup import fs
 from cgctl.spec import SpecError
 
+CLAIM_PATIENCE = 2.0  # seconds a name's lock may be held by another's cleanup before it counts as in use
+
 
 def default_state_dir() -> Path:
     if explicit := os.environ.get("CGCTL_STATE_DIR"):
@@ -118,14 +120,24 @@ def claim(state_dir: Path, name: str, record: dict[str, object]) -> Claim:
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = record_path(state_dir, name)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise SpecError(("name",), name, "already in use by a running workload") from None
+    # Another cgctl's clean_stale may hold the lock for a moment (our file is still empty: it cannot
+    # tell us from a claimer that died), then unlinks it; only a lock held longer is a live run's.
+    deadline = time.monotonic() + CLAIM_PATIENCE
+    locked = False
+    while not locked:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            if os.fstat(fd).st_nlink == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.005)
     if os.fstat(fd).st_nlink == 0:  # a stale-run cleanup unlinked it between our open and flock
         os.close(fd)
         return claim(state_dir, name, record)
+    if not locked:
+        os.close(fd)
+        raise SpecError(("name",), name, "already in use by a running workload")
     rewrite(path, record)
     return Claim(name, path, fd)
 
@@ -165,10 +177,12 @@ def clean_stale(state_dir: Path) -> list[str]:
             os.close(fd)
             continue  # alive
         try:
+            # Empty: a claimer between its open and its lock, or one that died there; it made no
+            # cgroup. Unlinked at once, so that a live claimer retries with a file of its own.
             try:
-                record = read(path)
+                record = read(path) if os.fstat(fd).st_size else {}
             except ValueError:
-                record = {}  # its claimer died before writing it: it made no cgroup
+                record = {}
             if record.get("cgroup"):
                 fs.remove(fs.Cgroup(Path(record["cgroup"])))
             path.unlink(missing_ok=True)

@@ -13,7 +13,10 @@ import typer
 
 from cgctl.cli import check as check_verb
 from cgctl.cli import checkpoint as checkpoint_verbs
+from cgctl.cli import connection
+from cgctl.cli import containers as container_verbs
 from cgctl.cli import control as control_verbs
+from cgctl.cli import daemon as daemon_verbs
 from cgctl.cli import exporter as exporter_verb
 from cgctl.cli import image as image_verbs
 from cgctl.cli import run as run_verb
@@ -22,12 +25,14 @@ from cgctl.cli.errors import EXIT_CGCTL_ERROR
 
 app = typer.Typer(name="cgctl", add_completion=False, pretty_exceptions_enable=False)
 run_verb.register(app)
+container_verbs.register(app)
 stats_verb.register(app)
 control_verbs.register(app)
 checkpoint_verbs.register(app)
 image_verbs.register(app)
 exporter_verb.register(app)
 check_verb.register(app)
+daemon_verbs.register(app)
 
 
 def _print_version(wanted: bool) -> None:
@@ -44,8 +49,19 @@ def _root(
         bool,
         typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit"),
     ] = False,
+    host: Annotated[
+        str | None,
+        typer.Option(
+            "--host",
+            "-H",
+            envvar="CGCTL_HOST",
+            help="the daemon: unix:///PATH, or ssh://USER@HOST:PORT/SOCKET (USER, PORT and SOCKET optional); "
+            "default: the local daemon's socket if one answers, else none",
+        ),
+    ] = None,
 ) -> None:
     """Run workloads in their own cgroup v2 with memory, CPU, IO and pids limits."""
+    connection.host = host
 
 
 def main() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 from typing import Annotated
@@ -10,6 +9,7 @@ from typing import Annotated
 import typer
 
 from cgctl.cli import limits
+from cgctl.cli.connection import failed, runtime
 from cgctl.cli.errors import fail, invalid_options, invalid_value
 
 Name = Annotated[str, typer.Argument(help="the container's name")]
@@ -37,15 +37,13 @@ def thaw(name: Name, timeout: Timeout = 10.0, state_dir: StateDir = None) -> Non
 
 
 def _set_frozen(name: str, freeze: bool, timeout: float, state_dir: Path | None) -> None:
-    from cgctl.accounting import find_container
-    from cgctl.cgroup import freezer
-    from cgctl.cgroup.fs import Cgroup, CgroupError
+    from cgctl.runtime.models import Failure
 
+    rt = runtime(state_dir)
     try:
-        group = Cgroup(find_container(name, state_dir).cgroup)
-        changed = freezer.set_frozen(group, freeze, timeout)
-    except (LookupError, CgroupError) as error:
-        raise fail(str(error)) from None
+        changed = rt.freeze(name, timeout) if freeze else rt.thaw(name, timeout)
+    except Failure as error:
+        raise failed(error) from None
     state = "frozen" if freeze else "running"
     print(f"{name}: {state}" if changed else f"{name}: already {state}")
 
@@ -56,42 +54,20 @@ def kill(
     state_dir: StateDir = None,
 ) -> None:
     """Send a signal to every process of the container (default SIGKILL, through cgroup.kill)."""
-    from cgctl.accounting import find_container
-    from cgctl.cgroup.fs import Cgroup, CgroupError
+    from cgctl.runtime.models import Failure, parse_signal
 
     try:
-        sig = _parse_signal(signal_name)
+        sig = parse_signal(signal_name)
     except ValueError as error:
         raise fail(f"invalid value {signal_name!r} for --signal: {error}") from None
     try:
-        group = Cgroup(find_container(name, state_dir).cgroup)
-        if sig == signal.SIGKILL:
-            group.write("cgroup.kill", "1")
-            print(f"{name}: killed")
-            return
-        signalled = 0
-        for procs in sorted(group.path.rglob("cgroup.procs")):  # its own sub-cgroups too
-            for pid in Cgroup(procs.parent).read("cgroup.procs").split():
-                try:
-                    os.kill(int(pid), sig)
-                    signalled += 1
-                except ProcessLookupError:
-                    pass  # exited meanwhile
-    except (LookupError, CgroupError) as error:
-        raise fail(str(error)) from None
-    print(f"{name}: {sig.name} sent to {signalled} process{'es' if signalled != 1 else ''}")
-
-
-def _parse_signal(text: str) -> signal.Signals:
-    """'KILL', 'SIGKILL', 'kill' or '9'."""
-    try:
-        return (
-            signal.Signals(int(text))
-            if text.isdigit()
-            else signal.Signals["SIG" + text.upper().removeprefix("SIG")]
-        )
-    except (KeyError, ValueError):
-        raise ValueError("not a signal name or number (e.g. TERM, SIGUSR1, 9)") from None
+        signalled = runtime(state_dir).kill(name, sig.name)
+    except Failure as error:
+        raise failed(error) from None
+    if sig == signal.SIGKILL:
+        print(f"{name}: killed")
+    else:
+        print(f"{name}: {sig.name} sent to {signalled} process{'es' if signalled != 1 else ''}")
 
 
 def update(
@@ -116,8 +92,7 @@ def update(
     anything is written, and a write that fails puts back those already made."""
     from pydantic import ValidationError
 
-    from cgctl.cgroup.fs import CgroupError
-    from cgctl.runtime.update import update as update_limits
+    from cgctl.runtime.models import Failure
     from cgctl.spec import SpecError
 
     changes = limits.limit_fields(
@@ -144,13 +119,13 @@ def update(
         **{("limits", *field): opt for field, opt in limits.OPTION_FOR_FIELD.items()},
     }
     try:
-        written = update_limits(name, changes, state_dir)
+        written = runtime(state_dir).update(name, changes)
     except ValidationError as error:
         raise invalid_options(error, options) from None
     except SpecError as error:
         raise invalid_value(error, options) from None
-    except (LookupError, CgroupError) as error:
-        raise fail(str(error)) from None
+    except Failure as error:
+        raise failed(error) from None
     for file, value in written.items():
         print(f"{name}: {file} = {value}")
     if not written:

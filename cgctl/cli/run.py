@@ -6,7 +6,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -14,7 +14,9 @@ from cgctl.cli import limits
 from cgctl.cli.errors import fail, invalid_options, invalid_value
 
 if TYPE_CHECKING:
+    from cgctl.runtime.interface import Runtime
     from cgctl.runtime.report import RunReport
+    from cgctl.spec import WorkloadSpec
 
 # Which option fed each spec field, so that errors speak the user's language.
 OPTION_FOR_FIELD: dict[tuple[str | int, ...], str] = {
@@ -126,6 +128,20 @@ def run(
     device: Annotated[
         list[str] | None, limits.repeated("HOST_PATH[:CONTAINER_PATH][:rwm]: a host device it may use")
     ] = None,
+    detach: Annotated[
+        bool, typer.Option("--detach", "-d", help="run in the background under the daemon; print the name")
+    ] = False,
+    restart: Annotated[
+        str | None, typer.Option(help="with the daemon: no, on-failure[:N], always or unless-stopped")
+    ] = None,
+    log_max_size: Annotated[
+        str | None, typer.Option(help="with the daemon: rotate the output log at this size (default 10M)")
+    ] = None,
+    log_max_files: Annotated[
+        int | None,
+        typer.Option(help="with the daemon: log files kept, the current one included (default 3)"),
+    ] = None,
+    rm: Annotated[bool, typer.Option("--rm", help="with -d: remove the container once it has ended")] = False,
     report: Report = None,
     cgroup_root: CgroupRoot = None,
 ) -> None:
@@ -133,14 +149,17 @@ def run(
     only docker's default capabilities, runs with no_new_privs under a seccomp allowlist, and reaches
     no kernel path or device it has no business with (--privileged turns that off).
 
+    With a daemon (--host, CGCTL_HOST or the default socket) it supervises the run: -d leaves it in
+    the background; without -d, output is streamed, Ctrl-C is forwarded and its status returned.
+
     Exits with CMD's status; 125: cgctl error (nothing started); 126: not executable;
     127: not found; 128+N: killed by signal N.
     """
     from pydantic import ValidationError
 
-    from cgctl import runtime
-    from cgctl.cgroup.fs import CgroupError
-    from cgctl.spec import SpecError, WorkloadSpec
+    from cgctl.cli.connection import runtime
+    from cgctl.runtime.embedded import LocalRuntime
+    from cgctl.spec import WorkloadSpec
 
     root = _root(image, rootfs, layer or [], upper, keep_upper, read_only)
     defaults = _image_defaults(image, rootfs, root) if image and root else {}
@@ -189,6 +208,24 @@ def run(
         spec = WorkloadSpec.model_validate(fields)
     except ValidationError as error:
         raise invalid_options(error, OPTION_FOR_FIELD) from None
+    service = {"restart": restart, "log_max_size": log_max_size, "log_max_files": log_max_files, "rm": rm}
+    chosen = runtime()
+    if not isinstance(chosen, LocalRuntime):
+        _through_daemon(chosen, spec, detach, service, report)
+    if detach or any(service.values()):
+        from cgctl.runtime.embedded import START_DAEMON
+
+        given = "-d" if detach else "--" + next(k for k, v in service.items() if v).replace("_", "-")
+        raise fail(f"{given} needs the cgctl daemon, and none answers: {START_DAEMON}")
+    _run_here(spec, cgroup_root, report)
+
+
+def _run_here(spec: WorkloadSpec, cgroup_root: Path | None, report: str | None) -> NoReturn:
+    """Run in this process (no daemon): it supervises the workload and ends with it."""
+    from cgctl import runtime
+    from cgctl.cgroup.fs import CgroupError
+    from cgctl.spec import SpecError
+
     try:
         result = runtime.run(spec, cgroup_root=cgroup_root)
     except SpecError as error:
@@ -202,6 +239,76 @@ def run(
         write_report(report, result.model_dump_json(indent=2))
     explain_end(result)
     raise typer.Exit(result.exit_status)
+
+
+def _through_daemon(
+    chosen: Runtime, spec: WorkloadSpec, detach: bool, service: dict[str, Any], report: str | None
+) -> NoReturn:
+    """Create the container under the daemon; without -d, attach: stream its output, forward Ctrl-C
+    and SIGTERM, and end with its status (the container is then removed)."""
+    from pydantic import ValidationError
+
+    from cgctl.cli.connection import failed
+    from cgctl.runtime.models import CreateRequest, Failure
+
+    fields: dict[str, Any] = {"spec": spec, "auto_remove": service["rm"]}
+    if service["restart"]:
+        fields["restart"] = service["restart"]
+    log = {"max_size": service["log_max_size"], "max_files": service["log_max_files"]}
+    fields["log"] = {key: value for key, value in log.items() if value is not None}
+    try:
+        request = CreateRequest.model_validate(fields)
+    except ValidationError as error:
+        raise invalid_options(error, DAEMON_OPTIONS) from None
+    try:
+        created = chosen.create(request)
+        if detach:
+            print(created.name)
+            raise typer.Exit(0)
+        status = _attach(chosen, created.name)
+    except Failure as error:
+        raise failed(error) from None
+    raise typer.Exit(status)
+
+
+DAEMON_OPTIONS: dict[tuple[str | int, ...], str] = {
+    ("restart",): "--restart",
+    ("log", "max_size"): "--log-max-size",
+    ("log", "max_files"): "--log-max-files",
+    **{("spec", *field): option for field, option in OPTION_FOR_FIELD.items()},
+}
+
+
+def _attach(chosen: Runtime, name: str) -> int:
+    import threading
+
+    def forward(received: int, _frame: object) -> None:
+        threading.Thread(target=chosen.kill, args=(name, signal.Signals(received).name), daemon=True).start()
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+
+        def stream() -> None:
+            for line in chosen.logs(name, follow=True):
+                out = sys.stdout if line.stream == "stdout" else sys.stderr
+                out.write(line.text + ("" if line.partial else "\n"))
+                out.flush()
+
+        printer = threading.Thread(target=stream, daemon=True)
+        printer.start()
+        ended = chosen.wait(name)
+        printer.join(timeout=10)  # the stream ends with the container; what is left is flushed by then
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    chosen.remove(name)
+    last = ended.last
+    if last is None or not last.status_known:
+        print(f"cgctl: {name}: {last.ended if last else 'never started'}", file=sys.stderr)
+        return 125
+    if ended.report is not None:
+        explain_end(ended.report)
+    return last.exit_status or 0
 
 
 def _image_defaults(image: str, rootfs: Path | None, root: dict[str, Any]) -> dict[str, Any]:

@@ -136,6 +136,19 @@ def run(spec: WorkloadSpec, cgroup_root: Path | None = None, state_dir: Path | N
     fit this host) or spawn.SpawnError (the command could not be started); in
     every case nothing is left behind.
     """
+    confinement = plan_sandbox(spec)
+    with prepared_root(spec) as root:
+        # The caller's environment is passed on, unless an image brings its own.
+        env = spec.env if spec.rootfs and spec.rootfs.image else {**os.environ, **spec.env}
+
+        def start(name: str, group: fs.Cgroup) -> tuple[int, int | None]:
+            return spawn.start(launch_for(spec, name, group, confinement, root, env))
+
+        return supervise(spec, start, cgroup_root, state_dir)
+
+
+def plan_sandbox(spec: WorkloadSpec) -> sandbox.Plan:
+    """The sandbox plan, after checking that the namespaces asked for can be made by this user."""
     private = spec.namespaces.private()
     if os.geteuid() != 0 and private and not spec.namespaces.user:
         raise spawn.SpawnError(
@@ -143,28 +156,29 @@ def run(spec: WorkloadSpec, cgroup_root: Path | None = None, state_dir: Path | N
             "rootless (in a delegated cgroup)",
             125,
         )
+    return sandbox.plan(spec.security)
 
-    confinement = sandbox.plan(spec.security)
-    with prepared_root(spec) as root:
 
-        def start(name: str, group: fs.Cgroup) -> tuple[int, int | None]:
-            return spawn.start(
-                spawn.Launch(
-                    argv=spec.command,
-                    # An image brings its own environment; otherwise the caller's is passed on.
-                    env=spec.env if spec.rootfs and spec.rootfs.image else {**os.environ, **spec.env},
-                    workdir=spec.workdir,
-                    cgroup_procs=str(group.file("cgroup.procs")),
-                    namespaces=ns.Context(private=frozenset(private), hostname=spec.hostname or name),
-                    user_namespace=spec.namespaces.user,
-                    init=spec.init,
-                    sandbox=confinement,
-                    root=root,
-                    user=spec.user,
-                )
-            )
-
-        return supervise(spec, start, cgroup_root, state_dir)
+def launch_for(
+    spec: WorkloadSpec,
+    name: str,
+    group: fs.Cgroup,
+    confinement: sandbox.Plan,
+    root: rootfs.Plan | None,
+    env: dict[str, str],
+) -> spawn.Launch:
+    return spawn.Launch(
+        argv=spec.command,
+        env=env,
+        workdir=spec.workdir,
+        cgroup_procs=str(group.file("cgroup.procs")),
+        namespaces=ns.Context(private=frozenset(spec.namespaces.private()), hostname=spec.hostname or name),
+        user_namespace=spec.namespaces.user,
+        init=spec.init,
+        sandbox=confinement,
+        root=root,
+        user=spec.user,
+    )
 
 
 @contextlib.contextmanager
@@ -212,16 +226,25 @@ def _remove_upper(upper: str, made: bool) -> None:
             os.rmdir(upper)
 
 
-def supervise(
+@dataclass
+class Created:
+    """A workload's claimed name and its cgroup with every limit written, not yet started."""
+
+    spec: WorkloadSpec
+    name: str
+    group: fs.Cgroup
+    claim: state.Claim
+    written: list[str]  # the interface files written, read back into the report at the end
+
+
+def create(
     spec: WorkloadSpec,
-    start: Starter,
     cgroup_root: Path | None = None,
     state_dir: Path | None = None,
     record: dict[str, object] | None = None,
-) -> RunReport:
-    """Claim the name, make the cgroup with every limit, start the workload with `start`, wait for it,
-    and return its report; whatever happens, the cgroup and the claim are gone at the end.
-    `record` adds fields to the run record (`cgctl restore` notes where it came from)."""
+) -> Created:
+    """Claim the name and make the cgroup with every limit and the device program; on any failure
+    nothing is left. `record` adds fields to the run record (`cgctl restore` notes where it came from)."""
     # Rootless, the kernel itself refuses device nodes (user namespaces cannot create or reach them):
     # only root may, and must, attach a device program.
     rules = sandbox.device_rules(spec.security) if os.geteuid() == 0 else None
@@ -247,16 +270,57 @@ def supervise(
                 group.write(file, value)
             if rules is not None:
                 devices.attach(group, rules)
-            return _wait(spec, name, group, [file for file, _ in settings], claim, start)
-        finally:
+        except BaseException:
             fs.remove(group)
-    finally:
+            raise
+    except BaseException:
         claim.release()
+        raise
+    return Created(spec, name, group, claim, [file for file, _ in settings])
 
 
-def _wait(
-    spec: WorkloadSpec, name: str, group: fs.Cgroup, written: list[str], claim: state.Claim, start: Starter
+def final(
+    spec: WorkloadSpec,
+    name: str,
+    group: fs.Cgroup,
+    record_path: Path,
+    status: int,
+    wall: float,
+    written: list[str],
 ) -> RunReport:
+    """Kill what the workload left behind and read its final report from the cgroup (which stays)."""
+    fs.kill_all(group)
+    record = state.read(record_path)
+    written = written + record.get("written", [])  # what `cgctl update` changed
+    applied = {file: group.read(file).strip() for file in dict.fromkeys(written)}
+    report = final_report(name, group, status, wall, applied, spec)
+    checkpoint = record.get("checkpoint") or {}
+    if checkpoint.get("complete") and not checkpoint.get("leave_running"):
+        report.checkpointed_to = checkpoint["dir"]
+    return report
+
+
+def supervise(
+    spec: WorkloadSpec,
+    start: Starter,
+    cgroup_root: Path | None = None,
+    state_dir: Path | None = None,
+    record: dict[str, object] | None = None,
+) -> RunReport:
+    """Create the workload (see create), start it with `start`, wait for it, and return its report;
+    whatever happens, the cgroup and the claim are gone at the end."""
+    created = create(spec, cgroup_root, state_dir, record)
+    try:
+        return _wait(created, start)
+    finally:
+        try:
+            fs.remove(created.group)
+        finally:
+            created.claim.release()
+
+
+def _wait(created: Created, start: Starter) -> RunReport:
+    spec, name, group, claim = created.spec, created.name, created.group, created.claim
     started = time.monotonic()
     with _SignalForwarder(name, group, namespace_init="pid" in spec.namespaces.private()) as forwarder:
         pid, alive_fd = start(name, group)
@@ -269,15 +333,7 @@ def _wait(
                 os.close(alive_fd)
     wall = time.monotonic() - started
     state.wait_for_checkpoint(claim.path)  # a checkpoint that ended the workload finishes its record first
-    fs.kill_all(group)  # what the main process left behind
-    record = state.read(claim.path)
-    written += record.get("written", [])  # what `cgctl update` changed
-    applied = {file: group.read(file).strip() for file in dict.fromkeys(written)}
-    checkpoint = record.get("checkpoint") or {}
-    report = final_report(name, group, status, wall, applied, spec)
-    if checkpoint.get("complete") and not checkpoint.get("leave_running"):
-        report.checkpointed_to = checkpoint["dir"]
-    return report
+    return final(spec, name, group, claim.path, status, wall, created.written)
 
 
 class _SignalForwarder:

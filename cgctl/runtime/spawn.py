@@ -62,6 +62,7 @@ class Launch:
     sandbox: sandbox.Plan
     root: rootfs.Plan | None = None  # a root of its own (overlay layers), else the host's
     user: str | None = None  # USER[:GROUP] to become just before exec
+    stdio: tuple[int, int, int] | None = None  # the caller's fds to become the workload's 0, 1, 2
 
 
 def start(launch: Launch) -> tuple[int, int]:
@@ -175,6 +176,9 @@ def _workload_init(launch: Launch, report_w: int, alive_r: int) -> NoReturn:
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)  # now relative to the supervisor
         if select.select([alive_r], [], [], 0)[0]:  # readable = EOF: the supervisor already died
             os._exit(1)
+        if launch.stdio:
+            for target, source in enumerate(launch.stdio):
+                os.dup2(source, target)
         stage = "joining the cgroup"
         with open(launch.cgroup_procs, "w") as procs:
             procs.write("0")

@@ -11,8 +11,12 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.integration.daemon import Daemon
 
 UNIFIED = Path("/sys/fs/cgroup")
 REQUIRED_CONTROLLERS = {"memory", "cpu", "io", "pids"}
@@ -105,3 +109,16 @@ def no_leaks() -> Iterator[None]:
     before = workload_cgroups(), run_records()
     yield
     assert (workload_cgroups(), run_records()) == before, "a run left its cgroup or its record behind"
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One daemon for a module's tests (each starts in the VM in seconds, not milliseconds)."""
+    from tests.integration.daemon import Daemon
+
+    started = Daemon(tmp_path_factory.mktemp("daemon"))
+    started.start()
+    try:
+        yield started
+    finally:
+        started.clean_up()

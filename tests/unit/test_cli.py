@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from cgctl.cli import main
@@ -70,3 +72,27 @@ def test_version_and_help(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captur
         main()
     assert exit_.value.code == 0
     assert capsys.readouterr().out.startswith("cgctl ")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["run", "-d", "--", "true"], "-d needs the cgctl daemon, and none answers: start the daemon first"),
+        (["run", "--restart", "always", "--", "true"], "--restart needs the cgctl daemon"),
+        (["logs", "web"], "logs need the cgctl daemon"),
+        (
+            ["--host", "unix:///nonexistent/cgctl.sock", "ps"],
+            "cannot reach the cgctl daemon at unix:///nonexistent",
+        ),
+        (["--host", "tcp://1.2.3.4", "ps"], "invalid value 'tcp://1.2.3.4' for --host"),
+        (["events", "--since", "yesterday"], "invalid value 'yesterday' for --since"),
+    ],
+)
+def test_daemon_verbs_without_a_daemon(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], args: list[str], expected: str
+) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/nonexistent")  # no rootless daemon's socket either
+    monkeypatch.setattr("cgctl.runtime.interface.SYSTEM_SOCKET", Path("/nonexistent/cgctl.sock"))
+    status, err = cgctl(monkeypatch, capsys, *args)
+    assert status == 125
+    assert expected in err

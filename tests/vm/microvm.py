@@ -17,11 +17,16 @@ We boot qemu directly rather than through virtme-ng: the whole VM is two
 short shell scripts we control, it boots in about 6 s against virtme-ng's 14,
 and it needs no udev or systemd inside.
 
+With --systemd the host's own systemd boots as PID 1 instead, into
+microvm-job.target (10-25 s more), and microvm-job.service runs the command:
+for what needs a real service manager (unit files, socket activation,
+delegation). The job's cgroup is then /system.slice/microvm-job.service.
+
 Kernel, modules and initramfs are built once into a cache outside the
 checkout ($CGCTL_VM_CACHE, else $XDG_CACHE_HOME/cgctl/vm, else ~/.cache/...)
 and rebuilt whenever the kernel package or the guest scripts change.
 
-Usage: microvm.py [--memory 2G] [--cpus 2] [--timeout S] [--artifacts DIR] -- CMD [ARGS...]
+Usage: microvm.py [--systemd] [--memory 2G] [--cpus 2] [--timeout S] [--artifacts DIR] -- CMD [ARGS...]
 Exit status: the command's own; 124 on timeout; 125 if the VM could not run it.
 """
 
@@ -42,10 +47,19 @@ from contextlib import chdir
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-GUEST_SCRIPTS = (HERE / "initramfs-init.sh", HERE / "guest-run.sh")
+# The initramfs's /init, then the files it copies into the guest's root.
+GUEST_SCRIPTS = (
+    HERE / "initramfs-init.sh",
+    HERE / "guest-run.sh",
+    HERE / "guest-job-done.sh",
+    HERE / "microvm-job.service",
+    HERE / "microvm-job.target",
+)
 # The modules the initramfs loads to reach the host's root; modprobe adds their dependencies.
 INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "virtio_rng", "9pnet_virtio", "9p", "overlay")
 KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1 cgroup_no_v1=all psi=1 random.trust_cpu=on"
+# Added for --systemd: boot into the job's target, with the hostname the default mode sets.
+SYSTEMD_CMDLINE = "CGCTL_VM_INIT=systemd systemd.unit=microvm-job.target systemd.hostname=microvm"
 # Host packages the VM needs, by the command that each one provides.
 HOST_TOOLS = {
     "qemu-system-x86_64": "qemu-system-x86",
@@ -156,7 +170,8 @@ def write_initramfs(path: Path, root: Path, release: str) -> None:
         (staging / directory).mkdir()
     shutil.copy2(find_tool("busybox"), staging / "bin" / "busybox")
     shutil.copy2(GUEST_SCRIPTS[0], staging / "init")
-    shutil.copy2(GUEST_SCRIPTS[1], staging / "guest-run.sh")
+    for script in GUEST_SCRIPTS[1:]:
+        shutil.copy2(script, staging / script.name)
     (staging / "init").chmod(0o755)
     order: list[str] = []
     for module in INITRAMFS_MODULES:
@@ -230,7 +245,7 @@ def write_job(out: Path, argv: list[str], env: dict[str, str]) -> None:
     )
 
 
-def qemu_argv(image: Path, out: Path, disk: Path, memory: str, cpus: int) -> list[str]:
+def qemu_argv(image: Path, out: Path, disk: Path, memory: str, cpus: int, systemd: bool) -> list[str]:
     modules = image / "root" / "lib" / "modules"
     for path in (out, modules):
         if any(c.isspace() or c == "," for c in str(path)):
@@ -239,6 +254,8 @@ def qemu_argv(image: Path, out: Path, disk: Path, memory: str, cpus: int) -> lis
                 "set CGCTL_VM_CACHE and TMPDIR to plain paths"
             )
     params = f"CGCTL_VM_OUT={out} CGCTL_VM_MODULES={modules}"
+    if systemd:
+        params += f" {SYSTEMD_CMDLINE}"
     return [
         find_tool("qemu-system-x86_64"),
         "-machine",
@@ -285,7 +302,13 @@ def qemu_argv(image: Path, out: Path, disk: Path, memory: str, cpus: int) -> lis
 
 
 def boot(
-    argv: list[str], memory: str, cpus: int, timeout: float | None, artifacts: Path | None, disk_size: int
+    argv: list[str],
+    memory: str,
+    cpus: int,
+    timeout: float | None,
+    artifacts: Path | None,
+    disk_size: int,
+    systemd: bool,
 ) -> int:
     image = ensure_image()
     out = Path(tempfile.mkdtemp(prefix="cgctl-vm-"))
@@ -296,7 +319,7 @@ def boot(
         write_job(out, argv, dict(os.environ))
         started = time.monotonic()
         qemu = subprocess.Popen(
-            qemu_argv(image, out, disk, memory, cpus),
+            qemu_argv(image, out, disk, memory, cpus, systemd),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -380,6 +403,11 @@ def main() -> int:
         type=Path,
         help="copy the results share (status, dmesg.log, files the job wrote to $CGCTL_VM_OUT) here",
     )
+    parser.add_argument(
+        "--systemd",
+        action="store_true",
+        help="boot the host's systemd as PID 1 and run the command as microvm-job.service",
+    )
     parser.add_argument("--build-only", action="store_true", help="build the cached image and exit")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     args = parser.parse_args()
@@ -390,7 +418,9 @@ def main() -> int:
             return 0
         if not command:
             parser.error("no command given: microvm.py -- CMD [ARGS...]")
-        return boot(command, args.memory, args.cpus, args.timeout, args.artifacts, args.disk_size)
+        return boot(
+            command, args.memory, args.cpus, args.timeout, args.artifacts, args.disk_size, args.systemd
+        )
     except VMError as error:
         log(str(error))
         return EXIT_VM_FAILED

@@ -57,3 +57,22 @@ def test_timeout_stops_the_vm_with_status_124() -> None:
     assert done.returncode == microvm.EXIT_TIMEOUT
     assert "timed out after 20s" in done.stderr
     assert time.monotonic() - started < 120
+
+
+def test_systemd_mode_runs_the_command_as_a_unit_of_systemd_as_pid_1() -> None:
+    script = (
+        "systemctl is-system-running --wait; cat /proc/1/comm /proc/self/cgroup; "
+        "stat -f -c %T /sys/fs/cgroup; hostname; exit 3"
+    )
+    done = subprocess.run(
+        [*RUNNER, "--systemd", "--", "sh", "-c", script], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 3, done.stderr
+    # "running": the boot finished with no failed unit, and the job's own start did not hold it up.
+    assert done.stdout.splitlines() == [
+        "running",
+        "systemd",
+        "0::/system.slice/microvm-job.service",
+        "cgroup2fs",
+        "microvm",
+    ]

@@ -1,0 +1,126 @@
+"""`cgctl daemon` (also installed as `cgctld`): the service that supervises detached containers and
+serves the API the CLI talks to (docs/daemon.md)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cgctl.cli.errors import fail
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(daemon)
+    app.command("dial-stdio", hidden=True)(dial_stdio)
+
+
+def daemon(
+    socket: Annotated[
+        Path | None, typer.Option(help="the API's unix socket [default: /run/cgctl/cgctl.sock as root]")
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="containers' state and logs, kept across reboots [default: /var/lib/cgctl]"),
+    ] = None,
+    runtime_dir: Annotated[
+        Path | None, typer.Option(help="sockets, gone at reboot [default: /run/cgctl]")
+    ] = None,
+    state_dir: Annotated[Path | None, typer.Option(envvar="CGCTL_STATE_DIR", help="the run records")] = None,
+    cgroup_root: Annotated[
+        Path | None, typer.Option(envvar="CGCTL_CGROUP_ROOT", help="cgctl's cgroup subtree")
+    ] = None,
+    group: Annotated[
+        str, typer.Option(help="members of this group may use the socket, if it exists")
+    ] = "cgctl",
+    metrics: Annotated[
+        str | None, typer.Option(help="also serve /metrics over TCP on HOST:PORT, for Prometheus")
+    ] = None,
+    stop_containers: Annotated[
+        bool, typer.Option(help="on SIGTERM, stop the containers too (default: they keep running)")
+    ] = False,
+    stop_timeout: Annotated[
+        float, typer.Option(help="with --stop-containers: seconds from SIGTERM to SIGKILL", min=0)
+    ] = 10.0,
+) -> None:
+    """Supervise detached containers and serve the API on a unix socket (root and --group only).
+
+    Containers keep running when the daemon stops or dies; a daemon that starts finds them again,
+    with the exit status of any that ended meanwhile.
+    """
+    from cgctl.cgroup.fs import CgroupError
+    from cgctl.cli.exporter import parse_listen
+    from cgctl.daemon.server import listening_socket, serve
+    from cgctl.daemon.service import Service, default_paths
+    from cgctl.metrics import ContainerCollector
+    from cgctl.runtime.models import Failure
+
+    logging.basicConfig(level=logging.INFO, format="cgctld: %(message)s", stream=sys.stderr)
+    defaults = default_paths()
+    paths = type(defaults)(
+        runtime_dir=runtime_dir or defaults.runtime_dir,
+        data_dir=data_dir or defaults.data_dir,
+        state_dir=state_dir or defaults.state_dir,
+        cgroup_root=cgroup_root,
+    )
+    try:
+        address = parse_listen(metrics) if metrics else None
+    except ValueError as error:
+        raise fail(f"invalid value {metrics!r} for --metrics: {error}") from None
+    try:
+        listener = listening_socket(socket or paths.socket, group)
+    except Failure as error:
+        raise fail(str(error)) from None
+    except OSError as error:
+        raise fail(f"{socket or paths.socket}: cannot listen there: {error.strerror}") from None
+    try:
+        service = Service(paths)
+    except (OSError, CgroupError, RuntimeError) as error:
+        raise fail(f"cannot start: {error}") from None
+    print(f"cgctld: serving on {socket or paths.socket}", file=sys.stderr, flush=True)
+    try:
+        serve(service, listener, ContainerCollector(paths.state_dir), address)
+    finally:
+        service.close(stop_timeout if stop_containers else None)
+
+
+def main() -> None:
+    """The `cgctld` console script: `cgctl daemon`."""
+    sys.argv[1:1] = ["daemon"]
+    from cgctl.cli import main as cgctl_main
+
+    cgctl_main()
+
+
+def dial_stdio(
+    socket: Annotated[
+        Path | None, typer.Option(help="the daemon's socket [default: the local daemon's]")
+    ] = None,
+) -> None:
+    """Connect standard input and output to the daemon's socket: what ssh://HOST runs on the far side."""
+    import socket as sockets
+    import threading
+
+    from cgctl.runtime.interface import answers, default_sockets
+
+    path = socket or next((p for p in default_sockets() if answers(p)), None)
+    if path is None:
+        raise fail("no cgctl daemon answers on this host: start it with `systemctl start cgctld`")
+    connection = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
+    try:
+        connection.connect(str(path))
+    except OSError as error:
+        raise fail(f"{path}: cannot connect: {error.strerror}") from None
+
+    def upstream() -> None:
+        while data := os.read(0, 65536):
+            connection.sendall(data)
+        connection.shutdown(sockets.SHUT_WR)
+
+    threading.Thread(target=upstream, daemon=True).start()
+    while data := connection.recv(65536):
+        os.write(1, data)

@@ -1,0 +1,1 @@
+"""The daemon: supervises detached containers and keeps their output."""

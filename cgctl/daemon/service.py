@@ -1,0 +1,779 @@
+"""The daemon's containers: detached runs started through the keeper, watched through the kernel's
+notifications, restarted by their policy, and found again when the daemon starts.
+
+What survives the daemon: each container's directory under <data dir>/containers/NAME holds its
+request (request.json, 0600: it has the environment), what is known of it (container.json: its
+attempts, exit statuses, restart count, final accounting), its logs, and exit.json, which the
+keeper writes when it reaps the container. A daemon that starts reads them all, asks the keeper
+which containers still run, and finishes those that ended while it was away from their exit.json;
+a status nobody recorded (the keeper died too) is marked unknown, never made up.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import queue
+import secrets
+import shutil
+import signal as signals
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cgctl import state
+from cgctl.accounting import Container as Accounted
+from cgctl.accounting import Usage, read_snapshot, usage
+from cgctl.cgroup import fs
+from cgctl.daemon.keeper import KeeperClient, write_durably
+from cgctl.daemon.watch import CgroupWatcher
+from cgctl.runtime import local, logs
+from cgctl.runtime.embedded import LocalRuntime, has_labels, signal_cgroup
+from cgctl.runtime.models import (
+    Attempt,
+    CheckpointRequest,
+    CheckpointResult,
+    Conflict,
+    Container,
+    CreateRequest,
+    Event,
+    EventType,
+    Failure,
+    ImportRequest,
+    Info,
+    Invalid,
+    NotFound,
+    parse_signal,
+)
+from cgctl.runtime.spawn import SpawnError
+
+log = logging.getLogger("cgctld")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+BACKOFF_FIRST = 0.1  # seconds before the first restart; doubled for each quick failure after it
+BACKOFF_CAP = 30.0
+RESET_AFTER = 10.0  # an attempt that ran this long starts the backoff over
+HISTORY = 1000  # events kept for `events --since`
+STOPPING_SIGNALS = {"SIGKILL", "SIGTERM", "SIGINT"}  # a kill with these is a stop: no restart
+
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+    """Where the daemon keeps things: the runtime dir (sockets, run records) and the data dir."""
+
+    runtime_dir: Path
+    data_dir: Path
+    state_dir: Path
+    cgroup_root: Path | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.runtime_dir / "cgctl.sock"
+
+    @property
+    def keeper_socket(self) -> Path:
+        return self.runtime_dir / "keeper.sock"
+
+    @property
+    def containers(self) -> Path:
+        return self.data_dir / "containers"
+
+
+def default_paths() -> Paths:
+    """/run/cgctl and /var/lib/cgctl as root; $XDG_RUNTIME_DIR/cgctl and ~/.local/share/cgctl rootless."""
+    if os.geteuid() == 0:
+        runtime, data = Path("/run/cgctl"), Path("/var/lib/cgctl")
+    else:
+        runtime = Path(os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.geteuid()}") / "cgctl"
+        data = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local/share") / "cgctl"
+    return Paths(runtime, data, state.default_state_dir())
+
+
+class Managed:
+    """A detached container: what is persisted (info, request) and what lives only in the daemon."""
+
+    def __init__(self, info: Container, request: CreateRequest, directory: Path) -> None:
+        self.info, self.request, self.dir = info, request, directory
+        self.lock = threading.RLock()  # held while it starts or ends: an exit waits for its start
+        self.group: fs.Cgroup | None = None
+        self.written: list[str] = []
+        self.root = contextlib.ExitStack()  # what its own root needs on the host while it runs
+        self.started = 0.0  # monotonic
+        self.stopping = False  # stopped or removed by the user: no restart
+        self.backoff = 0.0
+        self.timer: threading.Timer | None = None
+        self.oom_kills = 0
+        self.frozen = False
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "container.log"
+
+    @property
+    def exit_path(self) -> Path:
+        return self.dir / "exit.json"
+
+    def save(self) -> None:
+        write_durably(self.dir / "container.json", self.info.model_dump(mode="json"))
+
+
+class Service:
+    def __init__(self, paths: Paths) -> None:
+        self.paths = paths
+        self.local = LocalRuntime(paths.state_dir)
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)  # notified whenever a container starts or ends
+        self.containers: dict[str, Managed] = {}
+        self.history: deque[Event] = deque(maxlen=HISTORY)
+        self.subscribers: list[queue.Queue[Event]] = []
+        self.closing = False
+        paths.runtime_dir.mkdir(mode=0o711, parents=True, exist_ok=True)  # the socket's group may pass
+        for directory in (paths.data_dir, paths.containers):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.keeper_events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.keeper = KeeperClient.connect(paths.keeper_socket, self.keeper_events.put)
+        self.watcher = CgroupWatcher(self._cgroup_changed)
+        self._recover()
+        self.handler = threading.Thread(target=self._handle_keeper_events, name="keeper-events", daemon=True)
+        self.handler.start()
+
+    # --- the API's operations ---
+
+    def info(self) -> Info:
+        from cgctl import __version__
+
+        with self.lock:
+            running = sum(m.info.state in ("running", "frozen") for m in self.containers.values())
+            return Info(
+                version=__version__,
+                pid=os.getpid(),
+                containers=len(self.containers),
+                running=running,
+                cgroup_root=str(self.paths.cgroup_root or ""),
+            )
+
+    def create(self, request: CreateRequest) -> Container:
+        name = request.spec.name or f"run-{secrets.token_hex(4)}"
+        directory = self.paths.containers / name
+        info = Container(
+            name=name,
+            id=secrets.token_hex(6),
+            state="restarting",
+            detached=True,
+            pid=None,
+            cgroup="",
+            image=(request.spec.rootfs.image if request.spec.rootfs else None) or "",
+            command=request.spec.command,
+            labels=request.spec.labels,
+            created_at=time.time(),
+            restart_policy=request.restart,
+            spec=request.spec.model_dump(mode="json", exclude={"env"}),
+        )
+        managed = Managed(info, request, directory)
+        with self.lock:
+            if name in self.containers:
+                raise Conflict(f"the name {name!r} is taken by a container (`cgctl rm {name}` frees it)")
+            self.containers[name] = managed
+        try:
+            with managed.lock:
+                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                write_durably(directory / "request.json", request.model_dump(mode="json"))
+                self._emit("create", name)
+                self._start(managed)
+        except BaseException:
+            with self.lock:
+                del self.containers[name]
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return self._view(managed)
+
+    def list(self, all: bool = False, labels: dict[str, str] | None = None) -> list[Container]:
+        with self.lock:
+            mine = [self._view(m) for m in self.containers.values()]
+        foreground = [c for c in self.local.list(labels=labels) if c.name not in {m.name for m in mine}]
+        shown = [c for c in mine if (all or c.state != "exited") and has_labels(c, labels)]
+        return sorted(shown + foreground, key=lambda c: c.created_at)
+
+    def inspect(self, name: str) -> Container:
+        with self.lock:
+            managed = self.containers.get(name)
+            if managed is not None:
+                return self._view(managed)
+        return self.local.inspect(name)
+
+    def freeze(self, name: str, timeout: float) -> bool:
+        changed = self.local.freeze(name, timeout)
+        if changed and name not in self.containers:  # detached ones are told by the watcher
+            self._emit("freeze", name)
+        return changed
+
+    def thaw(self, name: str, timeout: float) -> bool:
+        changed = self.local.thaw(name, timeout)
+        if changed and name not in self.containers:
+            self._emit("thaw", name)
+        return changed
+
+    def kill(self, name: str, signal_name: str) -> int:
+        sig = parse_signal(signal_name)
+        managed = self.containers.get(name)
+        if managed is not None and sig.name in STOPPING_SIGNALS:
+            with managed.lock:
+                managed.stopping = True
+                self._cancel_restart(managed)
+                if managed.info.state == "restarting":
+                    self._ended_for_good(managed, restarted=False)
+                    return 0
+        return self.local.kill(name, sig.name)
+
+    def update(self, name: str, limits: dict[str, dict[str, Any]]) -> dict[str, str]:
+        written = self.local.update(name, limits)
+        managed = self.containers.get(name)
+        if managed is not None:  # the next attempt starts with the new limits
+            with managed.lock:
+                spec = managed.request.spec.model_dump(mode="json")
+                for group, fields in limits.items():
+                    spec["limits"].setdefault(group, {}).update(fields)
+                managed.request = managed.request.model_copy(
+                    update={"spec": type(managed.request.spec).model_validate(spec)}
+                )
+                write_durably(managed.dir / "request.json", managed.request.model_dump(mode="json"))
+                managed.info.spec = managed.request.spec.model_dump(mode="json", exclude={"env"})
+                managed.save()
+        self._emit("update", name, {file: value for file, value in written.items()})
+        return written
+
+    def wait(self, name: str, timeout: float | None = None) -> Container:
+        """Block until the container's current attempt ends (or timeout); returns it as it is then."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.changed:
+            managed = self._managed(name)
+            attempt = len(managed.info.attempts)
+            while managed.info.state != "exited" and not (
+                len(managed.info.attempts) > attempt or managed.info.attempts[attempt - 1].finished_at
+            ):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self.changed.wait(remaining)
+            return self._view(managed)
+
+    def remove(self, name: str, force: bool = False) -> None:
+        managed = self.containers.get(name)
+        if managed is None:
+            if any(c.name == name for c in self.local.list()):
+                raise Conflict(
+                    f"{name!r} is a foreground run, owned by its `cgctl run`: stop it with cgctl kill"
+                )
+            raise NotFound(f"no container named {name!r}")
+        with managed.lock:
+            running = managed.info.state in ("running", "frozen")
+            if running and not force:
+                raise Conflict(f"{name!r} is running: stop it first, or `cgctl rm -f {name}` kills it")
+            managed.stopping = True
+            self._cancel_restart(managed)
+            if running and managed.group is not None:
+                with contextlib.suppress(fs.CgroupError):
+                    signal_cgroup(managed.group, parse_signal("KILL"))
+        with self.changed:
+            deadline = time.monotonic() + 30
+            while managed.info.state in ("running", "frozen") and time.monotonic() < deadline:
+                self.changed.wait(deadline - time.monotonic())
+            if managed.info.state in ("running", "frozen"):
+                raise Failure(f"{name!r} did not end within 30 s of SIGKILL; nothing was removed")
+            del self.containers[name]
+        shutil.rmtree(managed.dir, ignore_errors=True)
+        self._emit("remove", name)
+
+    def logs(
+        self,
+        name: str,
+        tail: int | None = None,
+        since: datetime | None = None,
+        follow: bool = False,
+        streams: frozenset[str] = frozenset({"stdout", "stderr"}),
+    ) -> Iterator[logs.LogLine]:
+        managed = self._managed(name)
+
+        def ended() -> bool:
+            return self.closing or self.containers.get(name) is not managed or managed.info.state == "exited"
+
+        # Following starts before the past is read, so nothing written in between is missed; what
+        # both see is skipped by time.
+        new = logs.follow(managed.log_path, since=since, streams=streams, stop=ended) if follow else iter(())
+        past = logs.read(managed.log_path, tail=tail, since=since, streams=streams)
+        yield from past
+        seen = past[-1].time if past else None
+        yield from (line for line in new if seen is None or line.time > seen)
+
+    def events(self, since: float | None = None, until: float | None = None) -> Iterator[Event]:
+        """Past events from `since` on, then new ones as they happen until `until` (None: forever)."""
+        subscription: queue.Queue[Event] = queue.Queue()
+        with self.lock:
+            past = [event for event in self.history if since is not None and event.time >= since]
+            self.subscribers.append(subscription)
+        try:
+            yield from (event for event in past if until is None or event.time <= until)
+            while not self.closing and (until is None or time.time() < until):
+                try:
+                    event = subscription.get(timeout=1.0)
+                except queue.Empty:
+                    continue
+                if until is not None and event.time > until:
+                    return
+                yield event
+        finally:
+            with self.lock:
+                self.subscribers.remove(subscription)
+
+    def stats(self, name: str, interval: float) -> Usage:
+        """Usage over `interval` seconds, read from the container's cgroup now and then."""
+        container = self.inspect(name)
+        accounted = Accounted(name=name, id=container.id, cgroup=Path(container.cgroup), started_at=0.0)
+        before = read_snapshot(accounted)
+        time.sleep(interval)
+        after = read_snapshot(accounted)
+        if before is None or after is None:
+            raise NotFound(f"{name!r} ended while its usage was read")
+        return usage(before, after)
+
+    def checkpoint(self, name: str, request: CheckpointRequest) -> CheckpointResult:
+        """Dump the container with CRIU (docs/checkpoint.md); unless left running, it then ends, and its
+        attempt says where it went (it is not restarted)."""
+        from cgctl.runtime.checkpoint import CheckpointError, checkpoint
+
+        self.inspect(name)
+        managed = self.containers.get(name)
+        if managed is not None and not request.leave_running:
+            managed.stopping = True
+        try:
+            done = checkpoint(
+                name,
+                Path(request.dir),
+                leave_running=request.leave_running,
+                tcp_established=request.tcp_established,
+                state_dir=self.paths.state_dir,
+            )
+        except CheckpointError as error:
+            if managed is not None:
+                managed.stopping = False
+            raise Failure(str(error)) from None
+        self._emit("checkpoint", name, {"dir": request.dir, "left_running": str(done.left_running).lower()})
+        return CheckpointResult(
+            dir=str(done.directory),
+            seconds=done.seconds,
+            image_bytes=done.image_bytes,
+            left_running=done.left_running,
+            notes=list(done.notes),
+        )
+
+    def images(self) -> builtins.list[dict[str, Any]]:
+        from cgctl.images import Store, default_root
+
+        return list(Store(default_root()).images())
+
+    def import_image(self, request: ImportRequest) -> dict[str, Any]:
+        from cgctl.images import ImageError, LayerError, Store, default_root, import_image
+
+        try:
+            return import_image(Path(request.path), request.reference, Store(default_root()))
+        except ValueError as error:
+            raise Invalid(f"invalid value {request.reference!r} for reference: {error}") from None
+        except (ImageError, LayerError, OSError) as error:
+            raise Invalid(f"{request.path}: not imported: {error}") from None
+
+    def remove_image(self, reference: str) -> builtins.list[str]:
+        """Remove an image and the layers no other image uses; refused while a container runs it."""
+        from cgctl.images import Store, default_root, parse_reference
+
+        try:
+            name, tag = parse_reference(reference)
+        except ValueError as error:
+            raise Invalid(f"invalid value {reference!r} for reference: {error}") from None
+        users = [c.name for c in self.list() if c.image == f"{name}:{tag}"]
+        if users:
+            raise Conflict(f"{name}:{tag} is in use by the running container {users[0]}: stop it first")
+        try:
+            return Store(default_root()).remove(reference)
+        except LookupError as error:
+            raise NotFound(str(error)) from None
+
+    def close(self, stop_timeout: float | None = None) -> None:
+        """Stop serving; containers keep running unless stop_timeout is given (SIGTERM, then SIGKILL)."""
+        if stop_timeout is not None:
+            for managed in list(self.containers.values()):
+                managed.stopping = True
+                if managed.group is not None and managed.info.state in ("running", "frozen"):
+                    with contextlib.suppress(Failure, fs.CgroupError):
+                        signal_cgroup(managed.group, parse_signal("TERM"))
+            with self.changed:
+                deadline = time.monotonic() + stop_timeout
+                while self._running() and time.monotonic() < deadline:
+                    self.changed.wait(deadline - time.monotonic())
+            for managed in self._running():
+                with contextlib.suppress(fs.CgroupError):
+                    signal_cgroup(managed.group, parse_signal("KILL"))  # type: ignore[arg-type]
+            with self.changed:
+                deadline = time.monotonic() + 30
+                while self._running() and time.monotonic() < deadline:
+                    self.changed.wait(deadline - time.monotonic())
+        self.closing = True
+        for managed in self.containers.values():
+            self._cancel_restart(managed)
+        self.keeper.close()
+        self.watcher.close()
+
+    # --- starting and ending ---
+
+    def _start(self, managed: Managed) -> None:
+        """Start the next attempt (call with managed.lock held). Raises SpecError, SpawnError, Failure,
+        fs.CgroupError; nothing is left of a start that failed."""
+        name = managed.info.name
+        spec = managed.request.spec.model_copy(update={"name": name})
+        confinement = local.plan_sandbox(spec)
+        root = contextlib.ExitStack()
+        try:
+            plan = root.enter_context(local.prepared_root(spec))
+            created = local.create(
+                spec, self.paths.cgroup_root, self.paths.state_dir, record={"detached": True}
+            )
+        except BaseException:
+            root.close()
+            raise
+        attempt = len(managed.info.attempts) + 1
+        launch = local.launch_for(
+            spec, name, created.group, confinement, plan, {"PATH": DEFAULT_PATH, **spec.env}
+        )
+        try:
+            reply = self.keeper.request(
+                {
+                    "op": "start",
+                    "name": name,
+                    "attempt": attempt,
+                    "launch": dataclasses.replace(launch, workdir=spec.workdir or "/"),
+                    "exit_path": str(managed.exit_path),
+                    "log": {
+                        "path": str(managed.log_path),
+                        "max_bytes": managed.request.log.max_size,
+                        "max_files": managed.request.log.max_files,
+                    },
+                },
+                fds=(created.claim.fd,),
+            )
+        except BaseException:
+            reply = {"ok": False, "error": "the keeper is gone", "exit_code": 125}
+        if not reply["ok"]:
+            try:
+                fs.remove(created.group)
+            finally:
+                created.claim.release()
+                root.close()
+            raise SpawnError(reply["error"], reply.get("exit_code", 125))
+        os.close(created.claim.fd)  # the keeper holds the record's lock now
+        pid = int(reply["pid"])
+        state.update(created.claim.path, pid=pid, written=created.written)
+        managed.group, managed.written, managed.root = created.group, created.written, root
+        managed.started = time.monotonic()
+        managed.oom_kills, managed.frozen = 0, False
+        managed.info.attempts.append(Attempt(started_at=time.time(), pid=pid))
+        managed.info.state, managed.info.pid, managed.info.cgroup = "running", pid, str(created.group.path)
+        managed.save()
+        self.watcher.add(name, created.group)
+        self._emit("start", name, {"pid": str(pid), "attempt": str(attempt)})
+        with self.changed:
+            self.changed.notify_all()
+
+    def _handle_keeper_events(self) -> None:
+        while True:
+            message = self.keeper_events.get()
+            if self.closing:
+                return
+            try:
+                if message["event"] == "exit":
+                    self._exited(message)
+                elif message["event"] == "lost":
+                    self._keeper_lost()
+            except Exception:
+                log.exception("handling the keeper's %s event failed", message.get("event"))
+
+    def _exited(self, status: dict[str, Any]) -> None:
+        managed = self.containers.get(status["name"])
+        if managed is None:
+            self._release(status["name"])
+            return
+        with managed.lock:
+            if (
+                managed.info.state not in ("running", "frozen")
+                or len(managed.info.attempts) != status["attempt"]
+            ):
+                self._release(status["name"])  # an attempt already finished (at recovery)
+                return
+            self._finish(managed, status)
+
+    def _keeper_lost(self) -> None:
+        """The keeper died, and its containers with it: their status is unknown; start a new keeper."""
+        log.error("the keeper died: its containers were killed with it")
+        self.keeper = KeeperClient.connect(self.paths.keeper_socket, self.keeper_events.put)
+        for managed in list(self.containers.values()):
+            with managed.lock:
+                if managed.info.state in ("running", "frozen"):
+                    self._finish(managed, {"unknown": "the keeper process died (and the container with it)"})
+
+    def _finish(self, managed: Managed, status: dict[str, Any]) -> None:
+        """Record how the current attempt ended, read its final accounting, remove its cgroup, and
+        restart it if its policy says so (call with managed.lock held)."""
+        name = managed.info.name
+        self.watcher.remove(name)
+        code, signal_number = status.get("exit_code"), status.get("signal")
+        wait_status = signal_number if signal_number is not None else (code or 0) << 8
+        report = None
+        record = state.record_path(self.paths.state_dir, name)
+        state.wait_for_checkpoint(record)  # a dump that ended it finishes its record first
+        if managed.group is not None and managed.group.path.exists():
+            try:
+                if "unknown" not in status:
+                    wall = time.monotonic() - managed.started
+                    report = local.final(
+                        managed.request.spec, name, managed.group, record, wait_status, wall, managed.written
+                    )
+            except (fs.CgroupError, OSError, ValueError) as error:
+                log.warning("%s: no final accounting: %s", name, error)
+            try:
+                fs.remove(managed.group)
+            except fs.CgroupError as error:
+                log.error("%s: %s", name, error)
+        record.unlink(missing_ok=True)
+        self._release(name)
+        managed.root.close()
+        attempt = managed.info.attempts[-1]
+        attempt.finished_at = status.get("exited_at", time.time())
+        attempt.exit_code, attempt.signal = code, signal_number
+        attempt.oom_killed = bool(report and report.oom_killed)
+        attempt.status_known = "unknown" not in status
+        attempt.ended = _ended(attempt, status.get("unknown"))
+        if report is not None and report.checkpointed_to:
+            attempt.ended = f"checkpointed to {report.checkpointed_to}"
+        managed.info.report = report
+        managed.info.pid = None
+        self._emit("exit", name, _exit_attributes(attempt))
+        restart = self._should_restart(managed, attempt)
+        if restart:
+            quick = time.monotonic() - managed.started < RESET_AFTER
+            managed.backoff = (
+                min(managed.backoff * 2, BACKOFF_CAP) if quick and managed.backoff else BACKOFF_FIRST
+            )
+            managed.info.state = "restarting"
+            managed.save()
+            managed.timer = threading.Timer(managed.backoff, self._restart, (managed, attempt.ended))
+            managed.timer.daemon = True
+            managed.timer.start()
+        else:
+            self._ended_for_good(managed, restarted=False)
+        managed.exit_path.unlink(missing_ok=True)
+        with self.changed:
+            self.changed.notify_all()
+
+    def _ended_for_good(self, managed: Managed, restarted: bool) -> None:
+        managed.info.state = "exited"
+        managed.save()
+        if managed.request.auto_remove and not restarted:
+            with self.lock:
+                self.containers.pop(managed.info.name, None)
+            shutil.rmtree(managed.dir, ignore_errors=True)
+            self._emit("remove", managed.info.name)
+        with self.changed:
+            self.changed.notify_all()
+
+    def _should_restart(self, managed: Managed, attempt: Attempt) -> bool:
+        policy = managed.info.restart_policy
+        if managed.stopping or self.closing or policy.name == "no":
+            return False
+        if policy.name == "on-failure":
+            failed = attempt.exit_status != 0
+            return failed and (policy.max_retries is None or managed.info.restart_count < policy.max_retries)
+        return True
+
+    def _restart(self, managed: Managed, reason: str) -> None:
+        with managed.lock:
+            if managed.stopping or self.closing or self.containers.get(managed.info.name) is not managed:
+                return
+            managed.info.restart_count += 1
+            self._emit(
+                "restart",
+                managed.info.name,
+                {
+                    "reason": reason,
+                    "backoff_seconds": f"{managed.backoff:g}",
+                    "restart_count": str(managed.info.restart_count),
+                },
+            )
+            try:
+                self._start(managed)
+            except Exception as error:
+                log.error("%s: restart failed: %s", managed.info.name, error)
+                managed.info.attempts.append(
+                    Attempt(
+                        started_at=time.time(),
+                        finished_at=time.time(),
+                        status_known=False,
+                        ended=f"could not start: {error}",
+                    )
+                )
+                self._ended_for_good(managed, restarted=False)
+
+    def _cancel_restart(self, managed: Managed) -> None:
+        if managed.timer is not None:
+            managed.timer.cancel()
+            managed.timer = None
+
+    def _release(self, name: str) -> None:
+        """Let the keeper close the run record's lock of an ended attempt."""
+        with contextlib.suppress(ConnectionError, OSError):
+            self.keeper.request({"op": "release", "name": name})
+
+    def _cgroup_changed(self, name: str, file: str) -> None:
+        managed = self.containers.get(name)
+        if managed is None or managed.group is None:
+            return
+        group = managed.group
+        try:
+            if file == "cgroup.events":
+                frozen = group.read_keyed("cgroup.events").get("frozen", 0) == 1
+                if frozen != managed.frozen:
+                    managed.frozen = frozen
+                    if managed.info.state in ("running", "frozen"):
+                        managed.info.state = "frozen" if frozen else "running"
+                    self._emit("freeze" if frozen else "thaw", name)
+            elif file == "memory.events":
+                events = group.read_keyed("memory.events")
+                kills = events.get("oom_kill", 0) - events.get("oom_group_kill", 0)
+                if kills > managed.oom_kills:
+                    managed.oom_kills = kills
+                    self._emit("oom", name, {"oom_kills": str(kills)})
+        except fs.CgroupError:
+            pass  # the cgroup went away meanwhile: its exit tells the rest
+
+    # --- recovery ---
+
+    def _recover(self) -> None:
+        """Find every container again after a (re)start of the daemon; see the module's docstring."""
+        listing = self.keeper.request({"op": "list"})
+        if self.paths.cgroup_root is None and listing.get("cgroup_root"):
+            # Containers go where the keeper is (under systemd: its delegated scope, not cgctld.service).
+            self.paths = dataclasses.replace(self.paths, cgroup_root=Path(listing["cgroup_root"]))
+        for directory in sorted(self.paths.containers.iterdir()):
+            try:
+                info = Container.model_validate_json((directory / "container.json").read_text())
+                request = CreateRequest.model_validate_json((directory / "request.json").read_text())
+            except (OSError, ValueError) as error:
+                log.error("%s: cannot read this container's state, left as it is: %s", directory, error)
+                continue
+            managed = Managed(info, request, directory)
+            self.containers[info.name] = managed
+            with managed.lock:
+                self._recover_one(managed, listing["running"].get(info.name))
+        for name in listing["finished"]:
+            if name not in self.containers or self.containers[name].info.state == "exited":
+                self._release(name)
+        state.clean_stale(self.paths.state_dir)
+        self._remove_stale_cgroups()
+
+    def _recover_one(self, managed: Managed, running: dict[str, int] | None) -> None:
+        info = managed.info
+        if info.state == "restarting":
+            managed.timer = threading.Timer(0, self._restart, (managed, "the daemon restarted"))
+            managed.timer.daemon = True
+            managed.timer.start()
+            return
+        if info.state not in ("running", "frozen"):
+            return
+        managed.group = fs.Cgroup(Path(info.cgroup))
+        last = info.attempts[-1]
+        managed.started = time.monotonic() - (time.time() - last.started_at)
+        managed.frozen = info.state == "frozen"
+        if running is not None and running["attempt"] == len(info.attempts):
+            self.watcher.add(info.name, managed.group)
+            with contextlib.suppress(fs.CgroupError, ValueError):
+                events = managed.group.read_keyed("memory.events")
+                managed.oom_kills = events.get("oom_kill", 0) - events.get("oom_group_kill", 0)
+            self._cgroup_changed(info.name, "cgroup.events")
+            return
+        try:
+            status = dict(json.loads(managed.exit_path.read_text()))
+        except (OSError, ValueError):
+            status = {}
+        if status.get("attempt") == len(info.attempts):
+            self._finish(managed, status)
+        else:
+            self._finish(managed, {"unknown": "it ended while neither the daemon nor its keeper was running"})
+
+    def _remove_stale_cgroups(self) -> None:
+        """Empty cgroups in cgctl's subtree that no run record names (left by a crash) are removed."""
+        try:
+            unified = fs.open_unified_root(fs.SUPPORTED_CONTROLLERS)
+            root = fs.Cgroup(fs.choose_root(unified, self.paths.cgroup_root))
+        except fs.CgroupError:
+            return
+        if not root.path.is_dir():
+            return
+        named = {c.cgroup for c in self.local.list()} | {m.info.cgroup for m in self.containers.values()}
+        for child in root.path.iterdir():
+            if not child.is_dir() or child.name == fs.SUPERVISOR_LEAF or str(child) in named:
+                continue
+            with contextlib.suppress(OSError, fs.CgroupError):
+                if not fs.Cgroup(child).populated() and not any(p.is_dir() for p in child.iterdir()):
+                    child.rmdir()
+                    log.info("removed the stale empty cgroup %s", child)
+
+    # --- helpers ---
+
+    def _managed(self, name: str) -> Managed:
+        managed = self.containers.get(name)
+        if managed is None:
+            if any(c.name == name for c in self.local.list()):
+                raise Conflict(
+                    f"{name!r} is a foreground run: its output and status go to its own `cgctl run`"
+                )
+            raise NotFound(f"no container named {name!r}")
+        return managed
+
+    def _running(self) -> builtins.list[Managed]:
+        return [m for m in self.containers.values() if m.info.state in ("running", "frozen")]
+
+    def _view(self, managed: Managed) -> Container:
+        return managed.info.model_copy(deep=True)
+
+    def _emit(self, type: EventType, name: str, attributes: dict[str, str] | None = None) -> None:
+        event = Event(time=time.time(), type=type, name=name, attributes=attributes or {})
+        with self.lock:
+            self.history.append(event)
+            for subscriber in self.subscribers:
+                subscriber.put(event)
+        log.info("%s %s %s", type, name, " ".join(f"{k}={v}" for k, v in event.attributes.items()))
+
+
+def _ended(attempt: Attempt, unknown: str | None) -> str:
+    if unknown:
+        return f"exit status unknown: {unknown}"
+    if attempt.oom_killed:
+        return "OOM killed" + (f" (exit status {attempt.exit_status})" if attempt.exit_status else "")
+    if attempt.signal is not None:
+        return f"killed by {signals.Signals(attempt.signal).name}"
+    return f"exited with {attempt.exit_code}"
+
+
+def _exit_attributes(attempt: Attempt) -> dict[str, str]:
+    attributes = {"reason": attempt.ended, "status_known": str(attempt.status_known).lower()}
+    if attempt.exit_code is not None:
+        attributes["exit_code"] = str(attempt.exit_code)
+    if attempt.signal is not None:
+        attributes["signal"] = str(attempt.signal)
+    if attempt.oom_killed:
+        attributes["oom_killed"] = "true"
+    return attributes

@@ -1,0 +1,157 @@
+"""The local runtime: the library acting on this host's cgroup tree and run records, with no daemon.
+
+It sees and controls every running container: foreground `cgctl run`s, and detached ones while the
+daemon's keeper holds their records. What needs a supervisor that outlives the CLI (detached
+runs, their logs, wait, events, removal) needs the daemon, and says how to start it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from cgctl import state
+from cgctl.cgroup import freezer, fs
+from cgctl.runtime.models import (
+    Attempt,
+    Container,
+    CreateRequest,
+    Event,
+    Failure,
+    Invalid,
+    NeedsDaemon,
+    NotFound,
+    parse_signal,
+)
+
+if TYPE_CHECKING:
+    from cgctl.runtime.logs import LogLine
+
+START_DAEMON = "start the daemon first: `systemctl start cgctld`, or `cgctld &` as root"
+
+
+def record_container(path: Path) -> Container | None:
+    """A running container as its run record tells (None if it ended meanwhile)."""
+    try:
+        record = state.read(path)
+    except (OSError, ValueError):
+        return None
+    spec = record.get("spec", {})
+    frozen = "frozen 1" in (fs.Cgroup(Path(record["cgroup"])).read_optional("cgroup.events") or "")
+    started = float(record.get("started_at", 0.0))
+    return Container(
+        name=path.stem,
+        id=record.get("id", ""),
+        state="frozen" if frozen else "running",
+        detached=bool(record.get("detached")),
+        pid=record.get("pid"),
+        cgroup=record["cgroup"],
+        image=(spec.get("rootfs") or {}).get("image") or "",
+        command=spec.get("command", []),
+        labels=spec.get("labels", {}),
+        created_at=started,
+        attempts=[Attempt(started_at=started, pid=record.get("pid"))],
+        spec=spec,
+    )
+
+
+def has_labels(container: Container, labels: dict[str, str] | None) -> bool:
+    return all(container.labels.get(key) == value for key, value in (labels or {}).items())
+
+
+def signal_cgroup(group: fs.Cgroup, sig: signal.Signals) -> int:
+    """Send sig to every process of the group and its sub-cgroups (SIGKILL through cgroup.kill, which
+    no fork escapes); returns how many processes there were."""
+    pids = [
+        int(pid) for procs in sorted(group.path.rglob("cgroup.procs")) for pid in procs.read_text().split()
+    ]
+    if sig == signal.SIGKILL:
+        group.write("cgroup.kill", "1")
+        return len(pids)
+    signalled = 0
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+            signalled += 1
+        except ProcessLookupError:
+            pass  # exited meanwhile
+    return signalled
+
+
+class LocalRuntime:
+    """The runtime interface (see cgctl.runtime.connect) over this host's run records."""
+
+    def __init__(self, state_dir: Path | None = None) -> None:
+        self.state_dir = state_dir or state.default_state_dir()
+
+    def list(self, all: bool = False, labels: dict[str, str] | None = None) -> list[Container]:
+        found = (record_container(path) for path, _ in state.live_records(self.state_dir))
+        return [c for c in found if c is not None and has_labels(c, labels)]
+
+    def inspect(self, name: str) -> Container:
+        container = record_container(state.record_path(self.state_dir, name))
+        if container is None or not any(path.stem == name for path, _ in state.live_records(self.state_dir)):
+            raise NotFound(f"no running container named {name!r}")
+        return container
+
+    def group(self, name: str) -> fs.Cgroup:
+        return fs.Cgroup(Path(self.inspect(name).cgroup))
+
+    def freeze(self, name: str, timeout: float = 10.0) -> bool:
+        """Freeze every process; False if it already was."""
+        return self._set_frozen(name, True, timeout)
+
+    def thaw(self, name: str, timeout: float = 10.0) -> bool:
+        return self._set_frozen(name, False, timeout)
+
+    def _set_frozen(self, name: str, frozen: bool, timeout: float) -> bool:
+        try:
+            return freezer.set_frozen(self.group(name), frozen, timeout)
+        except fs.CgroupError as error:
+            raise Failure(str(error)) from None
+
+    def kill(self, name: str, signal_name: str = "KILL") -> int:
+        try:
+            sig = parse_signal(signal_name)
+        except ValueError as error:
+            raise Invalid(f"invalid value {signal_name!r} for signal: {error}") from None
+        try:
+            return signal_cgroup(self.group(name), sig)
+        except fs.CgroupError as error:
+            raise Failure(str(error)) from None
+
+    def update(self, name: str, limits: dict[str, dict[str, Any]]) -> dict[str, str]:
+        """Change limits live (see runtime.update); raises pydantic's ValidationError or SpecError for
+        bad values, which the CLI and the API name by their option or field."""
+        from cgctl.runtime.update import update
+
+        try:
+            return update(name, limits, self.state_dir)
+        except LookupError as error:
+            raise NotFound(str(error)) from None
+        except fs.CgroupError as error:
+            raise Failure(str(error)) from None
+
+    def create(self, request: CreateRequest) -> Container:
+        self._daemon_only("detached runs (run -d)")
+
+    def remove(self, name: str, force: bool = False) -> None:
+        self._daemon_only("removing containers")
+
+    def wait(self, name: str, timeout: float | None = None) -> Container:
+        self._daemon_only("wait")
+
+    def logs(
+        self, name: str, tail: int | None = None, since: datetime | None = None, follow: bool = False
+    ) -> Iterator[LogLine]:
+        self._daemon_only("logs")
+
+    def events(self, since: float | None = None, until: float | None = None) -> Iterator[Event]:
+        self._daemon_only("events")
+
+    def _daemon_only(self, what: str) -> NoReturn:
+        raise NeedsDaemon(f"{what} need the cgctl daemon, and none answers: {START_DAEMON}")

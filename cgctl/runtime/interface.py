@@ -1,0 +1,71 @@
+"""One runtime interface, two implementations: LocalRuntime (the library on this host's cgroup tree
+and run records) and RemoteRuntime (a daemon's API). The CLI picks one with `connect` and is the
+same thin layer over either."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from cgctl.runtime.models import Container, CreateRequest, Event
+
+if TYPE_CHECKING:
+    from cgctl.runtime.logs import LogLine
+
+SYSTEM_SOCKET = Path("/run/cgctl/cgctl.sock")
+
+
+class Runtime(Protocol):
+    def list(self, all: bool = False, labels: dict[str, str] | None = None) -> list[Container]: ...
+    def inspect(self, name: str) -> Container: ...
+    def create(self, request: CreateRequest) -> Container: ...
+    def freeze(self, name: str, timeout: float = 10.0) -> bool: ...
+    def thaw(self, name: str, timeout: float = 10.0) -> bool: ...
+    def kill(self, name: str, signal_name: str = "KILL") -> int: ...
+    def update(self, name: str, limits: dict[str, dict[str, Any]]) -> dict[str, str]: ...
+    def remove(self, name: str, force: bool = False) -> None: ...
+    def wait(self, name: str, timeout: float | None = None) -> Container: ...
+    def logs(
+        self, name: str, tail: int | None = None, since: datetime | None = None, follow: bool = False
+    ) -> Iterator[LogLine]: ...
+    def events(self, since: float | None = None, until: float | None = None) -> Iterator[Event]: ...
+
+
+def default_sockets() -> list[Path]:
+    """Where a daemon may answer for this user: the system's (root, or its group), and for others
+    their own rootless daemon's first."""
+    if os.geteuid() == 0:
+        return [SYSTEM_SOCKET]
+    runtime_dir = Path(os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.geteuid()}")
+    return [runtime_dir / "cgctl" / "cgctl.sock", SYSTEM_SOCKET]
+
+
+def answers(path: Path) -> bool:
+    """Whether a daemon accepts connections at path (a left-over socket file does not)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def connect(host: str | None = None, state_dir: Path | None = None) -> Runtime:
+    """The remote runtime for --host/CGCTL_HOST, else for a daemon answering at a default socket,
+    else the local runtime (no daemon: the embedded default)."""
+    host = host or os.environ.get("CGCTL_HOST")
+    if not host:
+        host = next((f"unix://{path}" for path in default_sockets() if answers(path)), None)
+    if host:
+        from cgctl.runtime.remote import RemoteRuntime
+
+        return RemoteRuntime(host)
+    from cgctl.runtime.embedded import LocalRuntime
+
+    return LocalRuntime(state_dir)

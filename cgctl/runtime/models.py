@@ -1,0 +1,237 @@
+"""The service's request and response models: the daemon serves them (and its OpenAPI description is
+made from them), the remote runtime parses them, the CLI prints them. Requests refuse unknown fields."""
+
+from __future__ import annotations
+
+import re
+import signal as signals
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    computed_field,
+    field_validator,
+    model_validator,
+)
+
+from cgctl.runtime.report import RunReport
+from cgctl.spec import NAME_PATTERN, WorkloadSpec, parse_size
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN, description="a container's name")]
+ContainerState = Literal["running", "frozen", "restarting", "exited"]
+EventType = Literal[
+    "create", "start", "exit", "oom", "freeze", "thaw", "update", "restart", "checkpoint", "restore", "remove"
+]
+RESTART_POLICIES = ("no", "on-failure", "always", "unless-stopped")
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RestartPolicy(_Request):
+    """docker's policies: on-failure after a failed or unknown end (at most max_retries times);
+    always and unless-stopped after any end, until a kill with SIGKILL/TERM/INT or rm (docs/daemon.md)."""
+
+    name: Literal["no", "on-failure", "always", "unless-stopped"] = "no"
+    max_retries: int | None = Field(None, ge=1, description="on-failure only: give up after this many")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: object) -> object:
+        """'on-failure:3' as on the command line."""
+        if not isinstance(value, str):
+            return value
+        name, _, retries = value.partition(":")
+        if name not in RESTART_POLICIES:
+            raise ValueError(
+                f"{value!r} is not a restart policy: no, on-failure[:N], always or unless-stopped"
+            )
+        if retries and (name != "on-failure" or not retries.isdigit()):
+            raise ValueError(f"{value!r}: only on-failure takes a count of retries, e.g. on-failure:3")
+        return {"name": name, "max_retries": int(retries) if retries else None}
+
+    @model_validator(mode="after")
+    def _retries_need_on_failure(self) -> RestartPolicy:
+        if self.max_retries is not None and self.name != "on-failure":
+            raise ValueError("max_retries is only for the on-failure policy")
+        return self
+
+    def __str__(self) -> str:
+        return self.name + (f":{self.max_retries}" if self.max_retries else "")
+
+
+def _size(value: object) -> int:
+    size = parse_size(value)
+    if size == "max":
+        raise ValueError("a log needs a size limit")
+    return size
+
+
+class LogOptions(_Request):
+    """The container's stdout and stderr, kept in files of at most max_size, max_files of them."""
+
+    max_size: Annotated[int, BeforeValidator(_size), Field(ge=4096, le=2**40)] = 10 * 2**20
+    max_files: int = Field(3, ge=1, le=100)
+
+
+class CreateRequest(_Request):
+    """Run a workload detached: supervised by the daemon, output to its log files."""
+
+    spec: WorkloadSpec
+    restart: RestartPolicy = Field(default_factory=RestartPolicy)
+    log: LogOptions = Field(default_factory=LogOptions)
+    auto_remove: bool = Field(False, description="remove the container when it ends (run without -d)")
+
+
+class KillRequest(_Request):
+    signal: str = Field("KILL", description="a name (TERM, SIGTERM) or a number")
+
+    @field_validator("signal")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        return parse_signal(value).name
+
+
+class FreezeRequest(_Request):
+    timeout: float = Field(10.0, gt=0, le=600, description="seconds to wait for the kernel")
+
+
+class StopRequest(_Request):
+    timeout: float = Field(10.0, ge=0, le=3600, description="seconds between SIGTERM and SIGKILL")
+
+
+class UpdateRequest(_Request):
+    limits: dict[str, dict[str, Any]] = Field(description="the fields of spec.limits to change")
+
+
+class ImportRequest(_Request):
+    path: str = Field(description="an OCI layout (dir or tar) or a docker save tarball on the daemon's host")
+    reference: str = Field(description="NAME[:TAG]")
+
+
+class CheckpointRequest(_Request):
+    dir: str = Field(pattern=r"^/", description="a new or empty directory on the daemon's host")
+    leave_running: bool = False
+    tcp_established: bool = False
+
+
+class CheckpointResult(BaseModel):
+    dir: str
+    seconds: float
+    image_bytes: int
+    left_running: bool
+    notes: list[str]  # what the images do not hold
+
+
+class Attempt(BaseModel):
+    """One start of a container and how it ended."""
+
+    started_at: float
+    pid: int | None = None
+    finished_at: float | None = None
+    exit_code: int | None = None  # None while it runs, when killed by a signal, or when unknown
+    signal: int | None = None
+    oom_killed: bool = False
+    status_known: bool = True  # False: the exit status could not be learnt (say why in `ended`)
+    ended: str = ""  # why it ended, in words: "exited", "killed by SIGKILL", "OOM killed", ...
+
+    @property
+    def exit_status(self) -> int | None:
+        """As a shell reports it: the code, or 128+N for signal N; None if unknown or running."""
+        if self.signal is not None:
+            return 128 + self.signal
+        return self.exit_code
+
+
+class Container(BaseModel):
+    """A container as `ps` and `inspect` show it. Its environment is never shown."""
+
+    name: str
+    id: str
+    state: ContainerState
+    detached: bool  # False: a foreground `cgctl run`, supervised by that process
+    pid: int | None
+    cgroup: str
+    image: str = ""
+    command: list[str]
+    labels: dict[str, str]
+    created_at: float
+    restart_policy: RestartPolicy = Field(default_factory=RestartPolicy)
+    restart_count: int = 0
+    attempts: list[Attempt] = Field(default_factory=list)
+    report: RunReport | None = None  # the final accounting of the last attempt that ended
+    spec: dict[str, Any]  # the spec as given, without env
+
+    @property
+    def last(self) -> Attempt | None:
+        return self.attempts[-1] if self.attempts else None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def exit_code(self) -> int | None:
+        """The last attempt's status as docker reports it (128+N when killed by signal N); None while
+        it runs or when it is unknown."""
+        last = self.last
+        return last.exit_status if last is not None and last.status_known else None
+
+
+class Event(BaseModel):
+    time: float
+    type: EventType
+    name: str
+    attributes: dict[str, str] = Field(default_factory=dict)
+
+
+class Info(BaseModel):
+    version: str
+    pid: int
+    containers: int
+    running: int
+    cgroup_root: str
+
+
+class ApiError(BaseModel):
+    message: str
+    exit_code: int = 125  # what the CLI exits with: 125, or 126/127 when the command cannot run
+
+
+def parse_signal(text: str) -> signals.Signals:
+    """'KILL', 'SIGKILL', 'kill' or '9'; ValueError otherwise."""
+    text = text.strip()
+    try:
+        if re.fullmatch(r"\d+", text):
+            return signals.Signals(int(text))
+        return signals.Signals["SIG" + text.upper().removeprefix("SIG")]
+    except (KeyError, ValueError):
+        raise ValueError(f"{text!r} is not a signal name or number (e.g. TERM, SIGUSR1, 9)") from None
+
+
+class Failure(Exception):
+    """Why a runtime call failed, with the HTTP status the API answers with and the exit status the
+    CLI ends with (125 for cgctl's own errors; 126/127 when the command cannot be run)."""
+
+    status = 500
+
+    def __init__(self, message: str, exit_code: int = 125) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Invalid(Failure):
+    status = 400
+
+
+class NotFound(Failure):
+    status = 404
+
+
+class Conflict(Failure):
+    status = 409
+
+
+class NeedsDaemon(Failure):
+    status = 501

@@ -1,0 +1,209 @@
+"""The remote runtime: the runtime interface over the daemon's HTTP API.
+
+unix://PATH reaches a daemon's socket on this host. ssh://[USER@]HOST[:PORT][/SOCKET] runs
+`ssh HOST cgctl dial-stdio` and speaks HTTP over its standard input and output, as docker does, so
+one CLI drives a fleet with the ssh keys and config it already has. Only the standard library and
+the models are used here: the CLI stays quick to start.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import subprocess
+import urllib.parse
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+from cgctl.runtime.logs import LogLine
+from cgctl.runtime.models import (
+    Conflict,
+    Container,
+    CreateRequest,
+    Event,
+    Failure,
+    Invalid,
+    NeedsDaemon,
+    NotFound,
+)
+
+FAILURES: dict[int, type[Failure]] = {
+    400: Invalid,
+    404: NotFound,
+    409: Conflict,
+    413: Invalid,
+    501: NeedsDaemon,
+}
+
+
+class UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float | None) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
+class _SshConnection(http.client.HTTPConnection):
+    def __init__(self, target: urllib.parse.SplitResult, timeout: float | None) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.target = target
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def connect(self) -> None:
+        ours, theirs = socket.socketpair()
+        destination = self.target.hostname or ""
+        if self.target.username:
+            destination = f"{self.target.username}@{destination}"
+        argv = ["ssh", "-o", "BatchMode=yes", *(["-p", str(self.target.port)] if self.target.port else [])]
+        remote = ["cgctl", "dial-stdio", *(["--socket", self.target.path] if self.target.path else [])]
+        self.process = subprocess.Popen(
+            [*argv, destination, "--", *remote], stdin=theirs.fileno(), stdout=theirs.fileno()
+        )
+        theirs.close()
+        ours.settimeout(self.timeout)
+        self.sock = ours
+
+    def close(self) -> None:
+        super().close()
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait()
+            self.process = None
+
+
+def _connection(host: str, timeout: float | None) -> http.client.HTTPConnection:
+    target = urllib.parse.urlsplit(host)
+    if target.scheme == "unix" and (target.path or target.netloc):
+        return UnixConnection(target.netloc + target.path, timeout)
+    if target.scheme == "ssh" and target.hostname:
+        return _SshConnection(target, timeout)
+    raise Invalid(
+        f"invalid value {host!r} for --host: expected unix:///PATH or ssh://[USER@]HOST[:PORT][/SOCKET]"
+    )
+
+
+class RemoteRuntime:
+    """The runtime interface (see cgctl.runtime.interface) over a daemon's API at `host`."""
+
+    def __init__(self, host: str, timeout: float | None = 300.0) -> None:
+        self.host = host
+        self.timeout = timeout
+        _connection(host, timeout)  # a malformed host fails now, not at the first call
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: dict[str, Any] | None = None,
+        stream: bool = False,
+    ) -> http.client.HTTPResponse:
+        """One request on a connection of its own (streams keep theirs open); Failure on an error status."""
+        connection = _connection(self.host, None if stream else self.timeout)
+        pairs = [
+            (k, str(v).lower() if isinstance(v, bool) else v)
+            for k, v in (query or {}).items()
+            if v is not None
+        ]
+        expanded = [(k, item) for k, v in pairs for item in (v if isinstance(v, list) else [v])]
+        url = path + (f"?{urllib.parse.urlencode(expanded)}" if expanded else "")
+        payload = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        try:
+            connection.request(method, url, payload, headers)
+            response = connection.getresponse()
+        except OSError as error:
+            connection.close()
+            raise NeedsDaemon(
+                f"cannot reach the cgctl daemon at {self.host}: {error.strerror or error}"
+            ) from None
+        if response.status >= 400:
+            raw = response.read()
+            connection.close()
+            try:
+                detail = json.loads(raw)
+                message, exit_code = str(detail["message"]), int(detail.get("exit_code", 125))
+            except (ValueError, KeyError, TypeError):
+                message, exit_code = f"the daemon answered {response.status}: {raw[:200]!r}", 125
+            raise FAILURES.get(response.status, Failure)(message, exit_code)
+        return response
+
+    def _json(self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None) -> Any:
+        response = self._call(method, path, body, query)
+        data = response.read()
+        return json.loads(data) if data else None
+
+    def _stream(self, path: str, query: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        response = self._call("GET", path, query=query, stream=True)
+        try:
+            for line in response:
+                if line.strip():
+                    yield json.loads(line)
+        finally:
+            response.close()
+
+    def ping(self) -> dict[str, Any]:
+        return dict(self._json("GET", "/v1/info"))
+
+    def list(self, all: bool = False, labels: dict[str, str] | None = None) -> list[Container]:
+        query = {"all": all, "label": [f"{k}={v}" for k, v in (labels or {}).items()]}
+        return [Container.model_validate(item) for item in self._json("GET", "/v1/containers", query=query)]
+
+    def inspect(self, name: str) -> Container:
+        return Container.model_validate(self._json("GET", f"/v1/containers/{_quoted(name)}"))
+
+    def create(self, request: CreateRequest) -> Container:
+        return Container.model_validate(self._json("POST", "/v1/containers", request.model_dump(mode="json")))
+
+    def freeze(self, name: str, timeout: float = 10.0) -> bool:
+        return bool(
+            self._json("POST", f"/v1/containers/{_quoted(name)}/freeze", {"timeout": timeout})["changed"]
+        )
+
+    def thaw(self, name: str, timeout: float = 10.0) -> bool:
+        return bool(
+            self._json("POST", f"/v1/containers/{_quoted(name)}/thaw", {"timeout": timeout})["changed"]
+        )
+
+    def kill(self, name: str, signal_name: str = "KILL") -> int:
+        return int(
+            self._json("POST", f"/v1/containers/{_quoted(name)}/kill", {"signal": signal_name})["signalled"]
+        )
+
+    def update(self, name: str, limits: dict[str, dict[str, Any]]) -> dict[str, str]:
+        return dict(
+            self._json("POST", f"/v1/containers/{_quoted(name)}/update", {"limits": limits})["written"]
+        )
+
+    def remove(self, name: str, force: bool = False) -> None:
+        self._json("DELETE", f"/v1/containers/{_quoted(name)}", query={"force": force})
+
+    def wait(self, name: str, timeout: float | None = None) -> Container:
+        response = self._call(
+            "POST", f"/v1/containers/{_quoted(name)}/wait", query={"timeout": timeout}, stream=True
+        )
+        return Container.model_validate_json(response.read())
+
+    def logs(
+        self, name: str, tail: int | None = None, since: datetime | None = None, follow: bool = False
+    ) -> Iterator[LogLine]:
+        query = {"tail": tail, "since": since.timestamp() if since else None, "follow": follow}
+        for item in self._stream(f"/v1/containers/{_quoted(name)}/logs", query):
+            yield LogLine.from_json(item)
+
+    def events(self, since: float | None = None, until: float | None = None) -> Iterator[Event]:
+        for item in self._stream("/v1/events", {"since": since, "until": until}):
+            yield Event.model_validate(item)
+
+    def stats(self, name: str, interval: float = 1.0) -> dict[str, Any]:
+        return dict(self._json("GET", f"/v1/containers/{_quoted(name)}/stats", query={"interval": interval}))
+
+
+def _quoted(name: str) -> str:
+    return urllib.parse.quote(name, safe="")
