@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cgctl.cli.errors import fail
+from cgctl.cli.connection import failed, runtime
 
 if TYPE_CHECKING:
     from cgctl.accounting import Usage
@@ -41,33 +40,17 @@ def stats(
     state_dir: Annotated[Path | None, typer.Option(envvar="CGCTL_STATE_DIR", help="the run records")] = None,
 ) -> None:
     """Show CPU, memory, IO, pids, throttling and pressure of running containers."""
-    from cgctl.accounting import read_snapshot, running_containers, usage
+    from cgctl.runtime.models import Failure
 
-    wanted = set(names or [])
-    try:
-        before = {
-            c.name: s
-            for c in running_containers(state_dir)
-            if (not wanted or c.name in wanted) and (s := read_snapshot(c))
-        }
-    except OSError as error:
-        raise fail(f"cannot read the run records: {error}") from None
-    missing = wanted - set(before)
-    if missing:
-        raise fail(f"no running container named {', '.join(sorted(missing))}")
     tty = sys.stdout.isatty() and not as_json
     try:
-        while True:
-            time.sleep(interval)
-            after = {name: now for name, then in before.items() if (now := read_snapshot(then.container))}
-            rows = [usage(before[name], after[name]) for name in sorted(after)]
+        for rows in runtime(state_dir).stats(names, interval, stream=not no_stream):
             if as_json:
                 print(json.dumps([asdict(row) for row in rows]), flush=True)
             else:
                 print(("\x1b[H\x1b[J" if tty and not no_stream else "") + table(rows), flush=True)
-            if no_stream:
-                return
-            before = after
+    except Failure as error:
+        raise failed(error) from None
     except KeyboardInterrupt:
         return
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import itertools
 import json
 import os
 import signal
@@ -259,25 +260,22 @@ def make_app() -> FastAPI:
 
         return StreamingResponse(_lines(items()), media_type=NDJSON)
 
-    @app.get("/v1/containers/{name}/stats", responses={200: {"content": {NDJSON: {}}}})
+    @app.get("/v1/stats", responses={200: {"content": {NDJSON: {}}}})
     def stats(
         service: Served,
-        name: ContainerName,
+        name: Annotated[list[str] | None, Query(description="only these containers")] = None,
         interval: Annotated[float, Query(ge=0.1, le=60)] = 1.0,
         stream: bool = False,
     ) -> Response:
-        """Usage over `interval` seconds, as `cgctl stats` shows it; with stream, one line per interval."""
-        first = asdict(service.stats(name, interval))
+        """Usage of running containers over `interval` seconds, as `cgctl stats` shows it: a list;
+        with stream, one list per line and interval."""
+        samples = (
+            [asdict(usage) for usage in sample] for sample in service.local.stats(name, interval, stream)
+        )
+        first = next(samples)  # an unknown name is a 404, not an empty stream
         if not stream:
             return JSONResponse(first)
-
-        def samples() -> Iterator[Any]:
-            yield first
-            with contextlib.suppress(Failure):  # it ended
-                while True:
-                    yield asdict(service.stats(name, interval))
-
-        return StreamingResponse(_lines(samples()), media_type=NDJSON)
+        return StreamingResponse(_lines(itertools.chain([first], samples)), media_type=NDJSON)
 
     @app.post("/v1/containers/{name}/checkpoint")
     def checkpoint(service: Served, name: ContainerName, request: CheckpointRequest) -> CheckpointResult:

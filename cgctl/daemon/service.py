@@ -30,8 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from cgctl import state
-from cgctl.accounting import Container as Accounted
-from cgctl.accounting import Usage, read_snapshot, usage
 from cgctl.cgroup import fs
 from cgctl.daemon.keeper import KeeperClient, write_durably
 from cgctl.daemon.watch import CgroupWatcher
@@ -332,17 +330,6 @@ class Service:
             with self.lock:
                 self.subscribers.remove(subscription)
 
-    def stats(self, name: str, interval: float) -> Usage:
-        """Usage over `interval` seconds, read from the container's cgroup now and then."""
-        container = self.inspect(name)
-        accounted = Accounted(name=name, id=container.id, cgroup=Path(container.cgroup), started_at=0.0)
-        before = read_snapshot(accounted)
-        time.sleep(interval)
-        after = read_snapshot(accounted)
-        if before is None or after is None:
-            raise NotFound(f"{name!r} ended while its usage was read")
-        return usage(before, after)
-
     def checkpoint(self, name: str, request: CheckpointRequest) -> CheckpointResult:
         """Dump the container with CRIU (docs/checkpoint.md); unless left running, it then ends, and its
         attempt says where it went (it is not restarted)."""
@@ -557,8 +544,9 @@ class Service:
         attempt.oom_killed = bool(report and report.oom_killed)
         attempt.status_known = "unknown" not in status
         attempt.ended = _ended(attempt, status.get("unknown"))
-        if report is not None and report.checkpointed_to:
+        if report is not None and report.checkpointed_to:  # by the API or by `cgctl checkpoint` alike
             attempt.ended = f"checkpointed to {report.checkpointed_to}"
+            managed.stopping = True  # it lives on in its images: no restart
         managed.info.report = report
         managed.info.pid = None
         self._emit("exit", name, _exit_attributes(attempt))

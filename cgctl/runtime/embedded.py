@@ -7,8 +7,10 @@ runs, their logs, wait, events, removal) needs the daemon, and says how to start
 
 from __future__ import annotations
 
+import builtins
 import os
 import signal
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +31,7 @@ from cgctl.runtime.models import (
 )
 
 if TYPE_CHECKING:
+    from cgctl.accounting import Usage
     from cgctl.runtime.logs import LogLine
 
 START_DAEMON = "start the daemon first: `systemctl start cgctld`, or `cgctld &` as root"
@@ -135,6 +138,30 @@ class LocalRuntime:
             raise NotFound(str(error)) from None
         except fs.CgroupError as error:
             raise Failure(str(error)) from None
+
+    def stats(
+        self, names: builtins.list[str] | None = None, interval: float = 1.0, stream: bool = False
+    ) -> Iterator[builtins.list[Usage]]:
+        """Usage of the running containers (or those named) over each interval, as `cgctl stats`
+        shows it: one list per interval, forever if stream."""
+        from cgctl.accounting import read_snapshot, running_containers, usage
+
+        wanted = set(names or [])
+        before = {
+            c.name: snap
+            for c in running_containers(self.state_dir)
+            if (not wanted or c.name in wanted) and (snap := read_snapshot(c))
+        }
+        missing = wanted - set(before)
+        if missing:
+            raise NotFound(f"no running container named {', '.join(sorted(missing))}")
+        while True:
+            time.sleep(interval)
+            after = {name: now for name, then in before.items() if (now := read_snapshot(then.container))}
+            yield [usage(before[name], after[name]) for name in sorted(after)]
+            if not stream:
+                return
+            before = after
 
     def create(self, request: CreateRequest) -> Container:
         self._daemon_only("detached runs (run -d)")

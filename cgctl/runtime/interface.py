@@ -4,6 +4,7 @@ same thin layer over either."""
 
 from __future__ import annotations
 
+import builtins
 import os
 import socket
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from cgctl.runtime.models import Container, CreateRequest, Event
 
 if TYPE_CHECKING:
+    from cgctl.accounting import Usage
     from cgctl.runtime.logs import LogLine
 
 SYSTEM_SOCKET = Path("/run/cgctl/cgctl.sock")
@@ -33,6 +35,9 @@ class Runtime(Protocol):
         self, name: str, tail: int | None = None, since: datetime | None = None, follow: bool = False
     ) -> Iterator[LogLine]: ...
     def events(self, since: float | None = None, until: float | None = None) -> Iterator[Event]: ...
+    def stats(
+        self, names: builtins.list[str] | None = None, interval: float = 1.0, stream: bool = False
+    ) -> Iterator[builtins.list[Usage]]: ...
 
 
 def default_sockets() -> list[Path]:

@@ -8,6 +8,7 @@ the models are used here: the CLI stays quick to start.
 
 from __future__ import annotations
 
+import builtins
 import http.client
 import json
 import socket
@@ -15,7 +16,7 @@ import subprocess
 import urllib.parse
 from collections.abc import Iterator
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cgctl.runtime.logs import LogLine
 from cgctl.runtime.models import (
@@ -28,6 +29,9 @@ from cgctl.runtime.models import (
     NeedsDaemon,
     NotFound,
 )
+
+if TYPE_CHECKING:
+    from cgctl.accounting import Usage
 
 FAILURES: dict[int, type[Failure]] = {
     400: Invalid,
@@ -201,8 +205,15 @@ class RemoteRuntime:
         for item in self._stream("/v1/events", {"since": since, "until": until}):
             yield Event.model_validate(item)
 
-    def stats(self, name: str, interval: float = 1.0) -> dict[str, Any]:
-        return dict(self._json("GET", f"/v1/containers/{_quoted(name)}/stats", query={"interval": interval}))
+    def stats(
+        self, names: builtins.list[str] | None = None, interval: float = 1.0, stream: bool = False
+    ) -> Iterator[builtins.list[Usage]]:
+        from cgctl.accounting import Usage
+
+        for sample in self._stream(
+            "/v1/stats", {"name": names or [], "interval": interval, "stream": stream}
+        ):
+            yield [Usage(**row) for row in sample]  # type: ignore[arg-type]
 
 
 def _quoted(name: str) -> str:

@@ -247,9 +247,14 @@ def test_images_stats_and_checkpoint_through_the_api(daemon: Daemon, tmp_path: P
     assert api_call(daemon, "DELETE", "/v1/images/apitest:1")[0] == 200
     assert api_call(daemon, "DELETE", "/v1/images/apitest:1")[0] == 404
 
-    daemon.api.create(CreateRequest(spec=spec(["sleep", "1000"], name="measured")))
-    status, usage = api_call(daemon, "GET", "/v1/containers/measured/stats?interval=0.2")
-    assert (status, usage["name"], usage["pids"]) == (200, "measured", 1)
+    daemon.api.create(
+        CreateRequest.model_validate({"spec": spec(["sleep", "1000"], name="measured"), "restart": "always"})
+    )
+    status, usage = api_call(daemon, "GET", "/v1/stats?name=measured&interval=0.2")
+    assert (status, [(row["name"], row["pids"]) for row in usage]) == (200, [("measured", 1)])
+    assert api_call(daemon, "GET", "/v1/stats?name=nope")[0] == 404
+    (sample,) = daemon.api.stats(["measured"], interval=0.2)
+    assert [row.name for row in sample] == ["measured"]
     status, dumped = api_call(
         daemon, "POST", "/v1/containers/measured/checkpoint", {"dir": str(tmp_path / "ck")}
     )
