@@ -253,9 +253,16 @@ class Service:
         with self.changed:
             managed = self._managed(name)
             attempt = len(managed.info.attempts)
-            while managed.info.state != "exited" and not (
-                len(managed.info.attempts) > attempt or managed.info.attempts[attempt - 1].finished_at
-            ):
+
+            def ended() -> bool:
+                # _finish (under the container's lock, not this one) records the attempt's end first
+                # and changes the state last: an ended attempt is one with both.
+                info = managed.info
+                if attempt == 0 or len(info.attempts) > attempt:
+                    return True
+                return info.attempts[-1].finished_at is not None and info.state not in ("running", "frozen")
+
+            while not ended():
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
