@@ -292,8 +292,11 @@ class Service:
                 self.changed.wait(deadline - time.monotonic())
             if managed.info.state in ("running", "frozen"):
                 raise Failure(f"{name!r} did not end within 30 s of SIGKILL; nothing was removed")
-            del self.containers[name]
-        shutil.rmtree(managed.dir, ignore_errors=True)
+        with managed.lock:  # taken after _finish, which holds it while it writes the container's files
+            with self.lock:
+                if self.containers.get(name) is managed:
+                    del self.containers[name]
+            shutil.rmtree(managed.dir, ignore_errors=True)
         self._emit("remove", name)
 
     def logs(
