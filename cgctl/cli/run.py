@@ -15,6 +15,7 @@ from cgctl.cli.errors import fail, invalid_options, invalid_value
 
 if TYPE_CHECKING:
     from cgctl.runtime.interface import Runtime
+    from cgctl.runtime.models import Container
     from cgctl.runtime.report import RunReport
     from cgctl.spec import WorkloadSpec
 
@@ -265,10 +266,18 @@ def _through_daemon(
         if detach:
             print(created.name)
             raise typer.Exit(0)
-        status = _attach(chosen, created.name)
+        ended = _attach(chosen, created.name)
     except Failure as error:
         raise failed(error) from None
-    raise typer.Exit(status)
+    if report and ended.report is not None:
+        write_report(report, ended.report.model_dump_json(indent=2))
+    last = ended.last
+    if last is None or not last.status_known:
+        print(f"cgctl: {ended.name}: {last.ended if last else 'never started'}", file=sys.stderr)
+        raise typer.Exit(125)
+    if ended.report is not None:
+        explain_end(ended.report)
+    raise typer.Exit(last.exit_status or 0)
 
 
 DAEMON_OPTIONS: dict[tuple[str | int, ...], str] = {
@@ -279,7 +288,8 @@ DAEMON_OPTIONS: dict[tuple[str | int, ...], str] = {
 }
 
 
-def _attach(chosen: Runtime, name: str) -> int:
+def _attach(chosen: Runtime, name: str) -> Container:
+    """Stream the container's output until it ends, forwarding signals; remove it; return how it ended."""
     import threading
 
     def forward(received: int, _frame: object) -> None:
@@ -302,13 +312,7 @@ def _attach(chosen: Runtime, name: str) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     chosen.remove(name)
-    last = ended.last
-    if last is None or not last.status_known:
-        print(f"cgctl: {name}: {last.ended if last else 'never started'}", file=sys.stderr)
-        return 125
-    if ended.report is not None:
-        explain_end(ended.report)
-    return last.exit_status or 0
+    return ended
 
 
 def _image_defaults(image: str, rootfs: Path | None, root: dict[str, Any]) -> dict[str, Any]:

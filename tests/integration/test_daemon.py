@@ -70,12 +70,23 @@ def test_exit_status_and_final_accounting(capfd: pytest.CaptureFixture[str], dae
 
 
 def test_foreground_run_through_the_daemon_attaches(
-    capfd: pytest.CaptureFixture[str], daemon: Daemon
+    capfd: pytest.CaptureFixture[str], daemon: Daemon, tmp_path: Path
 ) -> None:
+    report = tmp_path / "report.json"
     status, out, err = daemon.cli(
-        capfd, "run", "--name", "attached", "--", "sh", "-c", "echo out; echo err >&2; exit 3"
+        capfd,
+        "run",
+        "--name",
+        "attached",
+        "--report",
+        str(report),
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 3",
     )
     assert (status, out, err) == (3, "out\n", "err\n")
+    assert json.loads(report.read_text())["exit_code"] == 3
     assert daemon.cli(capfd, "ps", "-a", "--json")[1].strip() == "[]", "an attached run was left behind"
 
 
