@@ -15,8 +15,10 @@ import typer
 
 from cgctl.cli.connection import failed, runtime
 from cgctl.cli.errors import fail
+from cgctl.cli.table import render_table
 
 if TYPE_CHECKING:
+    from cgctl.runtime.logs import LogLine
     from cgctl.runtime.models import Container, Event
 
 Names = Annotated[list[str], typer.Argument(help="container names", show_default=False)]
@@ -72,7 +74,7 @@ def ps(
                 _shorten(" ".join(c.command), 40),
             )
         )
-    print(_table(rows))
+    print(render_table(rows))
 
 
 def inspect(names: Names, as_json: AsJson = False, state_dir: StateDir = None) -> None:
@@ -127,10 +129,7 @@ def logs(
         for line in runtime().logs(
             name, tail=tail, since=datetime.fromtimestamp(start, UTC) if start else None, follow=follow
         ):
-            out = sys.stdout if line.stream == "stdout" else sys.stderr
-            prefix = line.time.strftime("%Y-%m-%dT%H:%M:%S.%fZ ") if timestamps else ""
-            out.write(prefix + line.text + ("" if line.partial else "\n"))
-            out.flush()
+            print_log_line(line, timestamps)
     except Failure as error:
         raise failed(error) from None
     except KeyboardInterrupt:
@@ -191,6 +190,14 @@ def events(
         return
 
 
+def print_log_line(line: LogLine, timestamps: bool = False) -> None:
+    """A container's output line on our stdout or stderr, as it wrote it (run's attach uses it too)."""
+    out = sys.stdout if line.stream == "stdout" else sys.stderr
+    prefix = line.time.strftime("%Y-%m-%dT%H:%M:%S.%fZ ") if timestamps else ""
+    out.write(prefix + line.text + ("" if line.partial else "\n"))
+    out.flush()
+
+
 def _event_line(event: Event) -> str:
     when = datetime.fromtimestamp(event.time, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     return " ".join(
@@ -243,10 +250,3 @@ def _when(moment: float) -> str:
 
 def _shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _table(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
-    )

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from cgctl.cli.errors import fail
+from cgctl.cli.table import render_table
 
 if TYPE_CHECKING:  # the verbs import what they use: `cgctl --help` stays light
     from cgctl.images import Store
@@ -81,9 +82,7 @@ def list_(
          format_size(i["size"]))
         for i in images
     ]  # fmt: skip
-    widths = [max(len(row[column]) for row in rows) for column in range(4)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    print(render_table(rows))
 
 
 @app.command()

@@ -292,6 +292,8 @@ def _attach(chosen: Runtime, name: str) -> Container:
     """Stream the container's output until it ends, forwarding signals; remove it; return how it ended."""
     import threading
 
+    from cgctl.cli.containers import print_log_line
+
     def forward(received: int, _frame: object) -> None:
         threading.Thread(target=chosen.kill, args=(name, signal.Signals(received).name), daemon=True).start()
 
@@ -300,9 +302,7 @@ def _attach(chosen: Runtime, name: str) -> Container:
 
         def stream() -> None:
             for line in chosen.logs(name, follow=True):
-                out = sys.stdout if line.stream == "stdout" else sys.stderr
-                out.write(line.text + ("" if line.partial else "\n"))
-                out.flush()
+                print_log_line(line)
 
         printer = threading.Thread(target=stream, daemon=True)
         printer.start()

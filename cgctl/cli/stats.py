@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from cgctl.cli.connection import failed, runtime
+from cgctl.cli.table import render_table
 
 if TYPE_CHECKING:
     from cgctl.accounting import Usage
@@ -64,7 +65,7 @@ def table(rows: list[Usage]) -> str:
     def pressure(value: float | None) -> str:
         return "-" if value is None else f"{value:.0f}"
 
-    lines = [COLUMNS]
+    lines: list[tuple[str, ...]] = [COLUMNS]
     for row in rows:
         limit = row.memory_limit_bytes
         lines.append(
@@ -80,8 +81,4 @@ def table(rows: list[Usage]) -> str:
                 "/".join(pressure(p) for p in (row.pressure_cpu, row.pressure_memory, row.pressure_io)),
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
-        for line in lines
-    )
+    return render_table(lines)

@@ -41,11 +41,11 @@ from cgctl.runtime.models import (
     CheckpointResult,
     Container,
     CreateRequest,
-    Event,
     Failure,
     FreezeRequest,
     ImportRequest,
     Info,
+    Invalid,
     KillRequest,
     UpdateRequest,
 )
@@ -309,13 +309,10 @@ def make_app() -> FastAPI:
         return PlainTextResponse(collector.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     app.add_middleware(BodyLimit)  # type: ignore[arg-type]
-    _ = Event  # the events stream's items, documented below
     return app
 
 
 def _invalid_query(field: str, value: str, reason: str) -> Failure:
-    from cgctl.runtime.models import Invalid
-
     return Invalid(f"invalid value {value!r} for {field}: {reason}")
 
 

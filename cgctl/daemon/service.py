@@ -52,6 +52,7 @@ from cgctl.runtime.models import (
     parse_signal,
 )
 from cgctl.runtime.spawn import SpawnError
+from cgctl.spec import Limits
 
 log = logging.getLogger("cgctld")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -108,7 +109,6 @@ class Managed:
         self.backoff = 0.0
         self.timer: threading.Timer | None = None
         self.oom_kills = 0
-        self.frozen = False
 
     @property
     def log_path(self) -> Path:
@@ -195,7 +195,8 @@ class Service:
     def list(self, all: bool = False, labels: dict[str, str] | None = None) -> list[Container]:
         with self.lock:
             mine = [self._view(m) for m in self.containers.values()]
-        foreground = [c for c in self.local.list(labels=labels) if c.name not in {m.name for m in mine}]
+        names = {m.name for m in mine}
+        foreground = [c for c in self.local.list(labels=labels) if c.name not in names]
         shown = [c for c in mine if (all or c.state != "exited") and has_labels(c, labels)]
         return sorted(shown + foreground, key=lambda c: c.created_at)
 
@@ -231,20 +232,20 @@ class Service:
         return self.local.kill(name, sig.name)
 
     def update(self, name: str, limits: dict[str, dict[str, Any]]) -> dict[str, str]:
-        written = self.local.update(name, limits)
         managed = self.containers.get(name)
-        if managed is not None:  # the next attempt starts with the new limits
-            with managed.lock:
-                spec = managed.request.spec.model_dump(mode="json")
-                for group, fields in limits.items():
-                    spec["limits"].setdefault(group, {}).update(fields)
-                managed.request = managed.request.model_copy(
-                    update={"spec": type(managed.request.spec).model_validate(spec)}
-                )
+        if managed is None:
+            written = self.local.update(name, limits)
+        else:
+            with managed.lock:  # its run record stays until _finish, which takes this lock
+                written = self.local.update(name, limits)
+                # The next attempt starts with the limits update merged into the record.
+                merged = state.read(state.record_path(self.paths.state_dir, name))["spec"]["limits"]
+                spec = managed.request.spec.model_copy(update={"limits": Limits.model_validate(merged)})
+                managed.request = managed.request.model_copy(update={"spec": spec})
                 write_durably(managed.dir / "request.json", managed.request.model_dump(mode="json"))
-                managed.info.spec = managed.request.spec.model_dump(mode="json", exclude={"env"})
+                managed.info.spec = spec.model_dump(mode="json", exclude={"env"})
                 managed.save()
-        self._emit("update", name, {file: value for file, value in written.items()})
+        self._emit("update", name, dict(written))
         return written
 
     def wait(self, name: str, timeout: float | None = None) -> Container:
@@ -477,7 +478,7 @@ class Service:
         state.update(created.claim.path, pid=pid, written=created.written)
         managed.group, managed.written, managed.root = created.group, created.written, root
         managed.started = time.monotonic()
-        managed.oom_kills, managed.frozen = 0, False
+        managed.oom_kills = 0
         managed.info.attempts.append(Attempt(started_at=time.time(), pid=pid))
         managed.info.state, managed.info.pid, managed.info.cgroup = "running", pid, str(created.group.path)
         managed.save()
@@ -643,10 +644,8 @@ class Service:
         try:
             if file == "cgroup.events":
                 frozen = group.read_keyed("cgroup.events").get("frozen", 0) == 1
-                if frozen != managed.frozen:
-                    managed.frozen = frozen
-                    if managed.info.state in ("running", "frozen"):
-                        managed.info.state = "frozen" if frozen else "running"
+                if managed.info.state in ("running", "frozen") and frozen != (managed.info.state == "frozen"):
+                    managed.info.state = "frozen" if frozen else "running"
                     self._emit("freeze" if frozen else "thaw", name)
             elif file == "memory.events":
                 events = group.read_keyed("memory.events")
@@ -694,7 +693,6 @@ class Service:
         managed.group = fs.Cgroup(Path(info.cgroup))
         last = info.attempts[-1]
         managed.started = time.monotonic() - (time.time() - last.started_at)
-        managed.frozen = info.state == "frozen"
         if running is not None and running["attempt"] == len(info.attempts):
             self.watcher.add(info.name, managed.group)
             with contextlib.suppress(fs.CgroupError, ValueError):

@@ -18,9 +18,8 @@ from pydantic import (
 )
 
 from cgctl.runtime.report import RunReport
-from cgctl.spec import NAME_PATTERN, WorkloadSpec, parse_size
+from cgctl.spec import WorkloadSpec, parse_size
 
-Name = Annotated[str, Field(pattern=NAME_PATTERN, description="a container's name")]
 ContainerState = Literal["running", "frozen", "restarting", "exited"]
 EventType = Literal[
     "create", "start", "exit", "oom", "freeze", "thaw", "update", "restart", "checkpoint", "restore", "remove"
@@ -98,10 +97,6 @@ class KillRequest(_Request):
 
 class FreezeRequest(_Request):
     timeout: float = Field(10.0, gt=0, le=600, description="seconds to wait for the kernel")
-
-
-class StopRequest(_Request):
-    timeout: float = Field(10.0, ge=0, le=3600, description="seconds between SIGTERM and SIGKILL")
 
 
 class UpdateRequest(_Request):

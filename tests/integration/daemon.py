@@ -13,7 +13,7 @@ import pytest
 
 from cgctl.runtime.interface import answers
 from cgctl.runtime.remote import RemoteRuntime
-from tests.integration.workloads import PYTHON, cgctl_in_process, wait_for
+from tests.integration.workloads import PYTHON, cgctl_in_process
 
 
 class Daemon:
@@ -74,7 +74,3 @@ class Daemon:
             self.stop()
         if keeper := self.keeper_pid():
             os.kill(keeper, signal.SIGTERM)
-
-
-def wait_state(api: RemoteRuntime, name: str, wanted: str, timeout: float = 60) -> None:
-    wait_for(lambda: api.inspect(name).state == wanted, f"{name} to be {wanted}", timeout)
