@@ -14,7 +14,8 @@ from cgctl.cli.errors import fail, invalid_value
 from cgctl.cli.run import CgroupRoot, Report, explain_end, write_report
 
 if TYPE_CHECKING:
-    from cgctl.runtime.checkpoint import Progress
+    from cgctl.runtime.checkpoint import Checkpoint, Progress
+    from cgctl.runtime.remote import RemoteRuntime
 
 Directory = Annotated[Path, typer.Option("--dir", help="the checkpoint directory (images, logs, manifest)")]
 Hook = Annotated[
@@ -49,25 +50,31 @@ def checkpoint(
     The container ends once its images are complete (its `cgctl run` says where it
     went), unless --leave-running. If anything fails it keeps running, thawed.
     """
+    from cgctl.cli import connection
     from cgctl.runtime.checkpoint import CheckpointError
     from cgctl.runtime.checkpoint import checkpoint as dump
+    from cgctl.runtime.remote import RemoteRuntime
     from cgctl.spec import SpecError, format_size
 
-    try:
-        result = dump(
-            name,
-            directory,
-            leave_running=leave_running,
-            tcp_established=tcp_established,
-            hook=hook,
-            state_dir=state_dir,
-            progress=_progress(f"checkpointing {name}"),
-        )
-    except SpecError as error:
-        raise invalid_value(error, OPTION_FOR_FIELD) from None
-    except (LookupError, CheckpointError) as error:
-        raise fail(str(error)) from None
-    _end_progress()
+    chosen = connection.runtime(state_dir)
+    if isinstance(chosen, RemoteRuntime):
+        result = _checkpoint_through(chosen, name, directory, leave_running, tcp_established, hook)
+    else:
+        try:
+            result = dump(
+                name,
+                directory,
+                leave_running=leave_running,
+                tcp_established=tcp_established,
+                hook=hook,
+                state_dir=state_dir,
+                progress=_progress(f"checkpointing {name}"),
+            )
+        except SpecError as error:
+            raise invalid_value(error, OPTION_FOR_FIELD) from None
+        except (LookupError, CheckpointError) as error:
+            raise fail(str(error)) from None
+        _end_progress()
     for note in result.notes:
         print(f"cgctl: note: {note}", file=sys.stderr)
     if json_output:
@@ -77,6 +84,43 @@ def checkpoint(
     print(
         f"{name}: checkpointed to {result.directory} "
         f"({format_size(result.image_bytes)} of memory images in {result.seconds:.1f} s; {after})"
+    )
+
+
+def _checkpoint_through(
+    daemon: RemoteRuntime,
+    name: str,
+    directory: Path,
+    leave_running: bool,
+    tcp_established: bool,
+    hook: Path | None,
+) -> Checkpoint:
+    """The daemon dumps the container into a directory on its host (a machine's shared one)."""
+    from cgctl.cli import connection
+    from cgctl.runtime.checkpoint import Checkpoint
+    from cgctl.runtime.models import CheckpointRequest, Failure
+
+    target = directory.absolute()
+    if connection.machine is not None:
+        shares = connection.machine.config().shares
+        if not any(target.is_relative_to(share) for share in shares):
+            raise fail(
+                f"invalid value '{directory}' for --dir: the machine shares {', '.join(shares)} "
+                "read-write, and a checkpoint elsewhere would stay in the VM. Fix: a --dir under one of them"
+            )
+    request = CheckpointRequest(
+        dir=str(target),
+        leave_running=leave_running,
+        tcp_established=tcp_established,
+        hook=str(hook.absolute()) if hook else None,
+    )
+    print(f"cgctl: checkpointing {name} through the daemon at {daemon.host}", file=sys.stderr)
+    try:
+        done = daemon.checkpoint(name, request)
+    except Failure as error:
+        raise connection.failed(error) from None
+    return Checkpoint(
+        name, Path(done.dir), done.seconds, done.image_bytes, done.left_running, tuple(done.notes)
     )
 
 
@@ -93,9 +137,20 @@ def restore(
     """Restore a checkpoint as a new container in a new cgroup with the limits it had, and supervise
     it as `cgctl run` does: its stdio becomes this command's, and this command exits with its status."""
     from cgctl.cgroup.fs import CgroupError
+    from cgctl.cli import connection
     from cgctl.runtime.checkpoint import CheckpointError
     from cgctl.runtime.checkpoint import restore as undump
+    from cgctl.runtime.remote import RemoteRuntime
     from cgctl.spec import SpecError
+
+    chosen = connection.runtime(state_dir)
+    if isinstance(chosen, RemoteRuntime) and not chosen.host.startswith("unix://"):
+        raise fail(
+            f"restore through a daemon on another host ({chosen.host}) is not built yet: it restores "
+            "here, under this command. On a `cgctl machine`, run it in the machine: "
+            "cgctl machine shell, then "
+            f"cgctl restore --dir {directory.absolute()}"
+        )
 
     def restored(name: str, seconds: float) -> None:
         _end_progress()

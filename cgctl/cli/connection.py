@@ -1,8 +1,10 @@
-"""Which runtime the verbs act through (cgctl.runtime.interface.connect): --host or CGCTL_HOST, else
-a daemon answering at the default socket, else this host's run records (no daemon)."""
+"""Which runtime the verbs act through: --host or CGCTL_HOST, else a started `cgctl machine` when this
+host has no usable cgroup v2, else (cgctl.runtime.interface.connect) a daemon answering at the
+default socket, else this host's run records (no daemon)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,10 +12,12 @@ from typing import TYPE_CHECKING
 import typer
 
 if TYPE_CHECKING:
+    from cgctl.machine.instance import Machine
     from cgctl.runtime.interface import Runtime
     from cgctl.runtime.models import Failure
 
 host: str | None = None  # set by the root callback from --host
+machine: Machine | None = None  # the machine the verbs act through, once machine_runtime chose it
 
 
 def runtime(state_dir: Path | None = None) -> Runtime:
@@ -21,9 +25,30 @@ def runtime(state_dir: Path | None = None) -> Runtime:
     from cgctl.runtime.models import Failure
 
     try:
+        if host is None and not os.environ.get("CGCTL_HOST") and (machine := machine_runtime()):
+            return machine
         return connect(host, state_dir)
     except Failure as error:
         raise failed(error) from None
+
+
+def machine_runtime() -> Runtime | None:
+    """The started machine's daemon, if there is one and this host cannot run containers itself."""
+    from cgctl.cgroup.fs import HostNotSupported, check_host
+    from cgctl.machine.instance import Machine
+    from cgctl.runtime.remote import RemoteRuntime
+
+    global machine
+    candidate = Machine()
+    running = candidate.running()
+    if running is None:
+        return None
+    try:
+        check_host(None)
+        return None
+    except HostNotSupported:
+        machine = candidate
+        return RemoteRuntime(running.url, token=candidate.token())
 
 
 def failed(error: Failure) -> typer.Exit:

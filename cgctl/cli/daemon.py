@@ -7,11 +7,14 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from cgctl.cli.errors import fail
+
+if TYPE_CHECKING:
+    import socket as sockets
 
 
 def register(app: typer.Typer) -> None:
@@ -39,6 +42,13 @@ def daemon(
     ] = "cgctl",
     metrics: Annotated[
         str | None, typer.Option(help="also serve /metrics over TCP on HOST:PORT, for Prometheus")
+    ] = None,
+    tcp: Annotated[
+        str | None,
+        typer.Option(help="also serve the API on TCP HOST:PORT, to clients with --token-file's token"),
+    ] = None,
+    token_file: Annotated[
+        Path | None, typer.Option(help="with --tcp: a file of the owner's alone (mode 0600) with the token")
     ] = None,
     stop_containers: Annotated[
         bool, typer.Option(help="on SIGTERM, stop the containers too (default: they keep running)")
@@ -71,6 +81,7 @@ def daemon(
         address = parse_listen(metrics) if metrics else None
     except ValueError as error:
         raise fail(f"invalid value {metrics!r} for --metrics: {error}") from None
+    tcp_listener = _tcp_listener(tcp, token_file) if tcp else None
     try:
         listener = listening_socket(socket or paths.socket, group)
     except Failure as error:
@@ -83,9 +94,37 @@ def daemon(
         raise fail(f"cannot start: {error}") from None
     print(f"cgctld: serving on {socket or paths.socket}", file=sys.stderr, flush=True)
     try:
-        serve(service, listener, ContainerCollector(paths.state_dir), address)
+        serve(service, listener, ContainerCollector(paths.state_dir), address, tcp_listener)
     finally:
         service.close(stop_timeout if stop_containers else None)
+
+
+def _tcp_listener(tcp: str, token_file: Path | None) -> tuple[sockets.socket, str]:
+    """The TCP listener and the token its clients must send; refused without a private token file."""
+    from cgctl.cli.exporter import parse_listen
+    from cgctl.daemon.server import tcp_socket
+
+    try:
+        address = parse_listen(tcp)
+    except ValueError as error:
+        raise fail(f"invalid value {tcp!r} for --tcp: {error}") from None
+    if token_file is None:
+        raise fail("--tcp needs --token-file: over TCP, the token is what keeps others out")
+    try:
+        mode = token_file.stat().st_mode
+        token = token_file.read_text().strip()
+    except OSError as error:
+        raise fail(f"{token_file}: cannot read the token: {error.strerror}") from None
+    if mode & 0o077:
+        raise fail(
+            f"{token_file}: others may read the token (mode {mode & 0o777:o}); fix: chmod 600 {token_file}"
+        )
+    if len(token) < 32:
+        raise fail(f"{token_file}: the token is too short ({len(token)} characters; 32 or more)")
+    try:
+        return tcp_socket(address), token
+    except OSError as error:
+        raise fail(f"{tcp}: cannot listen there: {error.strerror}") from None
 
 
 def main() -> None:

@@ -34,7 +34,15 @@ def exporter(
     state_dir: Annotated[Path | None, typer.Option(envvar="CGCTL_STATE_DIR", help="the run records")] = None,
 ) -> None:
     """Serve Prometheus metrics of every running container (read at scrape time, never cached)."""
+    from cgctl.cli import connection
     from cgctl.exporter import make_server
+
+    if state_dir is None and connection.machine_runtime() and (machine := connection.machine):
+        port = machine.config().metrics_port
+        raise fail(
+            f"this host's containers run in the cgctl machine, whose daemon serves their metrics at "
+            f"http://127.0.0.1:{port}/metrics: scrape that (cgctl machine set --metrics-port picks the port)"
+        )
     from cgctl.metrics import ContainerCollector
 
     try:

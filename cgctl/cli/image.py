@@ -1,4 +1,5 @@
-"""`cgctl image import|ls|rm|inspect`: the local image store."""
+"""`cgctl image import|ls|rm|inspect`: the image store; the daemon's (through its API) when the verbs
+act through one (--host, a `cgctl machine`, a local daemon) and no --store is given."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from cgctl.cli.connection import failed
 from cgctl.cli.errors import fail
 from cgctl.cli.table import render_table
 
 if TYPE_CHECKING:  # the verbs import what they use: `cgctl --help` stays light
     from cgctl.images import Store
     from cgctl.images.importer import Progress
+    from cgctl.runtime.remote import RemoteRuntime
 
 StoreDir = Annotated[
     Path | None, typer.Option("--store", envvar="CGCTL_IMAGE_STORE", help="the image store directory")
@@ -36,6 +39,17 @@ def _store(root: Path | None) -> Store:
     return Store(root or default_root())
 
 
+def _daemon(store: Path | None) -> RemoteRuntime | None:
+    """The daemon whose store the verbs act on, unless --store names a local one."""
+    from cgctl.cli.connection import runtime
+    from cgctl.runtime.remote import RemoteRuntime
+
+    if store is not None:
+        return None
+    chosen = runtime()
+    return chosen if isinstance(chosen, RemoteRuntime) else None
+
+
 @app.command("import")
 def import_(
     archive: Annotated[
@@ -46,17 +60,25 @@ def import_(
 ) -> None:
     """Verify and unpack an image's layers into the store (each layer once), and record it as NAME[:TAG]."""
     from cgctl.images import ImageError, LayerError, import_image
+    from cgctl.runtime.models import Failure
     from cgctl.spec import format_size
 
     started = time.monotonic()
-    try:
-        record = import_image(archive, reference, _store(store), _progress_bar())
-    except ValueError as error:
-        raise fail(f"invalid value for NAME[:TAG]: {error}") from None
-    except (ImageError, LayerError, OSError) as error:
+    if daemon := _daemon(store):
+        print(f"importing through the daemon at {daemon.host}", file=sys.stderr)
+        try:
+            record = daemon.import_image(str(archive.absolute()), reference)
+        except Failure as error:
+            raise failed(error) from None
+    else:
+        try:
+            record = import_image(archive, reference, _store(store), _progress_bar())
+        except ValueError as error:
+            raise fail(f"invalid value for NAME[:TAG]: {error}") from None
+        except (ImageError, LayerError, OSError) as error:
+            _end_bar()
+            raise fail(f"{archive}: not imported: {error}") from None
         _end_bar()
-        raise fail(f"{archive}: not imported: {error}") from None
-    _end_bar()
     seconds = time.monotonic() - started
     print(
         f"{record['name']}:{record['tag']}: imported {len(record['layers'])} layer(s), "
@@ -70,9 +92,13 @@ def list_(
     json_output: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """List the images in the store."""
+    from cgctl.runtime.models import Failure
     from cgctl.spec import format_size
 
-    images = list(_store(store).images())
+    try:
+        images = daemon.images() if (daemon := _daemon(store)) else list(_store(store).images())
+    except Failure as error:
+        raise failed(error) from None
     if json_output:
         print(json.dumps(images))
         return
@@ -88,10 +114,23 @@ def list_(
 @app.command()
 def inspect(reference: Reference, store: StoreDir = None) -> None:
     """Print an image's record: its layers and its config (Env, Cmd, Entrypoint, WorkingDir, User)."""
+    from cgctl.images import parse_reference
+    from cgctl.runtime.models import Failure
+
     try:
-        print(json.dumps(_store(store).load(reference), indent=2))
+        if daemon := _daemon(store):
+            name, tag = parse_reference(reference)
+            found = [i for i in daemon.images() if (i["name"], i["tag"]) == (name, tag)]
+            if not found:
+                raise LookupError(f"no image {name}:{tag} in the daemon's store at {daemon.host}")
+            record = found[0]
+        else:
+            record = _store(store).load(reference)
     except (LookupError, ValueError) as error:
         raise fail(str(error)) from None
+    except Failure as error:
+        raise failed(error) from None
+    print(json.dumps(record, indent=2))
 
 
 @app.command()
@@ -99,10 +138,15 @@ def rm(reference: Reference, store: StoreDir = None, state_dir: StateDir = None)
     """Remove an image, and the layers no other image uses; refused while a container runs it."""
     from cgctl import state
     from cgctl.images import parse_reference
+    from cgctl.runtime.models import Failure
 
     try:
         name, tag = parse_reference(reference)
         wanted = f"{name}:{tag}"
+        if daemon := _daemon(store):
+            removed = daemon.remove_image(reference)
+            print(f"{wanted}: removed, with {len(removed)} layer(s) no other image uses")
+            return
         for path, _ in state.live_records(state_dir or state.default_state_dir()):
             with_image = ((state.read(path).get("spec") or {}).get("rootfs") or {}).get("image")
             if with_image == wanted:
@@ -110,6 +154,8 @@ def rm(reference: Reference, store: StoreDir = None, state_dir: StateDir = None)
         removed = _store(store).remove(reference)
     except (LookupError, ValueError) as error:
         raise fail(str(error)) from None
+    except Failure as error:
+        raise failed(error) from None
     print(f"{wanted}: removed, with {len(removed)} layer(s) no other image uses")
 
 

@@ -104,7 +104,15 @@ def run(
     read_only: Annotated[
         bool, typer.Option(help="a read-only root (/tmp and volumes stay writable)")
     ] = False,
-    volume: Annotated[list[str] | None, limits.repeated("HOST:PATH[:ro] bind-mounted into the root")] = None,
+    volume: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--volume",
+            "-v",
+            help="HOST:PATH[:ro] bind-mounted into the root (repeatable)",
+            show_default=False,
+        ),
+    ] = None,
     privileged: Annotated[
         bool,
         typer.Option(
@@ -158,12 +166,14 @@ def run(
     """
     from pydantic import ValidationError
 
+    from cgctl.cli import connection
     from cgctl.cli.connection import runtime
     from cgctl.runtime.embedded import LocalRuntime
     from cgctl.spec import WorkloadSpec
 
+    chosen = runtime()
     root = _root(image, rootfs, layer or [], upper, keep_upper, read_only)
-    defaults = _image_defaults(image, rootfs, root) if image and root else {}
+    defaults = _image_defaults(image, rootfs, root, chosen) if image and root else {}
     command = [*defaults.get("Entrypoint", []), *(command or defaults.get("Cmd", []))]
     if not command:
         raise fail("no command given: cgctl run [OPTIONS] -- CMD [ARGS...]")
@@ -209,8 +219,9 @@ def run(
         spec = WorkloadSpec.model_validate(fields)
     except ValidationError as error:
         raise invalid_options(error, OPTION_FOR_FIELD) from None
+    if connection.machine is not None:
+        _check_shared(spec, connection.machine.config().shares)
     service = {"restart": restart, "log_max_size": log_max_size, "log_max_files": log_max_files, "rm": rm}
-    chosen = runtime()
     if not isinstance(chosen, LocalRuntime):
         _through_daemon(chosen, spec, detach, service, report)
     if detach or any(service.values()):
@@ -301,8 +312,15 @@ def _attach(chosen: Runtime, name: str) -> Container:
     try:
 
         def stream() -> None:
-            for line in chosen.logs(name, follow=True):
-                print_log_line(line)
+            try:
+                for line in chosen.logs(name, follow=True):
+                    print_log_line(line)
+            except BrokenPipeError:  # our reader went away (| head): the rest goes to the log only
+                for out in (sys.stdout, sys.stderr):
+                    try:
+                        out.flush()  # what did not fit in the broken pipe is still buffered
+                    except BrokenPipeError:
+                        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
 
         printer = threading.Thread(target=stream, daemon=True)
         printer.start()
@@ -315,21 +333,50 @@ def _attach(chosen: Runtime, name: str) -> Container:
     return ended
 
 
-def _image_defaults(image: str, rootfs: Path | None, root: dict[str, Any]) -> dict[str, Any]:
-    """Put the image's layers under root's (--layer adds layers over an image; --upper and
-    --read-only apply), and return its config: Env, Cmd, Entrypoint, WorkingDir, User."""
-    from cgctl.images import Store, default_root
+def _image_defaults(image: str, rootfs: Path | None, root: dict[str, Any], chosen: Runtime) -> dict[str, Any]:
+    """Put the image's layers (in the store of the daemon, if the run goes through one) under root's
+    (--layer adds layers over an image; --upper and --read-only apply), and return its config:
+    Env, Cmd, Entrypoint, WorkingDir, User."""
+    from cgctl.cli.connection import failed
+    from cgctl.images import Store, default_root, parse_reference
+    from cgctl.runtime.models import Failure
+    from cgctl.runtime.remote import RemoteRuntime
 
     if rootfs:
         raise fail("--image and --rootfs both name the bottom layer: add layers over an image with --layer")
-    store = Store(default_root())
     try:
-        record = store.load(image)
+        if isinstance(chosen, RemoteRuntime):
+            name, tag = parse_reference(image)
+            found = [i for i in chosen.images() if (i["name"], i["tag"]) == (name, tag)]
+            if not found:
+                raise LookupError(f"no image {name}:{tag} in the store of the daemon at {chosen.host}")
+            record, layers = found[0], found[0]["layer_dirs"]
+        else:
+            store = Store(default_root())
+            record = store.load(image)
+            layers = [str(store.layer(diff_id)) for diff_id in record["layers"]]
     except (LookupError, ValueError) as error:
         raise fail(f"invalid value {image!r} for --image: {error}") from None
-    root["layers"] = [str(store.layer(diff_id)) for diff_id in record["layers"]] + root["layers"]
+    except Failure as error:
+        raise failed(error) from None
+    root["layers"] = layers + root["layers"]
     root["image"] = f"{record['name']}:{record['tag']}"
     return dict(record["config"])
+
+
+def _check_shared(spec: WorkloadSpec, shares: list[str]) -> None:
+    """Through a machine, a read-write volume must be a path the machine shares read-write: writes
+    elsewhere would land in the VM's throw-away overlay, not on this host."""
+    for volume in spec.volumes:
+        source = Path(volume.source)
+        if volume.read_only or any(source.is_relative_to(share) for share in shares):
+            continue
+        raise fail(
+            f"invalid value '{volume.source}:{volume.target}' for --volume: the machine shares "
+            f"{', '.join(shares) or 'nothing'} read-write, not {volume.source}, so the container's "
+            f"writes would stay in the VM. Fix: add :ro, or `cgctl machine stop && cgctl machine set "
+            f"--share {volume.source} && cgctl machine start`"
+        )
 
 
 def _seccomp_source(value: str | None) -> str:

@@ -40,29 +40,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cgctl import state
 from cgctl.cgroup import fs
 from cgctl.runtime import spawn
 from cgctl.runtime.logs import LogWriter
 
 MESSAGE_LIMIT = 1 << 20
 READ_SIZE = 65536
-
-
-def write_durably(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON to path so that a crash leaves the old file or the new one, never a torn one."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, json.dumps(data).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    temporary.replace(path)
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 @dataclasses.dataclass
@@ -208,7 +192,7 @@ class Keeper:
             status["signal"] = result.si_status
         status["exited_at"] = time.time()
         with contextlib.suppress(OSError):  # a full disk must not lose the event too
-            write_durably(child.exit_path, status)
+            state.write_durably(child.exit_path, status)
         del self.running[child.name]
         self.finished[child.name] = child
         event = json.dumps({"event": "exit", **status}).encode()

@@ -6,12 +6,17 @@ Every error is JSON, {"message": ..., "exit_code": ...}, with a 4xx status for t
 mistakes: 400 a bad value (the message names the field and the value), 404 no such container,
 409 a conflict with its state, 413 a body over 1 MiB, 501 not offered here. Blocking calls run in
 the thread pool (sync endpoints); streams (logs, events, stats) are newline-delimited JSON.
+
+The API may also listen on TCP (`cgctl daemon --tcp`, what `cgctl machine` forwards to the host's
+loopback): there, unlike on the socket, whose file mode decides who connects, every request must
+carry `Authorization: Bearer TOKEN` with the token from --token-file, or gets 401.
 """
 
 from __future__ import annotations
 
 import contextlib
 import grp
+import hmac
 import itertools
 import json
 import os
@@ -53,6 +58,10 @@ from cgctl.runtime.spawn import SpawnError
 from cgctl.spec import NAME_PATTERN, SpecError
 
 BODY_LIMIT = 1 << 20
+# ASGI's three arguments, for the two middlewares.
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Scope]]
+Send = Callable[[Scope], Awaitable[None]]
 NDJSON = "application/x-ndjson"
 
 
@@ -95,12 +104,7 @@ class BodyLimit:
     def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
         self.app = app
 
-    async def __call__(
-        self,
-        scope: MutableMapping[str, Any],
-        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
-        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
-    ) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -110,7 +114,7 @@ class BodyLimit:
             return
         received = 0
 
-        async def counted() -> MutableMapping[str, Any]:
+        async def counted() -> Scope:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
@@ -126,6 +130,25 @@ class BodyLimit:
 
 class _TooLarge(Exception):
     pass
+
+
+class TokenGate:
+    """Requests that came in over TCP need the bearer token; those on the unix socket do not."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # uvicorn sets "server" to (host, port) for a TCP listener and to (path, None) for a unix socket.
+        server = scope.get("server")
+        if scope["type"] == "http" and (server is None or server[1] is not None):
+            given = dict(scope.get("headers", [])).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                message = "this API needs its token over TCP: send Authorization: Bearer TOKEN"
+                await _error(401, message)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _lines(items: Iterator[Any]) -> Iterator[bytes]:
@@ -372,14 +395,29 @@ def notify_systemd(state: str) -> None:
         notifier.sendto(state.encode(), address)
 
 
+def tcp_socket(address: tuple[str, int]) -> socket.socket:
+    listener = socket.create_server(address, family=socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
+    listener.listen(128)
+    return listener
+
+
 def serve(
-    service: Service, listener: socket.socket, collector: ContainerCollector, metrics: tuple[str, int] | None
+    service: Service,
+    listener: socket.socket,
+    collector: ContainerCollector,
+    metrics: tuple[str, int] | None,
+    tcp: tuple[socket.socket, str] | None = None,
 ) -> None:
-    """Serve the API until SIGTERM or SIGINT (uvicorn's handlers end the loop)."""
+    """Serve the API until SIGTERM or SIGINT (uvicorn's handlers end the loop); also on a TCP
+    listener, with its token, if `tcp` is given."""
     import uvicorn
 
     app = make_app()
     app.state.service, app.state.collector = service, collector
+    sockets = [listener]
+    if tcp is not None:
+        app.add_middleware(TokenGate, token=tcp[1])  # type: ignore[arg-type]
+        sockets.append(tcp[0])
     if metrics is not None:
         from cgctl.exporter import make_server
 
@@ -390,7 +428,7 @@ def serve(
     # that second delivery is a no-op, so the daemon's own shutdown (Service.close) still runs.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.Server(config).run(sockets=[listener])
+    uvicorn.Server(config).run(sockets=sockets)
     notify_systemd("STOPPING=1")
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from cgctl import state
 from cgctl.cgroup import fs
-from cgctl.daemon.keeper import KeeperClient, write_durably
+from cgctl.daemon.keeper import KeeperClient
 from cgctl.daemon.watch import CgroupWatcher
 from cgctl.runtime import local, logs
 from cgctl.runtime.embedded import LocalRuntime, has_labels, signal_cgroup
@@ -52,7 +52,7 @@ from cgctl.runtime.models import (
     parse_signal,
 )
 from cgctl.runtime.spawn import SpawnError
-from cgctl.spec import Limits
+from cgctl.spec import Limits, SpecError
 
 log = logging.getLogger("cgctld")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -119,7 +119,7 @@ class Managed:
         return self.dir / "exit.json"
 
     def save(self) -> None:
-        write_durably(self.dir / "container.json", self.info.model_dump(mode="json"))
+        state.write_durably(self.dir / "container.json", self.info.model_dump(mode="json"))
 
 
 class Service:
@@ -182,7 +182,7 @@ class Service:
         try:
             with managed.lock:
                 directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-                write_durably(directory / "request.json", request.model_dump(mode="json"))
+                state.write_durably(directory / "request.json", request.model_dump(mode="json"))
                 self._emit("create", name)
                 self._start(managed)
         except BaseException:
@@ -242,7 +242,7 @@ class Service:
                 merged = state.read(state.record_path(self.paths.state_dir, name))["spec"]["limits"]
                 spec = managed.request.spec.model_copy(update={"limits": Limits.model_validate(merged)})
                 managed.request = managed.request.model_copy(update={"spec": spec})
-                write_durably(managed.dir / "request.json", managed.request.model_dump(mode="json"))
+                state.write_durably(managed.dir / "request.json", managed.request.model_dump(mode="json"))
                 managed.info.spec = spec.model_dump(mode="json", exclude={"env"})
                 managed.save()
         self._emit("update", name, dict(written))
@@ -356,11 +356,14 @@ class Service:
                 Path(request.dir),
                 leave_running=request.leave_running,
                 tcp_established=request.tcp_established,
+                hook=Path(request.hook) if request.hook else None,
                 state_dir=self.paths.state_dir,
             )
-        except CheckpointError as error:
+        except (CheckpointError, SpecError) as error:
             if managed is not None:
                 managed.stopping = False
+            if isinstance(error, SpecError):
+                raise
             raise Failure(str(error)) from None
         self._emit("checkpoint", name, {"dir": request.dir, "left_running": str(done.left_running).lower()})
         return CheckpointResult(
@@ -372,9 +375,14 @@ class Service:
         )
 
     def images(self) -> builtins.list[dict[str, Any]]:
+        """The image records, with where their layers are on this host (what a client's spec names)."""
         from cgctl.images import Store, default_root
 
-        return list(Store(default_root()).images())
+        store = Store(default_root())
+        return [
+            {**record, "layer_dirs": [str(store.layer(diff_id)) for diff_id in record["layers"]]}
+            for record in store.images()
+        ]
 
     def import_image(self, request: ImportRequest) -> dict[str, Any]:
         from cgctl.images import ImageError, LayerError, Store, default_root, import_image

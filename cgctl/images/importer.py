@@ -15,7 +15,6 @@ import hashlib
 import io
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -66,6 +65,10 @@ def import_image(
     try:
         with open_image(archive) as image:
             missing = [layer for layer in image.layers if not store.layer(layer.diff_id).exists()]
+            if missing:
+                store.remove_leftovers()
+                if as_root:  # rootless stores hold no whiteouts: layer.py refuses them
+                    store.check_filesystem()
             total, done = sum(layer.size for layer in missing), 0
 
             def count(read: int) -> None:
@@ -87,9 +90,7 @@ def import_image(
 
 
 def _import_layer(layer: Layer, store: Store, as_root: bool, count: Callable[[int], None]) -> Path:
-    final = store.layer(layer.diff_id)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{final.name[:12]}-", dir=final.parent))
+    work = store.new_layer_dir(layer.diff_id)
     try:
         with layer.open() as raw:
             blob = _Hashing(raw, count)
@@ -112,8 +113,7 @@ def _import_layer(layer: Layer, store: Store, as_root: bool, count: Callable[[in
             raise ImageError(f"layer {layer.digest}: the blob's content does not match its digest")
         if tar.digest() != layer.diff_id:
             raise ImageError(f"layer {layer.diff_id}: the unpacked tar does not match the config's diff_id")
-        work.rename(final)
-        return final
+        return store.commit_layer(work, layer.diff_id)
     except BaseException as error:
         shutil.rmtree(work, ignore_errors=True)
         if isinstance(error, layers.LayerError):

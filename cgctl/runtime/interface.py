@@ -62,15 +62,17 @@ def answers(path: Path) -> bool:
 
 
 def connect(host: str | None = None, state_dir: Path | None = None) -> Runtime:
-    """The remote runtime for --host/CGCTL_HOST, else for a daemon answering at a default socket,
-    else the local runtime (no daemon: the embedded default)."""
+    """The remote runtime for --host/CGCTL_HOST (tcp:// with the token in $CGCTL_TOKEN_FILE), else
+    for a daemon answering at a default socket, else the local runtime (no daemon: the embedded
+    default)."""
     host = host or os.environ.get("CGCTL_HOST")
     if not host:
         host = next((f"unix://{path}" for path in default_sockets() if answers(path)), None)
     if host:
         from cgctl.runtime.remote import RemoteRuntime
 
-        return RemoteRuntime(host)
+        token_file = os.environ.get("CGCTL_TOKEN_FILE")
+        return RemoteRuntime(host, token=Path(token_file).read_text().strip() if token_file else None)
     from cgctl.runtime.embedded import LocalRuntime
 
     return LocalRuntime(state_dir)

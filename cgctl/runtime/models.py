@@ -112,6 +112,11 @@ class CheckpointRequest(_Request):
     dir: str = Field(pattern=r"^/", description="a new or empty directory on the daemon's host")
     leave_running: bool = False
     tcp_established: bool = False
+    hook: str | None = Field(
+        None,
+        pattern=r"^/",
+        description="an executable on the daemon's host run at each stage (docs/checkpoint.md)",
+    )
 
 
 class CheckpointResult(BaseModel):

@@ -1,8 +1,10 @@
 """The remote runtime: the runtime interface over the daemon's HTTP API.
 
-unix://PATH reaches a daemon's socket on this host. ssh://[USER@]HOST[:PORT][/SOCKET] runs
-`ssh HOST cgctl dial-stdio` and speaks HTTP over its standard input and output, as docker does, so
-one CLI drives a fleet with the ssh keys and config it already has. Only the standard library and
+unix://PATH reaches a daemon's socket on this host. tcp://HOST:PORT reaches one that also listens
+on TCP (`cgctl daemon --tcp`, as in `cgctl machine`), with the bearer token it was started with.
+ssh://[USER@]HOST[:PORT][/SOCKET] runs `ssh HOST cgctl dial-stdio` and speaks HTTP over its
+standard input and output, as docker does, so one CLI drives a fleet with the ssh keys and config
+it already has. Only the standard library and
 the models are used here: the CLI stays quick to start.
 """
 
@@ -20,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from cgctl.runtime.logs import LogLine
 from cgctl.runtime.models import (
+    CheckpointRequest,
+    CheckpointResult,
     Conflict,
     Container,
     CreateRequest,
@@ -87,17 +91,21 @@ def _connection(host: str, timeout: float | None) -> http.client.HTTPConnection:
         return UnixConnection(target.netloc + target.path, timeout)
     if target.scheme == "ssh" and target.hostname:
         return _SshConnection(target, timeout)
+    if target.scheme == "tcp" and target.hostname and target.port and target.path in ("", "/"):
+        return http.client.HTTPConnection(target.hostname, target.port, timeout=timeout)
     raise Invalid(
-        f"invalid value {host!r} for --host: expected unix:///PATH or ssh://[USER@]HOST[:PORT][/SOCKET]"
+        f"invalid value {host!r} for --host: expected unix:///PATH, tcp://HOST:PORT "
+        "or ssh://[USER@]HOST[:PORT][/SOCKET]"
     )
 
 
 class RemoteRuntime:
     """The runtime interface (see cgctl.runtime.interface) over a daemon's API at `host`."""
 
-    def __init__(self, host: str, timeout: float | None = 300.0) -> None:
+    def __init__(self, host: str, timeout: float | None = 300.0, token: str | None = None) -> None:
         self.host = host
         self.timeout = timeout
+        self.token = token
         _connection(host, timeout)  # a malformed host fails now, not at the first call
 
     def _call(
@@ -119,6 +127,8 @@ class RemoteRuntime:
         url = path + (f"?{urllib.parse.urlencode(expanded)}" if expanded else "")
         payload = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if payload is not None else {}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
         try:
             connection.request(method, url, payload, headers)
             response = connection.getresponse()
@@ -214,6 +224,23 @@ class RemoteRuntime:
             "/v1/stats", {"name": names or [], "interval": interval, "stream": stream}
         ):
             yield [Usage(**row) for row in sample]  # type: ignore[arg-type]
+
+    def checkpoint(self, name: str, request: CheckpointRequest) -> CheckpointResult:
+        """Dump the container with CRIU into request.dir, a directory on the daemon's host."""
+        body = request.model_dump(mode="json")
+        return CheckpointResult.model_validate(
+            self._json("POST", f"/v1/containers/{_quoted(name)}/checkpoint", body)
+        )
+
+    def images(self) -> builtins.list[dict[str, Any]]:
+        return list(self._json("GET", "/v1/images"))
+
+    def import_image(self, path: str, reference: str) -> dict[str, Any]:
+        """Import an image from `path`, a path on the daemon's host (a machine shares this host's)."""
+        return dict(self._json("POST", "/v1/images", {"path": path, "reference": reference}))
+
+    def remove_image(self, reference: str) -> builtins.list[str]:
+        return list(self._json("DELETE", f"/v1/images/{_quoted(reference)}")["removed_layers"])
 
 
 def _quoted(name: str) -> str:

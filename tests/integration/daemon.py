@@ -4,7 +4,9 @@ default run records (so the no_leaks fixture sees what it leaves) and the defaul
 from __future__ import annotations
 
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -26,13 +28,28 @@ class Daemon:
         self.process: subprocess.Popen[bytes] | None = None
         self.host = f"unix://{self.socket}"
         self.api = RemoteRuntime(self.host)
+        # The API on loopback TCP too, as `cgctl machine` serves it, behind this token.
+        self.token_file = directory / "token"
+        self.token_file.write_text(secrets.token_urlsafe(32))
+        self.token_file.chmod(0o600)
+        self.tcp = ""
+        # Its image store on tmpfs: the VM's root is overlayfs, which cannot hold whiteouts.
+        self.images = directory / "images"
 
     def start(self, *options: str) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.tcp = f"127.0.0.1:{probe.getsockname()[1]}"
+        if not os.path.ismount(self.images):
+            self.images.mkdir(exist_ok=True)
+            subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(self.images)], check=True)
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [PYTHON, "-m", "cgctl", "daemon", "--socket", str(self.socket), "--runtime-dir",
-                 str(self.runtime_dir), "--data-dir", str(self.data_dir), *options],
+                 str(self.runtime_dir), "--data-dir", str(self.data_dir), "--tcp", self.tcp,
+                 "--token-file", str(self.token_file), *options],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                env={**os.environ, "CGCTL_IMAGE_STORE": str(self.images)},
             )  # fmt: skip
         deadline = time.monotonic() + 180
         while not answers(self.socket):
@@ -74,3 +91,5 @@ class Daemon:
             self.stop()
         if keeper := self.keeper_pid():
             os.kill(keeper, signal.SIGTERM)
+        if os.path.ismount(self.images):
+            subprocess.run(["umount", "--lazy", str(self.images)], check=True)

@@ -1,9 +1,10 @@
 """The daemon end to end, through the CLI and the API: detached runs, logs, wait, rm, attach,
-events, restart policies, OOM events, bad input, the socket's permissions."""
+events, restart policies, OOM events, bad input, the socket's permissions, the TCP listener's token."""
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import shlex
@@ -16,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from cgctl.runtime.models import CreateRequest, Event, Invalid
-from cgctl.runtime.remote import UnixConnection
+from cgctl.runtime.models import CreateRequest, Event, Failure, Invalid
+from cgctl.runtime.remote import RemoteRuntime, UnixConnection
 from tests import oci
 from tests.integration.daemon import Daemon
 from tests.integration.workloads import MiB, allocate, spec, wait_for
@@ -244,6 +245,21 @@ def test_socket_refuses_unprivileged_users(daemon: Daemon) -> None:
     )
     assert nobody.returncode == 13
     assert os.access(daemon.socket, os.W_OK)
+
+
+def test_tcp_listener_needs_the_token_and_the_socket_does_not(daemon: Daemon) -> None:
+    host, port = daemon.tcp.rsplit(":", 1)
+    for header in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": daemon.token_file.read_text()}):
+        connection = http.client.HTTPConnection(host, int(port), timeout=60)
+        connection.request("GET", "/v1/containers", headers=header)
+        response = connection.getresponse()
+        assert (response.status, json.loads(response.read())["exit_code"]) == (401, 125), header
+        connection.close()
+    token = daemon.token_file.read_text()
+    over_tcp = RemoteRuntime(f"tcp://{daemon.tcp}", token=token)
+    assert over_tcp.ping()["version"] == daemon.api.ping()["version"]  # the socket needs no token
+    with pytest.raises(Failure, match="needs its token"):
+        RemoteRuntime(f"tcp://{daemon.tcp}").list()
 
 
 def test_images_stats_and_checkpoint_through_the_api(daemon: Daemon, tmp_path: Path) -> None:

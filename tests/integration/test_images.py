@@ -265,3 +265,23 @@ def test_a_container_with_its_own_root_checkpoints_and_restores_with_its_tmpfs(
     finally:
         assert cgctl_in_process(capfd, "kill", "rerooted")[0] == 0
         assert restored.wait(timeout=60) == 137
+
+
+def test_a_store_on_overlayfs_is_refused_before_unpacking(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The VM's root is overlayfs, as /var/lib is for a cgctl inside a container: the default store
+    there cannot hold whiteouts, and the import says so, with the fix, and writes nothing."""
+    monkeypatch.delenv("CGCTL_IMAGE_STORE", raising=False)
+    default = Path("/var/lib/cgctl/images")
+    assert not default.exists() or not any(default.iterdir())
+    oci.write_oci_layout(tmp_path / "image", [oci.busybox_layer(oci.file("etc/x", b"x"))])
+    status, _, err = cgctl_in_process(capfd, "image", "import", str(tmp_path / "image"), "plain:1")
+    assert status == 125
+    assert err.strip().splitlines() == [
+        f"cgctl: {tmp_path / 'image'}: not imported: the image store {default} is on a filesystem of "
+        "type overlay, which refuses the 0/0 character devices that mark deleted files in image layers "
+        "(Operation not permitted); put the store on another filesystem (tmpfs, ext4, xfs, btrfs) with "
+        "--store DIR or CGCTL_IMAGE_STORE=DIR"
+    ]
+    assert list(default.iterdir()) == []

@@ -174,3 +174,28 @@ def test_not_an_image(tmp_path: Path, store: Store) -> None:
     manifest.write_text(manifest.read_text() + " ")
     with pytest.raises(ImageError, match="does not match its digest"):
         import_image(tmp_path / "layout", "x", store)
+
+
+def test_an_import_removes_what_a_dead_import_left_and_nothing_else(tmp_path: Path, store: Store) -> None:
+    from cgctl.images import store as stores
+
+    layers = store.root / "layers" / "sha256"
+    layers.mkdir(parents=True)
+    dead_boot = layers / ".0123456789ab-deadbeef-1-x1"  # a machine killed mid-import: another boot
+    dead_pid = layers / f".0123456789ab-{stores._BOOT_ID}-{2**22 + 1}-x2"  # beyond pid_max: never alive
+    running = layers / f".0123456789ab-{stores._BOOT_ID}-{os.getpid()}-x3"  # an import going on now
+    for work in (dead_boot, dead_pid, running):
+        (work / "etc").mkdir(parents=True)
+    oci.write_oci_layout(tmp_path / "image", [oci.busybox_layer()])
+    import_image(tmp_path / "image", "fresh:1", store)
+    assert sorted(p.name for p in layers.iterdir() if p.name.startswith(".")) == [running.name]
+    assert not any(p.name.startswith(".whiteout-probe") for p in store.root.iterdir())
+
+
+def test_a_saved_record_is_on_disk_before_its_name(tmp_path: Path, store: Store) -> None:
+    oci.write_oci_layout(tmp_path / "image", [oci.busybox_layer()])
+    record = import_image(tmp_path / "image", "durable:1", store)
+    path = store.record("durable", "1")
+    assert json.loads(path.read_text()) == record
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert not list(path.parent.glob(".*.tmp"))
