@@ -6,10 +6,11 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
+from cgctl.cli import connection
 from cgctl.cli.errors import fail, invalid_value
 from cgctl.cli.run import CgroupRoot, Report, explain_end, write_report
 
@@ -50,7 +51,6 @@ def checkpoint(
     The container ends once its images are complete (its `cgctl run` says where it
     went), unless --leave-running. If anything fails it keeps running, thawed.
     """
-    from cgctl.cli import connection
     from cgctl.runtime.checkpoint import CheckpointError
     from cgctl.runtime.checkpoint import checkpoint as dump
     from cgctl.runtime.remote import RemoteRuntime
@@ -96,18 +96,10 @@ def _checkpoint_through(
     hook: Path | None,
 ) -> Checkpoint:
     """The daemon dumps the container into a directory on its host (a machine's shared one)."""
-    from cgctl.cli import connection
     from cgctl.runtime.checkpoint import Checkpoint
     from cgctl.runtime.models import CheckpointRequest, Failure
 
-    target = directory.absolute()
-    if connection.machine is not None:
-        shares = connection.machine.config().shares
-        if not any(target.is_relative_to(share) for share in shares):
-            raise fail(
-                f"invalid value '{directory}' for --dir: the machine shares {', '.join(shares)} "
-                "read-write, and a checkpoint elsewhere would stay in the VM. Fix: a --dir under one of them"
-            )
+    target = _on_machine_share(directory)
     request = CheckpointRequest(
         dir=str(target),
         leave_running=leave_running,
@@ -130,27 +122,31 @@ def restore(
         str | None, typer.Option(help="the new container's name (default: the dumped one's)")
     ] = None,
     hook: Hook = None,
+    detach: Annotated[
+        bool, typer.Option("--detach", "-d", help="restore it under the daemon, in the background")
+    ] = False,
     report: Report = None,
     cgroup_root: CgroupRoot = None,
     state_dir: StateDir = None,
 ) -> None:
     """Restore a checkpoint as a new container in a new cgroup with the limits it had, and supervise
-    it as `cgctl run` does: its stdio becomes this command's, and this command exits with its status."""
+    it as `cgctl run` does: its stdio becomes this command's, and this command exits with its status.
+
+    Through a daemon on another host (a `cgctl machine`, --host tcp:// or ssh://), or with -d, the
+    daemon restores it as a detached container: -d prints its name, otherwise its output is
+    streamed here and this command exits with its status."""
     from cgctl.cgroup.fs import CgroupError
-    from cgctl.cli import connection
     from cgctl.runtime.checkpoint import CheckpointError
     from cgctl.runtime.checkpoint import restore as undump
+    from cgctl.runtime.embedded import START_DAEMON
     from cgctl.runtime.remote import RemoteRuntime
     from cgctl.spec import SpecError
 
     chosen = connection.runtime(state_dir)
-    if isinstance(chosen, RemoteRuntime) and not chosen.host.startswith("unix://"):
-        raise fail(
-            f"restore through a daemon on another host ({chosen.host}) is not built yet: it restores "
-            "here, under this command. On a `cgctl machine`, run it in the machine: "
-            "cgctl machine shell, then "
-            f"cgctl restore --dir {directory.absolute()}"
-        )
+    if isinstance(chosen, RemoteRuntime) and (detach or not chosen.host.startswith("unix://")):
+        _restore_through(chosen, directory, name, hook, detach, report)
+    if detach:
+        raise fail(f"-d needs the cgctl daemon, and none answers: {START_DAEMON}")
 
     def restored(name: str, seconds: float) -> None:
         _end_progress()
@@ -175,6 +171,50 @@ def restore(
         write_report(report, result.model_dump_json(indent=2))
     explain_end(result)
     raise typer.Exit(result.exit_status)
+
+
+def _restore_through(
+    daemon: RemoteRuntime,
+    directory: Path,
+    name: str | None,
+    hook: Path | None,
+    detach: bool,
+    report: str | None,
+) -> NoReturn:
+    """The daemon restores the checkpoint (a directory on its host) as a detached container."""
+    from cgctl.cli.run import attach_to_end
+    from cgctl.runtime.models import Failure, RestoreRequest
+
+    target = _on_machine_share(directory)
+    request = RestoreRequest(dir=str(target), name=name, hook=str(hook.absolute()) if hook else None)
+    started = time.monotonic()
+    try:
+        restored = daemon.restore(request)
+    except Failure as error:
+        raise connection.failed(error) from None
+    print(
+        f"cgctl: restored {restored.name} from {target} in {time.monotonic() - started:.1f} s "
+        f"through the daemon at {daemon.host}",
+        file=sys.stderr,
+    )
+    if detach:
+        print(restored.name)
+        raise typer.Exit(0)
+    attach_to_end(daemon, restored.name, report)
+
+
+def _on_machine_share(directory: Path) -> Path:
+    """The directory's absolute path; through a machine, it must be one the machine shares
+    read-write (CRIU writes its logs there), not one whose writes would stay in the VM."""
+    target = directory.absolute()
+    if connection.machine is not None:
+        shares = connection.machine.config().shares
+        if not any(target.is_relative_to(share) for share in shares):
+            raise fail(
+                f"invalid value '{directory}' for --dir: the machine shares {', '.join(shares)} "
+                "read-write, and a checkpoint elsewhere would stay in the VM. Fix: a --dir under one of them"
+            )
+    return target
 
 
 def _progress(doing: str) -> Progress:

@@ -274,10 +274,22 @@ def _through_daemon(
         raise invalid_options(error, DAEMON_OPTIONS) from None
     try:
         created = chosen.create(request)
-        if detach:
-            print(created.name)
-            raise typer.Exit(0)
-        ended = _attach(chosen, created.name)
+    except Failure as error:
+        raise failed(error) from None
+    if detach:
+        print(created.name)
+        raise typer.Exit(0)
+    attach_to_end(chosen, created.name, report)
+
+
+def attach_to_end(chosen: Runtime, name: str, report: str | None) -> NoReturn:
+    """Attach to a container started through the daemon (its output streamed, Ctrl-C and SIGTERM
+    forwarded) and exit with its status once it ends and is removed."""
+    from cgctl.cli.connection import failed
+    from cgctl.runtime.models import Failure
+
+    try:
+        ended = _attach(chosen, name)
     except Failure as error:
         raise failed(error) from None
     if report and ended.report is not None:

@@ -56,7 +56,7 @@ class _Child:
     pid: int
     pidfd: int
     record_fd: int
-    alive_fd: int
+    alive_fd: int | None  # spawn's: closed once the container is reaped
     exit_path: Path
     log: LogWriter
     pipes: dict[int, str] = dataclasses.field(default_factory=dict)  # open read ends -> stdout/stderr
@@ -109,13 +109,40 @@ class Keeper:
             client.send(json.dumps(reply).encode())
 
     def _op_start(self, message: dict[str, Any], fds: list[int]) -> dict[str, Any]:
-        (record_fd,) = fds
         launch: spawn.Launch = message["launch"]
+        return self._start(message, fds, lambda stdio: spawn.start(dataclasses.replace(launch, stdio=stdio)))
+
+    def _op_restore(self, message: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """Restore a checkpoint (checkpoint.restore_tasks): CRIU runs here, so that the restored init
+        is our child. The loop waits while CRIU works (seconds; the containers' pipes buffer)."""
+        from cgctl.runtime import checkpoint
+
+        def restore(stdio: tuple[int, int, int]) -> tuple[int, int | None]:
+            group = fs.Cgroup(Path(message["cgroup"]))
+            try:
+                pid = checkpoint.restore_tasks(
+                    message["restoring"], group, message["root"], dict(enumerate(stdio))
+                )
+            except checkpoint.CheckpointError as error:
+                raise spawn.SpawnError(str(error), 125) from None
+            return pid, None
+
+        return self._start(message, fds, restore)
+
+    def _start(
+        self,
+        message: dict[str, Any],
+        fds: list[int],
+        start: Callable[[tuple[int, int, int]], tuple[int, int | None]],
+    ) -> dict[str, Any]:
+        """Start a container with `start` (its stdio: /dev/null and the two pipes we log), then watch
+        its pidfd and pipes."""
+        (record_fd,) = fds
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            pid, alive_fd = spawn.start(dataclasses.replace(launch, stdio=(null, out_w, err_w)))
+            pid, alive_fd = start((null, out_w, err_w))
         except spawn.SpawnError as error:
             for fd in (out_r, err_r, record_fd):
                 os.close(fd)
@@ -183,7 +210,8 @@ class Keeper:
         result = os.waitid(os.P_PIDFD, child.pidfd, os.WEXITED)
         self.selector.unregister(child.pidfd)
         os.close(child.pidfd)
-        os.close(child.alive_fd)
+        if child.alive_fd is not None:
+            os.close(child.alive_fd)
         self._drain(child)
         status: dict[str, Any] = {"name": child.name, "attempt": child.attempt, "pid": child.pid}
         if result is not None and result.si_code == os.CLD_EXITED:

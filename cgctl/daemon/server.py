@@ -52,6 +52,7 @@ from cgctl.runtime.models import (
     Info,
     Invalid,
     KillRequest,
+    RestoreRequest,
     UpdateRequest,
 )
 from cgctl.runtime.spawn import SpawnError
@@ -303,6 +304,10 @@ def make_app() -> FastAPI:
     @app.post("/v1/containers/{name}/checkpoint")
     def checkpoint(service: Served, name: ContainerName, request: CheckpointRequest) -> CheckpointResult:
         return service.checkpoint(name, request)
+
+    @app.post("/v1/restore", status_code=201)
+    def restore(service: Served, request: RestoreRequest) -> Container:
+        return service.restore(request)
 
     @app.get("/v1/images")
     def images(service: Served) -> list[dict[str, Any]]:

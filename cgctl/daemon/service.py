@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cgctl import state
 from cgctl.cgroup import fs
@@ -49,10 +49,14 @@ from cgctl.runtime.models import (
     Info,
     Invalid,
     NotFound,
+    RestoreRequest,
     parse_signal,
 )
 from cgctl.runtime.spawn import SpawnError
 from cgctl.spec import Limits, SpecError
+
+if TYPE_CHECKING:
+    from cgctl.runtime.checkpoint import Restoring
 
 log = logging.getLogger("cgctld")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -157,7 +161,8 @@ class Service:
                 cgroup_root=str(self.paths.cgroup_root or ""),
             )
 
-    def create(self, request: CreateRequest) -> Container:
+    def create(self, request: CreateRequest, restoring: Restoring | None = None) -> Container:
+        """A detached container, started from its command, or from a checkpoint if `restoring`."""
         name = request.spec.name or f"run-{secrets.token_hex(4)}"
         directory = self.paths.containers / name
         info = Container(
@@ -184,7 +189,7 @@ class Service:
                 directory.mkdir(mode=0o700, parents=True, exist_ok=True)
                 state.write_durably(directory / "request.json", request.model_dump(mode="json"))
                 self._emit("create", name)
-                self._start(managed)
+                self._start(managed, restoring)
         except BaseException:
             with self.lock:
                 del self.containers[name]
@@ -374,6 +379,22 @@ class Service:
             notes=list(done.notes),
         )
 
+    def restore(self, request: RestoreRequest) -> Container:
+        """Restore a checkpoint as a new detached container (restart policy "no"): CRIU runs in the
+        keeper, which becomes the restored tree's parent and logs its output."""
+        from cgctl.runtime.checkpoint import CheckpointError, open_checkpoint
+
+        try:
+            restoring = open_checkpoint(
+                Path(request.dir), request.name, Path(request.hook) if request.hook else None
+            )
+        except CheckpointError as error:
+            raise Failure(str(error)) from None
+        try:
+            return self.create(CreateRequest(spec=restoring.spec), restoring)
+        except SpawnError as error:
+            raise Failure(f"{request.dir}: not restored: {error}") from None
+
     def images(self) -> builtins.list[dict[str, Any]]:
         """The image records, with where their layers are on this host (what a client's spec names)."""
         from cgctl.images import Store, default_root
@@ -437,32 +458,37 @@ class Service:
 
     # --- starting and ending ---
 
-    def _start(self, managed: Managed) -> None:
-        """Start the next attempt (call with managed.lock held). Raises SpecError, SpawnError, Failure,
-        fs.CgroupError; nothing is left of a start that failed."""
+    def _start(self, managed: Managed, restoring: Restoring | None = None) -> None:
+        """Start the next attempt, or restore a checkpoint as it (call with managed.lock held). Raises
+        SpecError, SpawnError, Failure, fs.CgroupError; nothing is left of a start that failed."""
         name = managed.info.name
         spec = managed.request.spec.model_copy(update={"name": name})
-        confinement = local.plan_sandbox(spec)
+        confinement = None if restoring else local.plan_sandbox(spec)
         root = contextlib.ExitStack()
+        record: dict[str, object] = {"detached": True}
+        if restoring:
+            record["restored_from"] = str(restoring.directory)
         try:
             plan = root.enter_context(local.prepared_root(spec))
-            created = local.create(
-                spec, self.paths.cgroup_root, self.paths.state_dir, record={"detached": True}
-            )
+            created = local.create(spec, self.paths.cgroup_root, self.paths.state_dir, record=record)
         except BaseException:
             root.close()
             raise
         attempt = len(managed.info.attempts) + 1
-        launch = local.launch_for(
-            spec, name, created.group, confinement, plan, {"PATH": DEFAULT_PATH, **spec.env}
-        )
+        how: dict[str, Any]
+        if confinement is None:
+            how = {"op": "restore", "restoring": restoring, "root": plan, "cgroup": str(created.group.path)}
+        else:
+            launch = local.launch_for(
+                spec, name, created.group, confinement, plan, {"PATH": DEFAULT_PATH, **spec.env}
+            )
+            how = {"op": "start", "launch": dataclasses.replace(launch, workdir=spec.workdir or "/")}
         try:
             reply = self.keeper.request(
                 {
-                    "op": "start",
+                    **how,
                     "name": name,
                     "attempt": attempt,
-                    "launch": dataclasses.replace(launch, workdir=spec.workdir or "/"),
                     "exit_path": str(managed.exit_path),
                     "log": {
                         "path": str(managed.log_path),
@@ -491,7 +517,10 @@ class Service:
         managed.info.state, managed.info.pid, managed.info.cgroup = "running", pid, str(created.group.path)
         managed.save()
         self.watcher.add(name, created.group)
-        self._emit("start", name, {"pid": str(pid), "attempt": str(attempt)})
+        started = {"pid": str(pid), "attempt": str(attempt)}
+        self._emit(
+            "start", name, started | ({"restored_from": str(restoring.directory)} if restoring else {})
+        )
         with self.changed:
             self.changed.notify_all()
 

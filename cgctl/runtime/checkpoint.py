@@ -10,9 +10,10 @@ container running, and a failed restore leaves no cgroup and no process.
 Restore makes the new cgroup and writes every limit first, then starts CRIU
 inside it: every process CRIU creates is born in the new cgroup, so none is
 ever moved, and none can land in the old one (--manage-cgroups=ignore).
-The restored init is the restoring cgctl's child (--restore-sibling), which
-supervises it as `cgctl run` does. The workload's stdio is handed the
-restoring cgctl's own (--inherit-fd); terminals are refused at checkpoint
+The restored init is the child of the process that runs CRIU (--restore-sibling):
+the restoring cgctl, which supervises it as `cgctl run` does and hands it its
+own stdio (--inherit-fd), or, through the daemon, the keeper, which hands it
+the pipes to the new container's log. Terminals are refused at checkpoint
 time, since CRIU takes one along only as a shell job.
 
 Hooks: CRIU runs criu-action.sh at each step; it runs the user's hook at
@@ -57,7 +58,6 @@ EXTERNAL_MOUNTS = ("--ext-mount-map", "auto", "--enable-external-sharing", "--en
 TERMINAL_MAJORS = {4, 5, *range(136, 144)}  # tty, console/ptmx, pts
 # CRIU errors that are the consequence of another or harmless here (no iptables, no /dev/net/tun).
 CRIU_NOISE = ("exited, status=", "execvp(", " -V failed", "Unable to create tun", "FAILED", "failed with -1")
-STDIO_FD_BASE = 100  # where restore hands CRIU its own stdio for --inherit-fd
 # Reports (bytes done, bytes expected or None) about twice a second while CRIU works.
 Progress = Callable[[int, int | None], None]
 
@@ -168,6 +168,87 @@ def _notes(spec: dict[str, Any]) -> tuple[str, ...]:
     return ()
 
 
+@dataclass(frozen=True)
+class Restoring:
+    """A checkpoint checked and ready to restore (open_checkpoint): the container's creator makes its
+    cgroup, and whoever is to be the restored tree's parent runs restore_tasks."""
+
+    directory: Path
+    manifest: dict[str, Any]
+    spec: WorkloadSpec
+    hook: Path | None
+
+
+def open_checkpoint(directory: Path, name: str | None = None, hook: Path | None = None) -> Restoring:
+    """Check that directory holds a checkpoint this host can restore, as `name` (default: the
+    dumped one's). Raises CheckpointError (no CRIU, not root) or SpecError (a bad name, hook,
+    directory or manifest)."""
+    _criu()
+    hook = _checked_hook(hook)
+    manifest = _read_manifest(directory)
+    try:
+        spec = WorkloadSpec.model_validate({**manifest["spec"], "name": name or manifest["name"]})
+    except ValidationError as error:
+        if name and any(detail["loc"] == ("name",) for detail in error.errors()):
+            raise SpecError(("name",), name, "not a valid name (letters, digits, _ . -)") from None
+        raise SpecError(("dir",), str(directory), f"its manifest's spec is not valid: {error}") from None
+    return Restoring(directory, manifest, spec, hook)
+
+
+def restore_tasks(
+    restoring: Restoring,
+    group: fs.Cgroup,
+    root: rootfs.Plan | None,
+    stdio: dict[int, int],
+    progress: Progress | None = None,
+) -> int:
+    """Run CRIU restore inside `group` (limits already written) and return the restored init's pid.
+    The init becomes the caller's child (--restore-sibling), and its stdin, stdout and stderr are
+    `stdio`'s fds (dumped fd number -> ours) in place of the dumped ones. CheckpointError if CRIU
+    fails (the failure hook has run); the caller then removes the cgroup, and nothing is left."""
+    directory, manifest, name = restoring.directory, restoring.manifest, restoring.spec.name or ""
+    with ExitStack() as stack:
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cgctl-restore-")))
+        pidfile = scratch / "pid"
+        inherited = _inherit_stdio(manifest["stdio"], stdio, stack)
+        args = [
+            _criu(),
+            "restore",
+            "--images-dir", str(directory),
+            "--log-file", "restore.log",
+            "--restore-detached",
+            "--restore-sibling",
+            "--manage-cgroups=ignore",
+            "--root", f"{root.staging}/merged" if root else "/",
+            "--pidfile", str(pidfile),
+            *EXTERNAL_MOUNTS,
+            *(["--tcp-established"] if manifest.get("tcp_established") else []),
+            *(arg for fd, key in inherited.items() for arg in ("--inherit-fd", f"fd[{fd}]:{key}")),
+        ]  # fmt: skip
+        env = {
+            **_hook_env(restoring.hook, name, directory),
+            "CGCTL_DUMPED_INIT_PID": str(manifest["init_pid"]),
+        }
+        try:
+            _run_criu(
+                args,
+                directory / "restore.log",
+                env,
+                lambda: (_memory(group) or 0, _image_bytes(directory)),
+                progress,
+                cgroup=group,
+                pass_fds=tuple(inherited),
+                root=root,
+                # CRIU 3.17 restores capabilities and seccomp filters but not no_new_privs:
+                # set it on CRIU itself, and every task it forks inherits it.
+                no_new_privs=restoring.spec.security.no_new_privileges
+                and not restoring.spec.security.privileged,
+            )
+            return int(pidfile.read_text())
+        except CheckpointError as error:
+            raise CheckpointError(f"{error}{_run_failure_hook(restoring.hook, name, directory)}") from None
+
+
 def restore(
     directory: Path,
     *,
@@ -185,56 +266,13 @@ def restore(
     CheckpointError (CRIU failed), SpecError (a name in use, limits this host
     refuses, a bad hook) or fs.CgroupError; in every case nothing is left behind.
     """
-    criu = _criu()
-    hook = _checked_hook(hook)
-    manifest = _read_manifest(directory)
-    try:
-        spec = WorkloadSpec.model_validate({**manifest["spec"], "name": name or manifest["name"]})
-    except ValidationError as error:
-        if name and any(detail["loc"] == ("name",) for detail in error.errors()):
-            raise SpecError(("name",), name, "not a valid name (letters, digits, _ . -)") from None
-        raise SpecError(("dir",), str(directory), f"its manifest's spec is not valid: {error}") from None
-
+    restoring = open_checkpoint(directory, name, hook)
+    spec = restoring.spec
     with prepared_root(spec) as root:
 
         def start(name: str, group: fs.Cgroup) -> tuple[int, int | None]:
             started = time.monotonic()
-            with ExitStack() as stack:
-                scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cgctl-restore-")))
-                pidfile = scratch / "pid"
-                inherited = _inherit_stdio(manifest["stdio"], stack)
-                args = [
-                    criu,
-                    "restore",
-                    "--images-dir", str(directory),
-                    "--log-file", "restore.log",
-                    "--restore-detached",
-                    "--restore-sibling",
-                    "--manage-cgroups=ignore",
-                    "--root", f"{root.staging}/merged" if root else "/",
-                    "--pidfile", str(pidfile),
-                    *EXTERNAL_MOUNTS,
-                    *(["--tcp-established"] if manifest.get("tcp_established") else []),
-                    *(arg for fd, key in inherited.items() for arg in ("--inherit-fd", f"fd[{fd}]:{key}")),
-                ]  # fmt: skip
-                env = {**_hook_env(hook, name, directory), "CGCTL_DUMPED_INIT_PID": str(manifest["init_pid"])}
-                try:
-                    _run_criu(
-                        args,
-                        directory / "restore.log",
-                        env,
-                        lambda: (_memory(group) or 0, _image_bytes(directory)),
-                        progress,
-                        cgroup=group,
-                        pass_fds=tuple(inherited),
-                        root=root,
-                        # CRIU 3.17 restores capabilities and seccomp filters but not no_new_privs:
-                        # set it on CRIU itself, and every task it forks inherits it.
-                        no_new_privs=spec.security.no_new_privileges and not spec.security.privileged,
-                    )
-                    pid = int(pidfile.read_text())
-                except CheckpointError as error:
-                    raise CheckpointError(f"{error}{_run_failure_hook(hook, name, directory)}") from None
+            pid = restore_tasks(restoring, group, root, {0: 0, 1: 1, 2: 2}, progress)
             if on_restored:
                 on_restored(name, time.monotonic() - started)
             return pid, None
@@ -304,21 +342,21 @@ def _stdio(name: str, init: int) -> dict[str, str]:
     return resources
 
 
-def _inherit_stdio(stdio: dict[str, str], stack: ExitStack) -> dict[int, str]:
-    """Hand CRIU our stdin/stdout/stderr in place of the dumped ones (pipes, sockets and files; devices
-    such as /dev/null are reopened by CRIU itself): fd number in CRIU -> the resource it replaces."""
+def _inherit_stdio(manifest: dict[str, str], stdio: dict[int, int], stack: ExitStack) -> dict[int, str]:
+    """Hand CRIU `stdio`'s fds in place of the dumped stdio (pipes, sockets and files; devices such
+    as /dev/null are reopened by CRIU itself): a copy's fd number in CRIU -> the resource it replaces.
+    The copies are new fds, so that none of the caller's is overwritten."""
     inherited: dict[int, str] = {}
-    for fd, resource in sorted(stdio.items()):
+    for fd, resource in sorted(manifest.items()):
         if resource.startswith(("pipe:", "socket:")):
             key = resource
         elif resource.startswith("/") and not resource.startswith("/dev/") and "(deleted)" not in resource:
             key = resource[1:]  # CRIU names files relative to the root
         else:
             continue
-        if key in inherited.values():
+        if key in inherited.values() or int(fd) not in stdio:
             continue  # stdout and stderr were one file: it becomes our stdout
-        copy = STDIO_FD_BASE + int(fd)
-        os.dup2(int(fd), copy, inheritable=True)
+        copy = os.dup(stdio[int(fd)])
         stack.callback(os.close, copy)
         inherited[copy] = key
     return inherited

@@ -18,7 +18,7 @@ from pydantic import (
 )
 
 from cgctl.runtime.report import RunReport
-from cgctl.spec import WorkloadSpec, parse_size
+from cgctl.spec import NAME_PATTERN, WorkloadSpec, parse_size
 
 ContainerState = Literal["running", "frozen", "restarting", "exited"]
 EventType = Literal[
@@ -117,6 +117,14 @@ class CheckpointRequest(_Request):
         pattern=r"^/",
         description="an executable on the daemon's host run at each stage (docs/checkpoint.md)",
     )
+
+
+class RestoreRequest(_Request):
+    dir: str = Field(pattern=r"^/", description="a checkpoint directory on the daemon's host")
+    name: str | None = Field(
+        None, pattern=NAME_PATTERN, description="the new container's name (default: the dumped one's)"
+    )
+    hook: str | None = Field(None, pattern=r"^/", description="an executable on the daemon's host")
 
 
 class CheckpointResult(BaseModel):

@@ -32,6 +32,7 @@ from cgctl.runtime.models import (
     Invalid,
     NeedsDaemon,
     NotFound,
+    RestoreRequest,
 )
 
 if TYPE_CHECKING:
@@ -231,6 +232,10 @@ class RemoteRuntime:
         return CheckpointResult.model_validate(
             self._json("POST", f"/v1/containers/{_quoted(name)}/checkpoint", body)
         )
+
+    def restore(self, request: RestoreRequest) -> Container:
+        """Restore a checkpoint (request.dir, on the daemon's host) as a new detached container."""
+        return Container.model_validate(self._json("POST", "/v1/restore", request.model_dump(mode="json")))
 
     def images(self) -> builtins.list[dict[str, Any]]:
         return list(self._json("GET", "/v1/images"))

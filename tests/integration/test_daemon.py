@@ -21,7 +21,7 @@ from cgctl.runtime.models import CreateRequest, Event, Failure, Invalid
 from cgctl.runtime.remote import RemoteRuntime, UnixConnection
 from tests import oci
 from tests.integration.daemon import Daemon
-from tests.integration.workloads import MiB, allocate, spec, wait_for
+from tests.integration.workloads import MiB, allocate, cgctl_in_process, spec, wait_for
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -290,6 +290,58 @@ def test_images_stats_and_checkpoint_through_the_api(daemon: Daemon, tmp_path: P
     assert (info.state, info.last.ended) == ("exited", f"checkpointed to {tmp_path / 'ck'}")  # type: ignore[union-attr]
     assert info.restart_count == 0
     daemon.api.remove("measured")
+
+
+def test_restore_through_the_daemon_goes_on_where_the_checkpoint_left_off(
+    capfd: pytest.CaptureFixture[str], daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    count = "i=0; while [ $i -lt 30 ]; do echo $i; i=$((i+1)); sleep 0.25; done; exit 7"
+    limits = {"memory": {"max": "96M"}, "pids": {"max": 20}}
+    daemon.api.create(
+        CreateRequest.model_validate({"spec": spec(["sh", "-c", count], name="counting", limits=limits)})
+    )
+
+    def numbers(name: str) -> list[int]:
+        return [int(line.text) for line in daemon.api.logs(name)]
+
+    wait_for(lambda: len(numbers("counting")) >= 4, "four lines before the dump")
+    status, _ = api_call(daemon, "POST", "/v1/containers/counting/checkpoint", {"dir": str(tmp_path / "ck")})
+    assert status == 200
+    daemon.api.wait("counting")
+    dumped_at = numbers("counting")[-1]
+
+    status, out, err = daemon.cli(capfd, "restore", "--dir", str(tmp_path / "ck"), "--name", "counted", "-d")
+    assert (status, out) == (0, "counted\n"), err
+    restored = daemon.api.inspect("counted")
+    assert restored.detached and restored.state == "running"
+    group = Path(restored.cgroup)
+    assert (group / "memory.max").read_text().strip() == str(96 << 20)
+    assert (group / "pids.max").read_text().strip() == "20"
+    ended = daemon.api.wait("counted")
+    assert ended.exit_code == 7
+    assert numbers("counted")[0] in (dumped_at, dumped_at + 1) and numbers("counted")[-1] == 29
+    assert ended.report is not None and ended.report.limits["memory.max"] == str(96 << 20)
+
+    # Attached, through the daemon over TCP (as from a `cgctl machine`): its output here, its status ours.
+    monkeypatch.setenv("CGCTL_TOKEN_FILE", str(daemon.token_file))
+    status, out, err = cgctl_in_process(
+        capfd, "--host", f"tcp://{daemon.tcp}", "restore", "--dir", str(tmp_path / "ck"), "--name", "again"
+    )
+    assert status == 7, err
+    assert [int(n) for n in out.split()][-1] == 29 and int(out.split()[0]) in (dumped_at, dumped_at + 1)
+    assert "restored again from" in err
+
+    for bad, expected in (
+        ({"dir": str(tmp_path / "nothing")}, 400),
+        ({"dir": str(tmp_path / "ck"), "name": "counted"}, 409),
+        ({"dir": str(tmp_path / "ck"), "name": "../x"}, 400),
+        ({"dir": "relative"}, 400),
+    ):
+        before = {c.name for c in daemon.api.list(all=True)}
+        assert api_call(daemon, "POST", "/v1/restore", bad)[0] == expected, bad
+        assert {c.name for c in daemon.api.list(all=True)} == before
+    for name in ("counting", "counted"):
+        daemon.api.remove(name)
 
 
 def api_call(daemon: Daemon, method: str, path: str, body: object = None) -> tuple[int, Any]:

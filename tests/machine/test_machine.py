@@ -100,6 +100,11 @@ def test_state_survives_stop_and_start(machine: Machine, demo: Path, shared: Pat
     ok("run", "--image", "demo:1", "-v", f"{shared}:/data", "--", "sh", "-c", "echo from-the-vm > /data/out")
     assert (shared / "out").read_text() == "from-the-vm\n"
     assert "ticker" in ok("stats", "--no-stream")
+    ok("run", "-d", "--name", "counter", "--image", "demo:1", "--", "sh", "-c",
+       "i=0; while :; do echo $i; i=$((i+1)); sleep 1; done")  # fmt: skip
+    wait_for("three counts", lambda: len(ok("logs", "counter").split()) >= 3)
+    assert "checkpointed to" in ok("checkpoint", "counter", "--dir", str(shared / "ck"))
+    counted = int(ok("logs", "counter").split()[-1])
 
     running = machine.running()
     assert running is not None
@@ -118,7 +123,13 @@ def test_state_survives_stop_and_start(machine: Machine, demo: Path, shared: Pat
     assert (ticker["state"], ticker["exit_code"]) == ("exited", 3), "the stop did not record its exit"
     assert "tick" in ok("logs", "ticker")
     assert ok("run", "--image", "demo:1").splitlines()[0] == "hello from the image"
-    ok("rm", "ticker")
+    # The checkpoint taken before the stop restores after it, and counts on from where it was.
+    assert ok("restore", "--dir", str(shared / "ck"), "--name", "counter2", "-d") == "counter2\n"
+    wait_for("a count after the restore", lambda: len(ok("logs", "counter2").split()) >= 2)
+    assert int(ok("logs", "counter2").split()[0]) in (counted, counted + 1)
+    ok("kill", "counter2")
+    ok("wait", "counter2")
+    ok("rm", "ticker", "counter", "counter2")
 
 
 def test_a_hard_kill_during_an_import_leaves_all_of_the_image_or_none(machine: Machine, shared: Path) -> None:

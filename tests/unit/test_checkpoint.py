@@ -80,14 +80,36 @@ def test_a_hook_must_be_an_executable_file(tmp_path: Path) -> None:
 def test_stdio_is_handed_over_for_pipes_and_files_once_each() -> None:
     stdio = {"0": "/dev/null", "1": "pipe:[4242]", "2": "pipe:[4242]"}
     with ExitStack() as stack:
-        inherited = checkpoint._inherit_stdio(stdio, stack)
-        assert inherited == {101: "pipe:[4242]"}
-        assert os.path.sameopenfile(101, 1)
+        inherited = checkpoint._inherit_stdio(stdio, {0: 0, 1: 1, 2: 2}, stack)
+        ((copy, key),) = inherited.items()
+        assert key == "pipe:[4242]" and copy > 2
+        assert os.path.sameopenfile(copy, 1)
+    with pytest.raises(OSError):
+        os.fstat(copy)  # closed with the stack
     with ExitStack() as stack:
         files = {"0": "socket:[7]", "1": "/var/log/job.log", "2": "/tmp/gone (deleted)"}
-        assert checkpoint._inherit_stdio(files, stack) == {100: "socket:[7]", 101: "var/log/job.log"}
-    with pytest.raises(OSError):
-        os.fstat(101)  # closed with the stack
+        assert sorted(checkpoint._inherit_stdio(files, {0: 0, 1: 1, 2: 2}, stack).values()) == [
+            "socket:[7]",
+            "var/log/job.log",
+        ]
+
+
+def test_stdio_copies_never_overwrite_the_callers_fds() -> None:
+    """The keeper restores with many fds open: the copies must be new ones, and only of what it gives."""
+    busy = [os.open(os.devnull, os.O_RDONLY) for _ in range(120)]
+    read, write = os.pipe()
+    try:
+        before = {fd: os.fstat(fd).st_ino for fd in busy}
+        with ExitStack() as stack:
+            inherited = checkpoint._inherit_stdio(
+                {"0": "pipe:[1]", "1": "pipe:[2]", "2": "pipe:[3]"}, {1: write}, stack
+            )
+            assert list(inherited.values()) == ["pipe:[2]"]
+            assert next(iter(inherited)) not in busy
+            assert {fd: os.fstat(fd).st_ino for fd in busy} == before
+    finally:
+        for fd in (*busy, read, write):
+            os.close(fd)
 
 
 def test_progress_is_reported_while_criu_works() -> None:
