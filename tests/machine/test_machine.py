@@ -8,6 +8,7 @@ import hashlib
 import http.client
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -45,6 +46,24 @@ def wait_for(what: str, check: object, seconds: float = 120) -> None:
     while not check():  # type: ignore[operator]
         assert time.monotonic() < deadline, f"no {what} within {seconds} s"
         time.sleep(0.5)
+
+
+def shell(machine: Machine, command: str, seconds: float = 60) -> str:
+    """What `cgctl machine shell` prints for one command, read until the command's end marker."""
+    attached = subprocess.Popen(
+        [sys.executable, "-m", "cgctl", "machine", "shell"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert attached.stdin and attached.stdout
+    attached.stdin.write(f"{command}; echo end-$((6*7))\n".encode())
+    attached.stdin.flush()
+    seen, deadline = b"", time.monotonic() + seconds
+    while b"end-42" not in seen and time.monotonic() < deadline:
+        if select.select([attached.stdout], [], [], 1)[0]:
+            seen += os.read(attached.stdout.fileno(), 4096)
+    attached.stdin.close()
+    attached.wait(timeout=30)
+    assert b"end-42" in seen, f"the shell did not answer within {seconds} s: {seen!r}"
+    return seen.decode(errors="replace")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -106,6 +125,7 @@ def test_state_survives_stop_and_start(machine: Machine, demo: Path, shared: Pat
     assert "checkpointed to" in ok("checkpoint", "counter", "--dir", str(shared / "ck"))
     counted = int(ok("logs", "counter").split()[-1])
 
+    assert "cgctl-machine" in shell(machine, "hostname; cat /sys/fs/cgroup/cgroup.controllers")
     running = machine.running()
     assert running is not None
     metrics = http.client.HTTPConnection("127.0.0.1", running.metrics_port, timeout=60)

@@ -16,6 +16,7 @@ fail() {
     exit 1
 }
 
+hostname cgctl-machine
 modprobe -a virtio_net virtio_console ext4 || fail "cannot load the network, console or ext4 modules"
 ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 || fail "cannot configure eth0"
 
