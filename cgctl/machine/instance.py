@@ -102,6 +102,11 @@ class Machine:
             raise MachineError(f"a machine already exists in {self.home} (cgctl machine rm removes it)")
         for path in config.shares:
             _check_share(Path(path))
+        if any(c.isspace() or c in ",=" for c in str(self.home)):
+            raise MachineError(
+                f"{self.home}: qemu cannot take a machine directory with spaces, ',' or '='; "
+                "set CGCTL_MACHINE_DIR to a plain path"
+            )
         vm.find_tool("mkfs.ext4")
         shutil.rmtree(self.home, ignore_errors=True)
         self.home.mkdir(mode=0o700, parents=True)

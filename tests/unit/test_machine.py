@@ -79,6 +79,16 @@ def test_a_share_with_a_space_is_refused(home: Path, tmp_path: Path) -> None:
     assert not home.exists()
 
 
+def test_a_machine_directory_qemu_cannot_take_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "a,b" / "machine"
+    monkeypatch.setenv("CGCTL_MACHINE_DIR", str(home))
+    status, _, err = cli("machine", "init", "--share", str(tmp_path))
+    assert status == 125 and "set CGCTL_MACHINE_DIR to a plain path" in err
+    assert not home.exists()
+
+
 def test_set_grows_the_disk_adds_shares_and_never_shrinks(home: Path, tmp_path: Path) -> None:
     assert cli("machine", "init", "--disk-size", "1G", "--share", str(tmp_path))[0] == 0
     other = tmp_path / "other"
