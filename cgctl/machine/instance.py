@@ -91,6 +91,11 @@ class Machine:
             return Config(**json.loads((self.home / "config.json").read_text()))
         except FileNotFoundError:
             raise MachineError(f"no machine in {self.home}: create one with `cgctl machine init`") from None
+        except OSError as error:
+            raise MachineError(
+                f"{self.home}: cannot read the machine's settings: {error.strerror} (another user's "
+                "machine? set CGCTL_MACHINE_DIR, or HOME to your own)"
+            ) from None
 
     def token(self) -> str:
         return (self.share / "token").read_text().strip()
@@ -154,11 +159,12 @@ class Machine:
             self._save(config)
 
     def running(self) -> Running | None:
-        """The running VM, if its qemu is alive (a run.json left by a killed one does not count)."""
+        """The running VM, if its qemu is alive (a run.json left by a killed one does not count, nor
+        one this user cannot read: another user's machine, found through a HOME that is not theirs)."""
         try:
             running = Running(**json.loads((self.home / "run.json").read_text()))
             cmdline = Path(f"/proc/{running.pid}/cmdline").read_bytes()
-        except (FileNotFoundError, ProcessLookupError, ValueError, TypeError):
+        except (OSError, ValueError, TypeError):
             return None
         return running if str(self.disk).encode() in cmdline else None
 

@@ -118,6 +118,11 @@ def test_a_stale_run_record_is_not_a_running_machine(home: Path, tmp_path: Path)
         json.dumps({"pid": os.getpid(), "api_port": 1, "metrics_port": 2, "started_at": 0})
     )
     assert machine.running() is None
+    (home / "run.json").unlink()
+    (home / "run.json").mkdir()  # unreadable, as another user's is to a user whose HOME is not theirs
+    assert machine.running() is None
+    assert cli("ps")[0] == 0, "a machine this user cannot read must not break the other verbs"
+    (home / "run.json").rmdir()
     status, out, _ = cli("machine", "status")
     assert status == 0 and "state:    stopped" in out
     status, _, err = cli("machine", "shell")
