@@ -25,8 +25,8 @@ def runtime(state_dir: Path | None = None) -> Runtime:
     from cgctl.runtime.models import Failure
 
     try:
-        if host is None and not os.environ.get("CGCTL_HOST") and (machine := machine_runtime()):
-            return machine
+        if host is None and not os.environ.get("CGCTL_HOST") and (through_machine := machine_runtime()):
+            return through_machine
         return connect(host, state_dir)
     except Failure as error:
         raise failed(error) from None

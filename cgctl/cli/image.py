@@ -65,7 +65,7 @@ def import_(
 
     started = time.monotonic()
     if daemon := _daemon(store):
-        print(f"importing through the daemon at {daemon.host}", file=sys.stderr)
+        print(f"cgctl: importing {archive} through the daemon at {daemon.host}", file=sys.stderr)
         try:
             record = daemon.import_image(str(archive.absolute()), reference)
         except Failure as error:

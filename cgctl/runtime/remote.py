@@ -149,8 +149,16 @@ class RemoteRuntime:
             raise FAILURES.get(response.status, Failure)(message, exit_code)
         return response
 
-    def _json(self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None) -> Any:
-        response = self._call(method, path, body, query)
+    def _json(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: dict[str, Any] | None = None,
+        patient: bool = False,
+    ) -> Any:
+        """The JSON answer; `patient` for calls that take as long as their data is big (no timeout)."""
+        response = self._call(method, path, body, query, stream=patient)
         data = response.read()
         return json.loads(data) if data else None
 
@@ -230,19 +238,21 @@ class RemoteRuntime:
         """Dump the container with CRIU into request.dir, a directory on the daemon's host."""
         body = request.model_dump(mode="json")
         return CheckpointResult.model_validate(
-            self._json("POST", f"/v1/containers/{_quoted(name)}/checkpoint", body)
+            self._json("POST", f"/v1/containers/{_quoted(name)}/checkpoint", body, patient=True)
         )
 
     def restore(self, request: RestoreRequest) -> Container:
         """Restore a checkpoint (request.dir, on the daemon's host) as a new detached container."""
-        return Container.model_validate(self._json("POST", "/v1/restore", request.model_dump(mode="json")))
+        return Container.model_validate(
+            self._json("POST", "/v1/restore", request.model_dump(mode="json"), patient=True)
+        )
 
     def images(self) -> builtins.list[dict[str, Any]]:
         return list(self._json("GET", "/v1/images"))
 
     def import_image(self, path: str, reference: str) -> dict[str, Any]:
         """Import an image from `path`, a path on the daemon's host (a machine shares this host's)."""
-        return dict(self._json("POST", "/v1/images", {"path": path, "reference": reference}))
+        return dict(self._json("POST", "/v1/images", {"path": path, "reference": reference}, patient=True))
 
     def remove_image(self, reference: str) -> builtins.list[str]:
         return list(self._json("DELETE", f"/v1/images/{_quoted(reference)}")["removed_layers"])
