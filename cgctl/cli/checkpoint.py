@@ -206,15 +206,13 @@ def _restore_through(
 def _on_machine_share(directory: Path) -> Path:
     """The directory's absolute path; through a machine, it must be one the machine shares
     read-write (CRIU writes its logs there), not one whose writes would stay in the VM."""
-    target = directory.absolute()
-    if connection.machine is not None:
-        shares = connection.machine.config().shares
-        if not any(target.is_relative_to(share) for share in shares):
-            raise fail(
-                f"invalid value '{directory}' for --dir: the machine shares {', '.join(shares)} "
-                "read-write, and a checkpoint elsewhere would stay in the VM. Fix: a --dir under one of them"
-            )
-    return target
+    machine = connection.machine
+    if machine is not None and not machine.writes_reach_the_host(directory):
+        raise fail(
+            f"invalid value '{directory}' for --dir: the machine shares {', '.join(machine.config().shares)} "
+            "read-write, and a checkpoint elsewhere would stay in the VM. Fix: a --dir under one of them"
+        )
+    return directory.absolute()
 
 
 def _progress(doing: str) -> Progress:

@@ -14,6 +14,7 @@ from cgctl.cli import limits
 from cgctl.cli.errors import fail, invalid_options, invalid_value
 
 if TYPE_CHECKING:
+    from cgctl.machine.instance import Machine
     from cgctl.runtime.interface import Runtime
     from cgctl.runtime.models import Container
     from cgctl.runtime.report import RunReport
@@ -220,7 +221,7 @@ def run(
     except ValidationError as error:
         raise invalid_options(error, OPTION_FOR_FIELD) from None
     if connection.machine is not None:
-        _check_shared(spec, connection.machine.config().shares)
+        _check_shared(spec, connection.machine)
     service = {"restart": restart, "log_max_size": log_max_size, "log_max_files": log_max_files, "rm": rm}
     if not isinstance(chosen, LocalRuntime):
         _through_daemon(chosen, spec, detach, service, report)
@@ -376,16 +377,15 @@ def _image_defaults(image: str, rootfs: Path | None, root: dict[str, Any], chose
     return dict(record["config"])
 
 
-def _check_shared(spec: WorkloadSpec, shares: list[str]) -> None:
-    """Through a machine, a read-write volume must be a path the machine shares read-write: writes
-    elsewhere would land in the VM's throw-away overlay, not on this host."""
+def _check_shared(spec: WorkloadSpec, machine: Machine) -> None:
+    """Through a machine, a read-write volume must be a path the machine shares read-write."""
     for volume in spec.volumes:
-        source = Path(volume.source)
-        if volume.read_only or any(source.is_relative_to(share) for share in shares):
+        if volume.read_only or machine.writes_reach_the_host(Path(volume.source)):
             continue
+        shared = ", ".join(machine.config().shares) or "nothing"
         raise fail(
             f"invalid value '{volume.source}:{volume.target}' for --volume: the machine shares "
-            f"{', '.join(shares) or 'nothing'} read-write, not {volume.source}, so the container's "
+            f"{shared} read-write, not {volume.source}, so the container's "
             f"writes would stay in the VM. Fix: add :ro, or `cgctl machine stop && cgctl machine set "
             f"--share {volume.source} && cgctl machine start`"
         )

@@ -97,6 +97,11 @@ class Machine:
                 "machine? set CGCTL_MACHINE_DIR, or HOME to your own)"
             ) from None
 
+    def writes_reach_the_host(self, path: Path) -> bool:
+        """Whether the VM sees `path` read-write at the same path (under a share): writes anywhere
+        else land in the VM's throw-away overlay, not on this host."""
+        return any(path.absolute().is_relative_to(share) for share in self.config().shares)
+
     def token(self) -> str:
         return (self.share / "token").read_text().strip()
 
