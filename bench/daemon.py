@@ -85,7 +85,7 @@ class Daemon:
         self.process: subprocess.Popen[bytes] | None = None
         self.keeper = 0
 
-    def start(self) -> tuple[float, float]:
+    def start(self, *options: str) -> tuple[float, float]:
         """Start it; seconds until its socket accepts a connection, and until it answers a request.
 
         The socket listens before the daemon has started its keeper, so the keeper is looked for
@@ -94,7 +94,7 @@ class Daemon:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [PYTHON, "-m", "cgctl", "daemon", "--socket", str(self.socket), "--runtime-dir",
-                 str(self.runtime_dir), "--data-dir", str(self.data_dir)],
+                 str(self.runtime_dir), "--data-dir", str(self.data_dir), *options],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             )  # fmt: skip
         deadline = time.monotonic() + DAEMON_START_TIMEOUT

@@ -137,6 +137,7 @@ def running_containers(
             started_at=record.get("started_at", 0.0),
             labels=record.get("spec", {}).get("labels", {}),
             image=((record.get("spec", {}).get("rootfs") or {}).get("image")) or "",
+            policy=",".join((record.get("policy") or {}).get("applied", [])),
         )
         known[path] = (key, container)
         containers.append(container)

@@ -477,6 +477,7 @@ class ContainerCollector(Collector):
         self.sys_dev_block = sys_dev_block
         self.known_records: dict[Path, tuple[object, Container]] = {}
         self.errors = {"discover": 0, "read": 0}
+        self.extra: Callable[[], str] | None = None  # more families (the daemon's policy engine's)
 
     def describe(self) -> list[Metric]:
         return []  # unchecked: the series depend on what is running at scrape time
@@ -506,6 +507,8 @@ class ContainerCollector(Collector):
         out: list[str] = []
         self._render_families(out, snaps)
         self._render_self_metrics(out, len(snaps), durations, time.perf_counter() - started)
+        if self.extra is not None:
+            out.append(self.extra())
         return "".join(out)
 
     def _render_families(self, out: list[str], snaps: list[Snapshot]) -> None:

@@ -20,6 +20,7 @@ from cgctl.cli import daemon as daemon_verbs
 from cgctl.cli import exporter as exporter_verb
 from cgctl.cli import image as image_verbs
 from cgctl.cli import machine as machine_verbs
+from cgctl.cli import policy as policy_verbs
 from cgctl.cli import run as run_verb
 from cgctl.cli import stats as stats_verb
 from cgctl.cli.errors import EXIT_CGCTL_ERROR
@@ -35,6 +36,7 @@ exporter_verb.register(app)
 check_verb.register(app)
 daemon_verbs.register(app)
 machine_verbs.register(app)
+policy_verbs.register(app)
 
 
 def _print_version(wanted: bool) -> None:

@@ -56,6 +56,13 @@ def daemon(
     stop_timeout: Annotated[
         float, typer.Option(help="with --stop-containers: seconds from SIGTERM to SIGKILL", min=0)
     ] = 10.0,
+    policy_dir: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="CGCTL_POLICY_DIR",
+            help="policy files, reloaded on SIGHUP and on change [default: /etc/cgctl/policies.d as root]",
+        ),
+    ] = None,
 ) -> None:
     """Supervise detached containers and serve the API on a unix socket (root and --group only).
 
@@ -76,6 +83,7 @@ def daemon(
         data_dir=data_dir or defaults.data_dir,
         state_dir=state_dir or defaults.state_dir,
         cgroup_root=cgroup_root,
+        policy_dir=policy_dir,
     )
     try:
         address = parse_listen(metrics) if metrics else None
@@ -94,7 +102,9 @@ def daemon(
         raise fail(f"cannot start: {error}") from None
     print(f"cgctld: serving on {socket or paths.socket}", file=sys.stderr, flush=True)
     try:
-        serve(service, listener, ContainerCollector(paths.state_dir), address, tcp_listener)
+        collector = ContainerCollector(paths.state_dir)
+        collector.extra = service.engine.metrics
+        serve(service, listener, collector, address, tcp_listener)
     finally:
         service.close(stop_timeout if stop_containers else None)
 

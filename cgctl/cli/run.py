@@ -235,12 +235,27 @@ def run(
 
 def _run_here(spec: WorkloadSpec, cgroup_root: Path | None, report: str | None) -> NoReturn:
     """Run in this process (no daemon): it supervises the workload and ends with it."""
-    from cgctl import runtime
+    import secrets
+
+    from cgctl import policy, runtime
     from cgctl.cgroup.fs import CgroupError
     from cgctl.spec import SpecError
 
     try:
-        result = runtime.run(spec, cgroup_root=cgroup_root)
+        policies = policy.load_directory(policy.default_directory())
+    except policy.PolicyError as error:
+        raise fail(
+            f"nothing was run: the policy directory has errors (`cgctl policy validate`):\n{error}"
+        ) from None
+    if spec.name is None:
+        spec = spec.model_copy(update={"name": f"run-{secrets.token_hex(4)}"})
+    subject = policy.Subject.of(spec.model_dump(mode="json"), str(spec.name))
+    acting = [p.source for p in policies.policies if p.policy.actions and policy.matches(p, subject)]
+    if acting:
+        print(f"cgctl: only the daemon (cgctld) takes the actions of {', '.join(acting)}; this run gets "
+              "their limits", file=sys.stderr)  # fmt: skip
+    try:
+        result = runtime.run(spec, cgroup_root=cgroup_root, policies=policies)
     except SpecError as error:
         raise invalid_value(error, OPTION_FOR_FIELD) from None
     except CgroupError as error:

@@ -46,12 +46,17 @@ from cgctl.runtime.models import (
     CheckpointResult,
     Container,
     CreateRequest,
+    DiffRequest,
+    Explanation,
     Failure,
     FreezeRequest,
     ImportRequest,
     Info,
     Invalid,
     KillRequest,
+    PolicyPlan,
+    PolicyStatus,
+    ReloadResult,
     RestoreRequest,
     UpdateRequest,
 )
@@ -256,6 +261,27 @@ def make_app() -> FastAPI:
     def update(service: Served, name: ContainerName, request: UpdateRequest) -> dict[str, dict[str, str]]:
         return {"written": service.update(name, request.limits)}
 
+    @app.get("/v1/containers/{name}/policy")
+    def explain(service: Served, name: ContainerName) -> Explanation:
+        """Per limit in force: its value, the policy (or explicit option) that set it, what it overrode."""
+        return service.explain(name)
+
+    @app.get("/v1/policies")
+    def policy_status(service: Served) -> PolicyStatus:
+        return service.policy_status()
+
+    @app.post("/v1/policies/reload")
+    def policy_reload(service: Served) -> ReloadResult:
+        """Load the policy directory and apply it to every running container; 400 if a file is bad (the
+        active policies stay)."""
+        return service.policy_reload()
+
+    @app.post("/v1/policies/diff")
+    def policy_diff(service: Served, request: DiffRequest | None = None) -> list[PolicyPlan]:
+        """What a policy directory (default: the daemon's) would change on each running container; nothing
+        is written."""
+        return service.policy_diff((request or DiffRequest()).directory)
+
     @app.post("/v1/containers/{name}/wait")
     def wait(
         service: Served, name: ContainerName, timeout: Annotated[float | None, Query(gt=0, le=86400)] = None
@@ -433,6 +459,7 @@ def serve(
     # that second delivery is a no-op, so the daemon's own shutdown (Service.close) still runs.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
+    signal.signal(signal.SIGHUP, lambda *_: service.engine.changed.set())  # reload the policies
     uvicorn.Server(config).run(sockets=sockets)
     notify_systemd("STOPPING=1")
 

@@ -29,9 +29,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cgctl import state
+from cgctl import policy, state
 from cgctl.cgroup import fs
 from cgctl.daemon.keeper import KeeperClient
+from cgctl.daemon.policies import PolicyEngine
 from cgctl.daemon.watch import CgroupWatcher
 from cgctl.runtime import local, logs
 from cgctl.runtime.embedded import LocalRuntime, has_labels, signal_cgroup
@@ -44,11 +45,15 @@ from cgctl.runtime.models import (
     CreateRequest,
     Event,
     EventType,
+    Explanation,
     Failure,
     ImportRequest,
     Info,
     Invalid,
     NotFound,
+    PolicyPlan,
+    PolicyStatus,
+    ReloadResult,
     RestoreRequest,
     parse_signal,
 )
@@ -75,6 +80,7 @@ class Paths:
     data_dir: Path
     state_dir: Path
     cgroup_root: Path | None = None
+    policy_dir: Path | None = None  # default: policy.default_directory()
 
     @property
     def socket(self) -> Path:
@@ -113,6 +119,7 @@ class Managed:
         self.backoff = 0.0
         self.timer: threading.Timer | None = None
         self.oom_kills = 0
+        self.restart_requested = False  # by a policy's action: restart whatever its restart policy
 
     @property
     def log_path(self) -> Path:
@@ -142,7 +149,10 @@ class Service:
         self.keeper_events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.keeper = KeeperClient.connect(paths.keeper_socket, self.keeper_events.put)
         self.watcher = CgroupWatcher(self._cgroup_changed)
+        self.engine = PolicyEngine(self, paths.policy_dir or policy.default_directory())
         self._recover()
+        if self.engine.status.ok:  # else the containers keep what they have: no set is active
+            self.engine.apply_all()
         self.handler = threading.Thread(target=self._handle_keeper_events, name="keeper-events", daemon=True)
         self.handler.start()
 
@@ -187,8 +197,8 @@ class Service:
         try:
             with managed.lock:
                 directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-                state.write_durably(directory / "request.json", request.model_dump(mode="json"))
-                self._emit("create", name)
+                self._save_request(managed)
+                self.emit("create", name)
                 self._start(managed, restoring)
         except BaseException:
             with self.lock:
@@ -215,13 +225,13 @@ class Service:
     def freeze(self, name: str, timeout: float) -> bool:
         changed = self.local.freeze(name, timeout)
         if changed and name not in self.containers:  # detached ones are told by the watcher
-            self._emit("freeze", name)
+            self.emit("freeze", name)
         return changed
 
     def thaw(self, name: str, timeout: float) -> bool:
         changed = self.local.thaw(name, timeout)
         if changed and name not in self.containers:
-            self._emit("thaw", name)
+            self.emit("thaw", name)
         return changed
 
     def kill(self, name: str, signal_name: str) -> int:
@@ -243,14 +253,17 @@ class Service:
         else:
             with managed.lock:  # its run record stays until _finish, which takes this lock
                 written = self.local.update(name, limits)
-                # The next attempt starts with the limits update merged into the record.
-                merged = state.read(state.record_path(self.paths.state_dir, name))["spec"]["limits"]
-                spec = managed.request.spec.model_copy(update={"limits": Limits.model_validate(merged)})
+                # The next attempt starts with the explicit limits the record has now (only those:
+                # its policies' are resolved again at each start).
+                explicit = state.read(state.record_path(self.paths.state_dir, name))["explicit"]
+                spec = managed.request.spec.model_copy(update={"limits": Limits.model_validate(explicit)})
                 managed.request = managed.request.model_copy(update={"spec": spec})
-                state.write_durably(managed.dir / "request.json", managed.request.model_dump(mode="json"))
+                self._save_request(managed)
                 managed.info.spec = spec.model_dump(mode="json", exclude={"env"})
                 managed.save()
-        self._emit("update", name, dict(written))
+                if managed.group is not None:
+                    self.engine.arm(managed)  # what `update` set explicitly is no longer the policy's
+        self.emit("update", name, dict(written))
         return written
 
     def wait(self, name: str, timeout: float | None = None) -> Container:
@@ -303,7 +316,8 @@ class Service:
                 if self.containers.get(name) is managed:
                     del self.containers[name]
             shutil.rmtree(managed.dir, ignore_errors=True)
-        self._emit("remove", name)
+        self.engine.forget(name)
+        self.emit("remove", name)
 
     def logs(
         self,
@@ -346,6 +360,19 @@ class Service:
             with self.lock:
                 self.subscribers.remove(subscription)
 
+    def policy_status(self) -> PolicyStatus:
+        return self.engine.status
+
+    def policy_reload(self) -> ReloadResult:
+        return self.engine.reload()
+
+    def policy_diff(self, directory: str | None = None) -> builtins.list[PolicyPlan]:
+        return self.engine.diff(Path(directory) if directory else None)
+
+    def explain(self, name: str) -> Explanation:
+        self.inspect(name)
+        return self.engine.explain(name)
+
     def checkpoint(self, name: str, request: CheckpointRequest) -> CheckpointResult:
         """Dump the container with CRIU (docs/checkpoint.md); unless left running, it then ends, and its
         attempt says where it went (it is not restarted)."""
@@ -370,7 +397,7 @@ class Service:
             if isinstance(error, SpecError):
                 raise
             raise Failure(str(error)) from None
-        self._emit("checkpoint", name, {"dir": request.dir, "left_running": str(done.left_running).lower()})
+        self.emit("checkpoint", name, {"dir": request.dir, "left_running": str(done.left_running).lower()})
         return CheckpointResult(
             dir=str(done.directory),
             seconds=done.seconds,
@@ -455,6 +482,7 @@ class Service:
             self._cancel_restart(managed)
         self.keeper.close()
         self.watcher.close()
+        self.engine.close()
 
     # --- starting and ending ---
 
@@ -463,14 +491,18 @@ class Service:
         SpecError, SpawnError, Failure, fs.CgroupError; nothing is left of a start that failed."""
         name = managed.info.name
         spec = managed.request.spec.model_copy(update={"name": name})
+        record: dict[str, Any] = {"detached": True}
+        if restoring:  # its limits are the dumped container's, policies and all
+            record["restored_from"] = str(restoring.directory)
+        else:
+            spec, noted = policy.apply_to(spec, name, self.engine.active)
+            record.update(noted)
         confinement = None if restoring else local.plan_sandbox(spec)
         root = contextlib.ExitStack()
-        record: dict[str, object] = {"detached": True}
-        if restoring:
-            record["restored_from"] = str(restoring.directory)
         try:
             plan = root.enter_context(local.prepared_root(spec))
-            created = local.create(spec, self.paths.cgroup_root, self.paths.state_dir, record=record)
+            with policy.blamed(record):
+                created = local.create(spec, self.paths.cgroup_root, self.paths.state_dir, record=record)
         except BaseException:
             root.close()
             raise
@@ -517,8 +549,9 @@ class Service:
         managed.info.state, managed.info.pid, managed.info.cgroup = "running", pid, str(created.group.path)
         managed.save()
         self.watcher.add(name, created.group)
+        self.engine.arm(managed)
         started = {"pid": str(pid), "attempt": str(attempt)}
-        self._emit(
+        self.emit(
             "start", name, started | ({"restored_from": str(restoring.directory)} if restoring else {})
         )
         with self.changed:
@@ -597,7 +630,8 @@ class Service:
             managed.stopping = True  # it lives on in its images: no restart
         managed.info.report = report
         managed.info.pid = None
-        self._emit("exit", name, _exit_attributes(attempt))
+        self.emit("exit", name, _exit_attributes(attempt))
+        self.engine.ended(managed, _exit_attributes(attempt), attempt.oom_killed and managed.oom_kills == 0)
         restart = self._should_restart(managed, attempt)
         if restart:
             quick = time.monotonic() - managed.started < RESET_AFTER
@@ -622,25 +656,31 @@ class Service:
             with self.lock:
                 self.containers.pop(managed.info.name, None)
             shutil.rmtree(managed.dir, ignore_errors=True)
-            self._emit("remove", managed.info.name)
+            self.engine.forget(managed.info.name)
+            self.emit("remove", managed.info.name)
         with self.changed:
             self.changed.notify_all()
 
     def _should_restart(self, managed: Managed, attempt: Attempt) -> bool:
-        policy = managed.info.restart_policy
-        if managed.stopping or self.closing or policy.name == "no":
+        restart = managed.info.restart_policy
+        requested, managed.restart_requested = managed.restart_requested, False
+        if managed.stopping or self.closing:
             return False
-        if policy.name == "on-failure":
+        if requested or restart.name == "always" or restart.name == "unless-stopped":
+            return True
+        if restart.name == "on-failure":
             failed = attempt.exit_status != 0
-            return failed and (policy.max_retries is None or managed.info.restart_count < policy.max_retries)
-        return True
+            return failed and (
+                restart.max_retries is None or managed.info.restart_count < restart.max_retries
+            )
+        return False
 
     def _restart(self, managed: Managed, reason: str) -> None:
         with managed.lock:
             if managed.stopping or self.closing or self.containers.get(managed.info.name) is not managed:
                 return
             managed.info.restart_count += 1
-            self._emit(
+            self.emit(
                 "restart",
                 managed.info.name,
                 {
@@ -663,6 +703,30 @@ class Service:
                 )
                 self._ended_for_good(managed, restarted=False)
 
+    def restart_now(self, managed: Managed) -> None:
+        """A policy's restart action: end the running attempt and start the next, whatever the restart
+        policy; a container that has already ended is started again."""
+        with managed.lock:
+            if managed.stopping or self.closing or self.containers.get(managed.info.name) is not managed:
+                return
+            if managed.info.state in ("running", "frozen") and managed.group is not None:
+                managed.restart_requested = True
+                with contextlib.suppress(fs.CgroupError):
+                    signal_cgroup(managed.group, parse_signal("KILL"))
+            elif managed.info.state == "exited":
+                managed.info.state = "restarting"
+                managed.save()
+                managed.timer = threading.Timer(0, self._restart, (managed, "a policy's restart action"))
+                managed.timer.daemon = True
+                managed.timer.start()
+
+    def _save_request(self, managed: Managed) -> None:
+        """request.json keeps only what was given (exclude_unset): its explicit limits stay told apart
+        from its policies' across daemon restarts."""
+        state.write_durably(
+            managed.dir / "request.json", managed.request.model_dump(mode="json", exclude_unset=True)
+        )
+
     def _cancel_restart(self, managed: Managed) -> None:
         if managed.timer is not None:
             managed.timer.cancel()
@@ -683,13 +747,17 @@ class Service:
                 frozen = group.read_keyed("cgroup.events").get("frozen", 0) == 1
                 if managed.info.state in ("running", "frozen") and frozen != (managed.info.state == "frozen"):
                     managed.info.state = "frozen" if frozen else "running"
-                    self._emit("freeze" if frozen else "thaw", name)
+                    self.emit("freeze" if frozen else "thaw", name)
             elif file == "memory.events":
                 events = group.read_keyed("memory.events")
                 kills = events.get("oom_kill", 0) - events.get("oom_group_kill", 0)
-                if kills > managed.oom_kills:
+                new_kills = kills > managed.oom_kills
+                if new_kills:
                     managed.oom_kills = kills
-                    self._emit("oom", name, {"oom_kills": str(kills)})
+                    self.emit("oom", name, {"oom_kills": str(kills)})
+                self.engine.memory_events(managed, new_kills)
+            else:
+                self.engine.file_changed(managed, file)
         except fs.CgroupError:
             pass  # the cgroup went away meanwhile: its exit tells the rest
 
@@ -782,7 +850,7 @@ class Service:
     def _view(self, managed: Managed) -> Container:
         return managed.info.model_copy(deep=True)
 
-    def _emit(self, type: EventType, name: str, attributes: dict[str, str] | None = None) -> None:
+    def emit(self, type: EventType, name: str, attributes: dict[str, str] | None = None) -> None:
         event = Event(time=time.time(), type=type, name=name, attributes=attributes or {})
         with self.lock:
             self.history.append(event)

@@ -1,7 +1,7 @@
 """The kernel's own notifications for running containers: inotify on cgroup.events (populated,
-frozen) and memory.events (oom, oom_kill, high). The kernel signals a change of either file as a
-modification, so an idle daemon sleeps in one read() however many containers run, and an OOM kill
-reaches it as soon as the kernel counts it."""
+frozen), memory.events (oom, oom_kill, high) and the limit files policies guard. The kernel signals
+a change of any of them as a modification, so an idle daemon sleeps in one read() however many
+containers run, and an OOM kill reaches it as soon as the kernel counts it."""
 
 from __future__ import annotations
 
@@ -28,9 +28,11 @@ class CgroupWatcher:
         self.thread = threading.Thread(target=self._loop, name="cgroup-watcher", daemon=True)
         self.thread.start()
 
-    def add(self, name: str, group: fs.Cgroup) -> None:
+    def add(self, name: str, group: fs.Cgroup, files: tuple[str, ...] = ()) -> None:
+        """Watch the container's events, and `files` (policy-guarded limits: any write to an interface
+        file is reported, so a change by hand is seen at once)."""
         with self.lock:
-            for file in WATCHED:
+            for file in (*WATCHED, *files):
                 with contextlib.suppress(OSError):  # memory.events is missing if memory is not enabled
                     self.watches[self.inotify.add_watch(group.file(file), flags.MODIFY)] = (name, file)
 

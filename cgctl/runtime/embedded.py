@@ -23,15 +23,18 @@ from cgctl.runtime.models import (
     Container,
     CreateRequest,
     Event,
+    Explanation,
     Failure,
     Invalid,
     NeedsDaemon,
     NotFound,
+    PolicyPlan,
     parse_signal,
 )
 
 if TYPE_CHECKING:
     from cgctl.accounting import Usage
+    from cgctl.policy import PolicySet
     from cgctl.runtime.logs import LogLine
 
 START_DAEMON = "start the daemon first: `systemctl start cgctld`, or `cgctld &` as root"
@@ -59,6 +62,7 @@ def record_container(path: Path) -> Container | None:
         created_at=started,
         attempts=[Attempt(started_at=started, pid=record.get("pid"))],
         spec=spec,
+        policies=(record.get("policy") or {}).get("applied", []),
     )
 
 
@@ -162,6 +166,38 @@ class LocalRuntime:
             if not stream:
                 return
             before = after
+
+    def policy_diff(self, directory: str | None = None) -> builtins.list[PolicyPlan]:
+        """What the policy files in `directory` (default: the policy directory) would change on each
+        running container; nothing is written."""
+        from cgctl.runtime import policies
+
+        return policies.diff(self._policies(Path(directory) if directory else None), self.state_dir)
+
+    def policy_apply(self) -> builtins.list[PolicyPlan]:
+        """The policy directory applied once to every running container (the daemon keeps it applied)."""
+        from cgctl.runtime import policies
+
+        active = self._policies()
+        return [policies.apply(name, active, self.state_dir) for name in policies.running(self.state_dir)]
+
+    def explain(self, name: str) -> Explanation:
+        from cgctl.runtime import policies
+
+        try:
+            return policies.explain(name, self._policies(), self.state_dir)
+        except LookupError as error:
+            raise NotFound(str(error)) from None
+
+    def _policies(self, directory: Path | None = None) -> PolicySet:
+        from cgctl import policy
+
+        try:
+            return policy.load_directory(
+                directory or policy.default_directory(), must_exist=directory is not None
+            )
+        except policy.PolicyError as error:
+            raise Invalid(f"{directory or policy.default_directory()} has errors:\n{error}") from None
 
     def create(self, request: CreateRequest) -> Container:
         self._daemon_only("detached runs (run -d)")

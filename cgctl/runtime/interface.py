@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from cgctl.runtime.models import Container, CreateRequest, Event
+from cgctl.runtime.models import Container, CreateRequest, Event, Explanation, PolicyPlan
 
 if TYPE_CHECKING:
     from cgctl.accounting import Usage
@@ -38,6 +38,9 @@ class Runtime(Protocol):
     def stats(
         self, names: builtins.list[str] | None = None, interval: float = 1.0, stream: bool = False
     ) -> Iterator[builtins.list[Usage]]: ...
+    def policy_diff(self, directory: str | None = None) -> builtins.list[PolicyPlan]: ...
+    def policy_apply(self) -> builtins.list[PolicyPlan]: ...
+    def explain(self, name: str) -> Explanation: ...
 
 
 def default_sockets() -> list[Path]:

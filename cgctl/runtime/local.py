@@ -23,9 +23,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cgctl import ns, sandbox, state
+from cgctl import ns, policy, sandbox, state
 from cgctl.cgroup import cpu, cpuset, devices, fs, io, memory, pids
 from cgctl.ns import rootfs
+from cgctl.policy import PolicySet
 from cgctl.runtime import spawn
 from cgctl.runtime.report import RunReport, final_report
 from cgctl.spec import Limits, SpecError, WorkloadSpec
@@ -129,22 +130,33 @@ def interface_file_settings(files: dict[str, str], root: fs.Cgroup) -> list[tupl
 Starter = Callable[[str, fs.Cgroup], tuple[int, int | None]]
 
 
-def run(spec: WorkloadSpec, cgroup_root: Path | None = None, state_dir: Path | None = None) -> RunReport:
-    """Run spec to completion and return its report.
+def run(
+    spec: WorkloadSpec,
+    cgroup_root: Path | None = None,
+    state_dir: Path | None = None,
+    policies: PolicySet | None = None,
+) -> RunReport:
+    """Run spec to completion and return its report. The limits it gives go over those of the
+    policies that match it (None: the policy directory's, docs/policies.md).
 
     Raises fs.CgroupError (host or kernel trouble), SpecError (the spec does not
-    fit this host) or spawn.SpawnError (the command could not be started); in
-    every case nothing is left behind.
+    fit this host), spawn.SpawnError (the command could not be started) or
+    policy.PolicyError (a policy file is bad); in every case nothing is left behind.
     """
+    if policies is None:
+        policies = policy.load_directory(policy.default_directory())
+    if spec.name is None:
+        spec = spec.model_copy(update={"name": f"run-{secrets.token_hex(4)}"})
+    spec, noted = policy.apply_to(spec, str(spec.name), policies)
     confinement = plan_sandbox(spec)
-    with prepared_root(spec) as root:
+    with prepared_root(spec) as root, policy.blamed(noted):
         # The caller's environment is passed on, unless an image brings its own.
         env = spec.env if spec.rootfs and spec.rootfs.image else {**os.environ, **spec.env}
 
         def start(name: str, group: fs.Cgroup) -> tuple[int, int | None]:
             return spawn.start(launch_for(spec, name, group, confinement, root, env))
 
-        return supervise(spec, start, cgroup_root, state_dir)
+        return supervise(spec, start, cgroup_root, state_dir, noted)
 
 
 def plan_sandbox(spec: WorkloadSpec) -> sandbox.Plan:

@@ -22,8 +22,9 @@ from cgctl.spec import NAME_PATTERN, WorkloadSpec, parse_size
 
 ContainerState = Literal["running", "frozen", "restarting", "exited"]
 EventType = Literal[
-    "create", "start", "exit", "oom", "freeze", "thaw", "update", "restart", "checkpoint", "restore", "remove"
-]
+    "create", "start", "exit", "oom", "freeze", "thaw", "update", "restart", "checkpoint", "restore",
+    "remove", "policy-reload", "policy-action", "policy-drift",
+]  # fmt: skip
 RESTART_POLICIES = ("no", "on-failure", "always", "unless-stopped")
 
 
@@ -173,6 +174,7 @@ class Container(BaseModel):
     attempts: list[Attempt] = Field(default_factory=list)
     report: RunReport | None = None  # the final accounting of the last attempt that ended
     spec: dict[str, Any]  # the spec as given, without env
+    policies: list[str] = Field(default_factory=list, description="the policies applied (FILE:NAME)")
 
     @property
     def last(self) -> Attempt | None:
@@ -192,6 +194,63 @@ class Event(BaseModel):
     type: EventType
     name: str
     attributes: dict[str, str] = Field(default_factory=dict)
+
+
+class LimitChange(BaseModel):
+    limit: str = Field(description="memory.max, io.max[/dev/vda], files[memory.swap.high], ...")
+    old: Any
+    new: Any
+    source: str = Field(description="the policy (FILE:NAME) that sets the new value, or explicit/default")
+
+
+class PolicyPlan(BaseModel):
+    """What policies change (or changed) on one running container."""
+
+    name: str
+    policies: list[str]
+    changes: list[LimitChange]
+    error: str | None = None
+
+
+class DiffRequest(_Request):
+    directory: str | None = Field(
+        None, pattern=r"^/", description="policy files to compare on the daemon's host (default: its own)"
+    )
+
+
+class PolicyStatus(BaseModel):
+    directory: str
+    files: list[str]
+    policies: list[str]
+    reloaded_at: float | None = None
+    ok: bool = True
+    problems: list[str] = Field(default_factory=list, description="why the last reload was refused")
+
+
+class ReloadResult(BaseModel):
+    status: PolicyStatus
+    containers: list[PolicyPlan]
+
+
+class Overridden(BaseModel):
+    value: Any
+    source: str
+
+
+class ExplainedLimit(BaseModel):
+    limit: str
+    value: Any
+    source: str = Field(description="FILE:NAME of the policy, 'explicit' (run, update), or 'action'")
+    overridden: list[Overridden] = Field(
+        default_factory=list, description="what it won over, strongest first"
+    )
+
+
+class Explanation(BaseModel):
+    name: str
+    policies: list[str] = Field(description="every matching policy, weakest first")
+    limits: list[ExplainedLimit]
+    actions: list[str] = Field(description="the armed actions (daemon), as POLICY: WHEN -> DO")
 
 
 class Info(BaseModel):

@@ -28,10 +28,14 @@ from cgctl.runtime.models import (
     Container,
     CreateRequest,
     Event,
+    Explanation,
     Failure,
     Invalid,
     NeedsDaemon,
     NotFound,
+    PolicyPlan,
+    PolicyStatus,
+    ReloadResult,
     RestoreRequest,
 )
 
@@ -182,7 +186,9 @@ class RemoteRuntime:
         return Container.model_validate(self._json("GET", f"/v1/containers/{_quoted(name)}"))
 
     def create(self, request: CreateRequest) -> Container:
-        return Container.model_validate(self._json("POST", "/v1/containers", request.model_dump(mode="json")))
+        # Only what was given: the daemon tells explicit limits from its policies' by the fields set.
+        body = request.model_dump(mode="json", exclude_unset=True)
+        return Container.model_validate(self._json("POST", "/v1/containers", body))
 
     def freeze(self, name: str, timeout: float = 10.0) -> bool:
         return bool(
@@ -249,6 +255,20 @@ class RemoteRuntime:
 
     def images(self) -> builtins.list[dict[str, Any]]:
         return list(self._json("GET", "/v1/images"))
+
+    def policy_status(self) -> PolicyStatus:
+        return PolicyStatus.model_validate(self._json("GET", "/v1/policies"))
+
+    def policy_apply(self) -> builtins.list[PolicyPlan]:
+        return ReloadResult.model_validate(self._json("POST", "/v1/policies/reload")).containers
+
+    def policy_diff(self, directory: str | None = None) -> builtins.list[PolicyPlan]:
+        """What the policy files in `directory` (on the daemon's host; default: its own) would change."""
+        body = {"directory": directory} if directory else None
+        return [PolicyPlan.model_validate(plan) for plan in self._json("POST", "/v1/policies/diff", body)]
+
+    def explain(self, name: str) -> Explanation:
+        return Explanation.model_validate(self._json("GET", f"/v1/containers/{_quoted(name)}/policy"))
 
     def import_image(self, path: str, reference: str) -> dict[str, Any]:
         """Import an image from `path`, a path on the daemon's host (a machine shares this host's)."""

@@ -14,34 +14,66 @@ from typing import Any
 from cgctl import state
 from cgctl.accounting import find_container
 from cgctl.cgroup import fs
+from cgctl.policy.resolve import leaf_name, leaves
 from cgctl.runtime.local import base_controllers, interface_file_settings, limit_settings, needed_controllers
 from cgctl.spec import Limits
 
 # Multi-line files keyed by their first word (a device); the rest hold one value.
 KEYED_BY_DEVICE = ("io.max", "io.weight")
-IO_MAX_UNLIMITED = "rbps=max wbps=max riops=max wiops=max"
+IO_KEYS = ("rbps", "wbps", "riops", "wiops")
+IO_MAX_UNLIMITED = " ".join(f"{key}=max" for key in IO_KEYS)
+DEFAULT_WEIGHT = 100
+# What a new cgroup's files hold: a limit no longer given goes back to this. --cgroup-set files
+# (no known default) stay as they are.
+DEFAULTS = {
+    "memory.min": "0",
+    "memory.low": "0",
+    "memory.high": "max",
+    "memory.max": "max",
+    "memory.swap.max": "max",
+    "cpu.max": "max 100000",
+    "cpu.weight": str(DEFAULT_WEIGHT),
+    "cpu.idle": "0",
+    "cpuset.cpus": "\n",  # empty: the parent's CPUs
+    "pids.max": "max",
+}
 
 
 def update(name: str, changes: dict[str, dict[str, Any]], state_dir: Path | None = None) -> dict[str, str]:
     """Apply changes (the `limits` fields given) to the running container; returns what the kernel
-    now reads back for each file written. Raises LookupError, pydantic's ValidationError, SpecError
-    or fs.CgroupError; in every case the container's limits are as they were."""
+    now reads back for each file written. They are explicit limits: a policy reload leaves them.
+    Raises LookupError, pydantic's ValidationError, SpecError or fs.CgroupError; in every case the
+    container's limits are as they were."""
     Limits.model_validate(changes)  # bad values are refused before anything is looked up
-    container = find_container(name, state_dir)
+    path = state.record_path(state_dir or state.default_state_dir(), name)
+    find_container(name, state_dir)
+    record = state.read(path)
+    new = Limits.model_validate(merge(record["spec"]["limits"], changes))
+    explicit = merge(record.get("explicit", record["spec"]["limits"]), changes)
+    noted: dict[str, Any] = {"explicit": explicit}
+    if record.get("policy"):  # what is given now is the user's, no longer a policy's
+        given = {leaf_name(leaf) for leaf in leaves(explicit)}
+        sources = {leaf: source for leaf, source in record["policy"]["sources"].items() if leaf not in given}
+        noted["policy"] = {**record["policy"], "sources": sources}
+    return set_limits(name, new, noted, state_dir)
+
+
+def set_limits(
+    name: str, new: Limits, record_fields: dict[str, Any], state_dir: Path | None = None
+) -> dict[str, str]:
+    """Make the running container's limits `new` (its caller knows it runs: a reload lists the running
+    ones once, rather than each write looking through every record): write what differs, put a
+    limit that `new` no longer gives back to the kernel's default, roll back on a refused write;
+    then record `new` and `record_fields` in its run record. Returns what the kernel reads back for
+    each file written."""
     path = state.record_path(state_dir or state.default_state_dir(), name)
     record = state.read(path)
     old = Limits.model_validate(record["spec"]["limits"])
-    new = Limits.model_validate(_merge(record["spec"]["limits"], changes))
-    group = fs.Cgroup(container.cgroup)
-    unified = fs.open_unified_root(base_controllers(new))
-    parent = fs.Cgroup(group.path.parent)
-    fs.enable_controllers(parent, needed_controllers(new, unified))
-
-    def settings(limits: Limits) -> list[tuple[str, str]]:
-        return limit_settings(limits, unified, parent.path) + interface_file_settings(limits.files, parent)
-
-    before = settings(old)
-    to_write = [setting for setting in settings(new) if setting not in before]
+    group = fs.Cgroup(Path(record["cgroup"]))
+    unified, parent = _prepare(group, old, new)
+    before, after = _settings(old, unified, parent), _settings(new, unified, parent)
+    # Resets first: cpu.weight cannot be written while cpu.idle is 1 (the kernel's EINVAL).
+    to_write = _resets(before, after) + [_whole(s) for s in after if s not in before]
     previous = {file: group.read(file) for file, _ in to_write}
     written: list[tuple[str, str]] = []
     try:
@@ -52,14 +84,67 @@ def update(name: str, changes: dict[str, dict[str, Any]], state_dir: Path | None
         for file, value in reversed(written):
             _restore(group, file, value, previous[file])
         raise fs.CgroupError(f"{error}; the {len(written)} value(s) already written were put back") from None
+    record = state.read(path)  # as it is now: a checkpoint may have noted itself meanwhile
     record["spec"]["limits"] = new.model_dump(mode="json")
     record["written"] = sorted(set(record.get("written", [])) | {file for file, _ in to_write})
+    record.update(record_fields)
     state.rewrite(path, record)
     return {file: group.read(file).strip() for file, _ in to_write}
 
 
-def _merge(old: dict[str, Any], changes: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The recorded limits with the changes over them; per-device lists merge by device."""
+def file_settings(group: fs.Cgroup, limits: Limits) -> list[tuple[str, str]]:
+    """Every (interface file, value) that makes the group's limits `limits`, checked against this host;
+    the controllers they need are enabled in the parent."""
+    return _settings(limits, *_prepare(group, limits))
+
+
+def _prepare(group: fs.Cgroup, *limits: Limits) -> tuple[fs.Cgroup, fs.Cgroup]:
+    """The cgroup v2 root and the group's parent, with the controllers `limits` need enabled there."""
+    unified = fs.open_unified_root(set().union(*map(base_controllers, limits)))
+    parent = fs.Cgroup(group.path.parent)
+    fs.enable_controllers(parent, set().union(*(needed_controllers(each, unified) for each in limits)))
+    return unified, parent
+
+
+def _settings(limits: Limits, unified: fs.Cgroup, parent: fs.Cgroup) -> list[tuple[str, str]]:
+    return limit_settings(limits, unified, parent.path) + interface_file_settings(limits.files, parent)
+
+
+def _resets(before: list[tuple[str, str]], after: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The kernel's defaults for what was set before and is no longer (io files: per device)."""
+    kept = {_key(file, value) for file, value in after}
+    resets = []
+    for file, value in before:
+        if _key(file, value) in kept:
+            continue
+        if file in KEYED_BY_DEVICE:
+            device = value.split()[0]
+            resets.append((file, f"{device} {IO_MAX_UNLIMITED if file == 'io.max' else 'default'}"))
+            if file == "io.weight" and device == "default":
+                resets[-1] = (file, f"default {DEFAULT_WEIGHT}")
+        elif file in DEFAULTS:
+            resets.append((file, DEFAULTS[file]))
+    return resets
+
+
+def _whole(setting: tuple[str, str]) -> tuple[str, str]:
+    """An io.max line with every key: the kernel changes only the keys a write names, so a cap the
+    new line leaves out must be written as max to go."""
+    file, value = setting
+    if file != "io.max":
+        return setting
+    device, *given = value.split()
+    named = {entry.partition("=")[0] for entry in given}
+    return file, " ".join([device, *given, *(f"{key}=max" for key in IO_KEYS if key not in named)])
+
+
+def _key(file: str, value: str) -> tuple[str, str]:
+    return (file, value.split()[0]) if file in KEYED_BY_DEVICE else (file, "")
+
+
+def merge(old: dict[str, Any], changes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Limits as JSON (all of them, or only those given) with the changes over them; per-device
+    lists merge by device."""
     merged = {
         section: dict(values) if isinstance(values, dict) else values for section, values in old.items()
     }
@@ -67,14 +152,13 @@ def _merge(old: dict[str, Any], changes: dict[str, dict[str, Any]]) -> dict[str,
         for key, value in fields.items():
             if section == "io":
                 given = Limits.model_validate({"io": {key: value}}).io.model_dump(mode="json")[key]
+                io = merged.setdefault("io", {})
                 kept = [
-                    entry
-                    for entry in merged["io"][key]
-                    if entry["device"] not in {e["device"] for e in given}
+                    entry for entry in io.get(key, []) if entry["device"] not in {e["device"] for e in given}
                 ]
-                merged["io"][key] = kept + given
+                io[key] = kept + given
             else:
-                merged[section][key] = value
+                merged.setdefault(section, {})[key] = value
     return merged
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -115,3 +116,16 @@ def test_updating_an_unknown_container_or_nothing_is_refused(capfd: pytest.Captu
     assert status == 125 and "no running container named 'ghost'" in err
     status, _, err = cgctl_in_process(capfd, "update", "ghost")
     assert status == 125 and "nothing to update" in err
+
+
+def test_a_new_io_max_line_for_a_device_replaces_the_old_one_whole(
+    sleeper: subprocess.Popen[str], capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The kernel changes only the keys an io.max write names: a cap the new line leaves out goes."""
+    disk = os.environ.get("CGCTL_VM_DISK", "/dev/vda")
+    device = os.stat(disk).st_rdev
+    number = f"{os.major(device)}:{os.minor(device)}"
+    assert cgctl_in_process(capfd, "update", "steady", "--io-max", f"{disk}:wbps=1M")[0] == 0
+    assert limit("steady", "io.max") == f"{number} rbps=max wbps=1048576 riops=max wiops=max"
+    assert cgctl_in_process(capfd, "update", "steady", "--io-max", f"{disk}:rbps=5M")[0] == 0
+    assert limit("steady", "io.max") == f"{number} rbps=5242880 wbps=max riops=max wiops=max"

@@ -188,6 +188,22 @@ kill -0 "$keeper_pid" || fail "the keeper (pid $keeper_pid) died with the daemon
 quick=$(container quick state exit_code | paste -sd ' ')
 [[ $quick == "exited 7" ]] || fail "cgctl inspect quick --json: state and exit_code are $quick, want exited 7"
 
+step "a policy in /etc/cgctl/policies.d reaches survivor; systemctl reload cgctld reloads it"
+mkdir -p /etc/cgctl/policies.d
+printf 'policies:\n  - name: survivors\n    match: {name: survivor}\n    limits: {pids: {max: 77}}\n' \
+    >/etc/cgctl/policies.d/10-survivors.yaml
+pids_applied() { [[ $(cat "/sys/fs/cgroup$survivor_cgroup/pids.max") == 77 ]]; }
+wait_for "the policy's pids.max on survivor" pids_applied
+reloads() { cgctl events --since "$1" --until "$(date +%s.%N)" | grep -c ' policy-reload ' || true; }
+since=$(date +%s.%N)
+timeout "$wait_limit" systemctl reload cgctld.service || fail "systemctl reload cgctld failed"
+reloaded() { (($(reloads "$since") >= 1)); }
+wait_for "a policy-reload event after systemctl reload" reloaded
+[[ $(cgctl policy explain survivor --json | "$python" -c 'import json, sys
+print([item["source"] for item in json.load(sys.stdin)["limits"] if item["limit"] == "pids.max"][0])') \
+    == 10-survivors.yaml:survivors ]] || fail "cgctl policy explain survivor does not name the policy"
+rm /etc/cgctl/policies.d/10-survivors.yaml
+
 step "cgctl kill survivor; cgctl rm -f survivor quick"
 cgctl kill survivor
 survivor_gone() { ! kill -0 "$survivor_pid" 2>/dev/null; }
