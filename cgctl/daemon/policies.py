@@ -92,9 +92,11 @@ class PolicyEngine:
         self.reloads: Counter[str] = Counter()  # result -> count
         self.poller = TriggerPoller(self._pressure)
         self.closed = False
-        self._load_initial()
         self.inotify = INotify()
         self.changed = threading.Event()
+        self.watching = self._watch(None)  # before the first load, so no change after it is missed
+        self.was_directory = self.directory.is_dir()
+        self._load_initial()
         threading.Thread(target=self._watch_directory, name="policy-dir", daemon=True).start()
         threading.Thread(target=self._reload_when_changed, name="policy-reload", daemon=True).start()
 
@@ -128,9 +130,7 @@ class PolicyEngine:
             except policy.PolicyError as error:
                 self._loaded(error)
                 log.error("policy reload refused, the active policies stay: %s", error)
-                self.service.emit(
-                    "policy-reload", "", {"result": "refused", "error": str(error.problems[0])}
-                )
+                self.service.emit("policy-reload", "", {"result": "refused", "error": str(error.problems[0])})
                 raise Invalid(f"policies not reloaded, the active ones stay in force:\n{error}") from None
             self.active = loaded
             self._loaded(None)
@@ -414,27 +414,33 @@ class PolicyEngine:
 
     # --- the directory ---
 
+    def _watch(self, watching: tuple[Path, int] | None) -> tuple[Path, int] | None:
+        """The watch in force, (directory, descriptor): on the directory, or on its parent while it does
+        not exist (neither exists: none, and the loop looks again every second)."""
+        target = self.directory if self.directory.is_dir() else self.directory.parent
+        if watching is not None and target == watching[0]:
+            return watching
+        try:
+            descriptor = self.inotify.add_watch(target, DIRECTORY_EVENTS)
+        except OSError:
+            return watching
+        if watching is not None:
+            with contextlib.suppress(OSError):
+                self.inotify.rm_watch(watching[1])
+        return target, descriptor
+
     def _watch_directory(self) -> None:
-        """Flag every change in the directory, and its appearing or going (watched from its parent
-        while it does not exist); dot files (editors' temporary files) do not count."""
-        watching: tuple[Path, int] | None = None  # the watched directory and its watch descriptor
+        """Flag every change in the directory, and its appearing or going; dot files (editors'
+        temporary files) do not count."""
         while not self.closed:
-            target = self.directory if self.directory.is_dir() else self.directory.parent
-            if watching is None or target != watching[0]:
-                with contextlib.suppress(OSError):
-                    descriptor = self.inotify.add_watch(target, DIRECTORY_EVENTS)
-                    if watching is not None:
-                        with contextlib.suppress(OSError):
-                            self.inotify.rm_watch(watching[1])
-                        self.changed.set()  # it appeared or went away
-                    watching = (target, descriptor)
+            self.watching = self._watch(self.watching)
+            if self.directory.is_dir() != self.was_directory:
+                self.was_directory = not self.was_directory
+                self.changed.set()
             for event in self.inotify.read(timeout=1000):  # the timeout bounds close() and the parent's case
-                if watching is None or event.wd != watching[1]:
+                if self.watching is None or event.wd != self.watching[1]:
                     continue
-                if watching[0] == self.directory:
-                    if not event.name.startswith("."):
-                        self.changed.set()
-                elif event.name == self.directory.name:
+                if self.watching[0] != self.directory or not event.name.startswith("."):
                     self.changed.set()
 
     def _reload_when_changed(self) -> None:

@@ -551,9 +551,7 @@ class Service:
         self.watcher.add(name, created.group)
         self.engine.arm(managed)
         started = {"pid": str(pid), "attempt": str(attempt)}
-        self.emit(
-            "start", name, started | ({"restored_from": str(restoring.directory)} if restoring else {})
-        )
+        self.emit("start", name, started | ({"restored_from": str(restoring.directory)} if restoring else {}))
         with self.changed:
             self.changed.notify_all()
 

@@ -327,3 +327,20 @@ def test_two_priority_classes_share_a_contended_cpu_by_their_weights(tmp_path: P
     high, low = (float(shares[kind].read_text()) for kind in ("default", "batch"))
     print(f"default {high:.3f}, batch {low:.3f}: {high / low:.2f} to 1")
     assert 3.2 <= high / low <= 4.8, (high, low)
+
+
+def test_a_policy_directory_made_after_the_daemon_started_is_loaded(tmp_path: Path) -> None:
+    """As on a fresh install: /etc/cgctl/policies.d does not exist until ops create it."""
+    directory = tmp_path / "etc" / "policies.d"  # neither it nor its parent exists yet
+    daemon = Daemon(tmp_path)
+    daemon.start("--policy-dir", str(directory))
+    try:
+        start(daemon, "late", SLEEP)
+        directory.mkdir(parents=True)
+        (directory / "10-late.yaml").write_text("policies:\n  - name: late\n    limits: {pids: {max: 33}}\n")
+        wait_for(lambda: limit("late", "pids.max") == "33", "the policy of the new directory")
+        (directory / "10-late.yaml").unlink()
+        directory.rmdir()
+        wait_for(lambda: limit("late", "pids.max") == "max", "the policy to go with its directory")
+    finally:
+        daemon.clean_up()
