@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
@@ -54,11 +54,24 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _exactly_one(model: BaseModel, what: str) -> None:
-    given = [name for name in type(model).model_fields if getattr(model, name) not in (None, False)]
-    if len(given) != 1:
-        names = ", ".join(type(model).model_fields)
-        raise ValueError(f"give exactly one {what} of: {names} (got {', '.join(given) or 'none'})")
+class _Choice(_Model):
+    """A mapping that gives exactly one of its fields: the kind of event, or of action."""
+
+    CHOICE: ClassVar[str]
+
+    def _given(self) -> list[str]:
+        return [name for name in type(self).model_fields if getattr(self, name) not in (None, False)]
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Self:
+        given = self._given()
+        if len(given) != 1:
+            names = ", ".join(type(self).model_fields)
+            raise ValueError(f"give exactly one {self.CHOICE} of: {names} (got {', '.join(given) or 'none'})")
+        return self
+
+    def kind(self) -> str:
+        return self._given()[0]
 
 
 def _shorthand(value: object, flags: tuple[str, ...]) -> object:
@@ -131,8 +144,10 @@ class Pressure(_Model):
         return window
 
 
-class When(_Model):
+class When(_Choice):
     """The event an action fires on."""
+
+    CHOICE = "event"
 
     pressure: Pressure | None = None
     oom_kill: bool = Field(False, description="the OOM killer killed a process of the container")
@@ -144,17 +159,11 @@ class When(_Model):
     def _word(cls, value: object) -> object:
         return _shorthand(value, ("oom_kill", "memory_high", "exit"))
 
-    @model_validator(mode="after")
-    def _one(self) -> When:
-        _exactly_one(self, "event")
-        return self
 
-    def kind(self) -> str:
-        return next(name for name in type(self).model_fields if getattr(self, name) not in (None, False))
-
-
-class Do(_Model):
+class Do(_Choice):
     """What an action does to the container."""
+
+    CHOICE = "action"
 
     set: Limits | None = Field(None, description="limits to set, as `cgctl update` would")
     freeze: bool = False
@@ -169,11 +178,6 @@ class Do(_Model):
         if value == "kill":
             return {"kill": "KILL"}
         return _shorthand(value, ("freeze", "thaw", "restart"))
-
-    @model_validator(mode="after")
-    def _one(self) -> Do:
-        _exactly_one(self, "action")
-        return self
 
     @field_validator("run")
     @classmethod
@@ -193,9 +197,6 @@ class Do(_Model):
         if full not in signal.Signals.__members__:
             raise ValueError(f"{name!r} is not a signal name (KILL, TERM, INT, HUP, USR1, ...)")
         return full
-
-    def kind(self) -> str:
-        return next(name for name in type(self).model_fields if getattr(self, name) not in (None, False))
 
 
 class Action(_Model):
