@@ -15,6 +15,8 @@ from pathlib import Path
 
 Member = tuple[tarfile.TarInfo, bytes | None]
 BUSYBOX = Path("/bin/busybox")
+MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+INDEX = "application/vnd.oci.image.index.v1+json"
 APPLETS = ("sh", "cat", "ls", "echo", "touch", "id", "sleep", "mount", "grep", "test", "true", "pwd", "env")
 
 
@@ -68,56 +70,88 @@ def sha256(data: bytes) -> str:
     return f"sha256:{hashlib.sha256(data).hexdigest()}"
 
 
-def image_config(layers: list[bytes], **config: object) -> dict[str, object]:
+def image_config(
+    layers: list[bytes], config: dict[str, object], platform: str = "linux/amd64"
+) -> dict[str, object]:
+    system, architecture = platform.split("/")
     return {
-        "architecture": "amd64",
-        "os": "linux",
+        "architecture": architecture,
+        "os": system,
         "created": "2026-11-28T00:00:00Z",
         "config": config,
         "rootfs": {"type": "layers", "diff_ids": [sha256(layer) for layer in layers]},
     }
 
 
-def write_oci_layout(
-    directory: Path, layers: list[list[Member]], compress: bool = True, **config: object
-) -> None:
-    """An OCI image layout in directory: gzip layers by default, one manifest in index.json."""
-    tars = [tar_bytes(members) for members in layers]
+def put_blob(directory: Path, data: bytes) -> str:
+    """Store data under its digest in the layout at directory; the digest."""
+    digest = sha256(data)
     blobs = directory / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
+    blobs.mkdir(parents=True, exist_ok=True)
+    (blobs / digest.split(":")[1]).write_bytes(data)
+    return digest
 
-    def put(data: bytes) -> str:
-        digest = sha256(data)
-        (blobs / digest.split(":")[1]).write_bytes(data)
-        return digest
 
+def put_image(
+    directory: Path,
+    layers: list[list[Member]],
+    config: dict[str, object],
+    compress: bool = True,
+    platform: str = "linux/amd64",
+) -> dict[str, object]:
+    """One image's layers, config and manifest as blobs in the layout at directory; its descriptor."""
+    tars = [tar_bytes(members) for members in layers]
     layer_blobs = [gzip.compress(tar, mtime=0) if compress else tar for tar in tars]
-    config_data = json.dumps(image_config(tars, **config)).encode()
+    config_data = json.dumps(image_config(tars, config, platform)).encode()
     manifest = {
         "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(config_data),
-                   "size": len(config_data)},
+        "mediaType": MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": put_blob(directory, config_data), "size": len(config_data)},
         "layers": [
             {"mediaType": "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if compress else ""),
-             "digest": put(blob), "size": len(blob)}
+             "digest": put_blob(directory, blob), "size": len(blob)}
             for blob in layer_blobs
         ],
     }  # fmt: skip
     manifest_data = json.dumps(manifest).encode()
-    index = {
-        "schemaVersion": 2,
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                       "digest": put(manifest_data), "size": len(manifest_data)}],
-    }  # fmt: skip
-    (directory / "index.json").write_text(json.dumps(index))
+    return {"mediaType": MANIFEST, "digest": put_blob(directory, manifest_data), "size": len(manifest_data)}
+
+
+def write_index(directory: Path, descriptor: dict[str, object]) -> None:
+    """index.json listing descriptor, and the oci-layout marker."""
+    (directory / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [descriptor]}))
     (directory / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+
+
+def write_oci_layout(
+    directory: Path, layers: list[list[Member]], compress: bool = True, **config: object
+) -> None:
+    """An OCI image layout in directory: gzip layers by default, one manifest in index.json."""
+    directory.mkdir(parents=True, exist_ok=True)
+    write_index(directory, put_image(directory, layers, config, compress))
+
+
+def write_multiplatform_layout(
+    directory: Path, platforms: dict[str, list[list[Member]]], tag: str = "latest", **config: object
+) -> None:
+    """An OCI layout whose index.json lists one image index (tagged `tag`, for `oci:DIR:TAG`) of one
+    image per "os/architecture" in platforms, as registries serve multi-platform images."""
+    directory.mkdir(parents=True, exist_ok=True)
+    manifests = []
+    for platform, layers in platforms.items():
+        system, architecture = platform.split("/")
+        descriptor = put_image(directory, layers, config, platform=platform)
+        manifests.append({**descriptor, "platform": {"architecture": architecture, "os": system}})
+    index_data = json.dumps({"schemaVersion": 2, "mediaType": INDEX, "manifests": manifests}).encode()
+    descriptor = {"mediaType": INDEX, "digest": put_blob(directory, index_data), "size": len(index_data)}
+    write_index(directory, {**descriptor, "annotations": {"org.opencontainers.image.ref.name": tag}})
 
 
 def write_docker_save(path: Path, layers: list[list[Member]], **config: object) -> None:
     """A `docker save` tarball (the legacy layout: <id>/layer.tar, <config hex>.json, manifest.json)."""
     tars = [tar_bytes(members) for members in layers]
-    config_data = json.dumps(image_config(tars, **config)).encode()
+    config_data = json.dumps(image_config(tars, config)).encode()
     config_name = sha256(config_data).split(":")[1] + ".json"
     layer_names = [f"{sha256(tar).split(':')[1]}/layer.tar" for tar in tars]
     manifest = [{"Config": config_name, "RepoTags": ["test:latest"], "Layers": layer_names}]

@@ -21,6 +21,7 @@ from cgctl.cli import exporter as exporter_verb
 from cgctl.cli import image as image_verbs
 from cgctl.cli import machine as machine_verbs
 from cgctl.cli import policy as policy_verbs
+from cgctl.cli import registry as registry_verbs
 from cgctl.cli import run as run_verb
 from cgctl.cli import stats as stats_verb
 from cgctl.cli.errors import EXIT_CGCTL_ERROR
@@ -32,6 +33,7 @@ stats_verb.register(app)
 control_verbs.register(app)
 checkpoint_verbs.register(app)
 image_verbs.register(app)
+registry_verbs.register(app)
 exporter_verb.register(app)
 check_verb.register(app)
 daemon_verbs.register(app)

@@ -26,20 +26,21 @@ StoreDir = Annotated[
 Reference = Annotated[str, typer.Argument(help="NAME[:TAG] (default tag: latest)")]
 StateDir = Annotated[Path | None, typer.Option(envvar="CGCTL_STATE_DIR", help="the run records")]
 
-app = typer.Typer(help="Import, list, inspect and remove images (OCI layouts, docker save archives).")
+app = typer.Typer(help="Import, save, list, inspect and remove images (OCI layouts, docker save archives).")
 
 
 def register(parent: typer.Typer) -> None:
     parent.add_typer(app, name="image")
+    parent.command()(commit)
 
 
-def _store(root: Path | None) -> Store:
+def store_at(root: Path | None) -> Store:
     from cgctl.images import Store, default_root
 
     return Store(root or default_root())
 
 
-def _daemon(store: Path | None) -> RemoteRuntime | None:
+def daemon_for(store: Path | None) -> RemoteRuntime | None:
     """The daemon whose store the verbs act on, unless --store names a local one."""
     from cgctl.cli.connection import runtime
     from cgctl.runtime.remote import RemoteRuntime
@@ -64,7 +65,7 @@ def import_(
     from cgctl.spec import format_size
 
     started = time.monotonic()
-    if daemon := _daemon(store):
+    if daemon := daemon_for(store):
         print(f"cgctl: importing {archive} through the daemon at {daemon.host}", file=sys.stderr)
         try:
             record = daemon.import_image(str(archive.absolute()), reference)
@@ -72,13 +73,13 @@ def import_(
             raise failed(error) from None
     else:
         try:
-            record = import_image(archive, reference, _store(store), _progress_bar())
+            record = import_image(archive, reference, store_at(store), progress_bar())
         except ValueError as error:
             raise fail(f"invalid value for NAME[:TAG]: {error}") from None
         except (ImageError, LayerError, OSError) as error:
-            _end_bar()
+            end_bar()
             raise fail(f"{archive}: not imported: {error}") from None
-        _end_bar()
+        end_bar()
     seconds = time.monotonic() - started
     print(
         f"{record['name']}:{record['tag']}: imported {len(record['layers'])} layer(s), "
@@ -96,7 +97,7 @@ def list_(
     from cgctl.spec import format_size
 
     try:
-        images = daemon.images() if (daemon := _daemon(store)) else list(_store(store).images())
+        images = daemon.images() if (daemon := daemon_for(store)) else list(store_at(store).images())
     except Failure as error:
         raise failed(error) from None
     if json_output:
@@ -118,14 +119,14 @@ def inspect(reference: Reference, store: StoreDir = None) -> None:
     from cgctl.runtime.models import Failure
 
     try:
-        if daemon := _daemon(store):
+        if daemon := daemon_for(store):
             name, tag = parse_reference(reference)
             found = [i for i in daemon.images() if (i["name"], i["tag"]) == (name, tag)]
             if not found:
                 raise LookupError(f"no image {name}:{tag} in the daemon's store at {daemon.host}")
             record = found[0]
         else:
-            record = _store(store).load(reference)
+            record = store_at(store).load(reference)
     except (LookupError, ValueError) as error:
         raise fail(str(error)) from None
     except Failure as error:
@@ -143,7 +144,7 @@ def rm(reference: Reference, store: StoreDir = None, state_dir: StateDir = None)
     try:
         name, tag = parse_reference(reference)
         wanted = f"{name}:{tag}"
-        if daemon := _daemon(store):
+        if daemon := daemon_for(store):
             removed = daemon.remove_image(reference)
             print(f"{wanted}: removed, with {len(removed)} layer(s) no other image uses")
             return
@@ -151,7 +152,7 @@ def rm(reference: Reference, store: StoreDir = None, state_dir: StateDir = None)
             with_image = ((state.read(path).get("spec") or {}).get("rootfs") or {}).get("image")
             if with_image == wanted:
                 raise fail(f"{wanted} is in use by the running container {path.stem}: stop it first")
-        removed = _store(store).remove(reference)
+        removed = store_at(store).remove(reference)
     except (LookupError, ValueError) as error:
         raise fail(str(error)) from None
     except Failure as error:
@@ -159,7 +160,56 @@ def rm(reference: Reference, store: StoreDir = None, state_dir: StateDir = None)
     print(f"{wanted}: removed, with {len(removed)} layer(s) no other image uses")
 
 
-def _progress_bar() -> Progress | None:
+@app.command()
+def save(
+    reference: Reference,
+    archive: Annotated[Path, typer.Argument(help="the OCI layout tar to write")],
+    store: StoreDir = None,
+) -> None:
+    """Write an image as an OCI image layout tar (`image import`, `skopeo copy oci-archive:`, `podman load`
+    read it back): its blobs as stored, so its digest stays."""
+    from cgctl.images.save import save as save_image
+    from cgctl.runtime.models import Failure
+    from cgctl.spec import format_size
+
+    try:
+        if daemon := daemon_for(store):
+            size = int(daemon.save_image(reference, str(archive.absolute()))["size"])
+        else:
+            size = save_image(reference, store_at(store), archive, progress_bar())
+    except Failure as error:
+        raise failed(error) from None
+    except (LookupError, ValueError, OSError) as error:
+        end_bar()
+        raise fail(f"{reference}: not saved to {archive}: {error}") from None
+    end_bar()
+    print(f"{reference}: saved to {archive} ({format_size(size)})")
+
+
+def commit(
+    name: Annotated[str, typer.Argument(help="the container")],
+    reference: Annotated[str, typer.Argument(help="the new image, NAME[:TAG]")],
+    message: Annotated[str, typer.Option("--message", "-m", help="the comment of its history entry")] = "",
+) -> None:
+    """Make a container's writes a new layer on top of its image, recorded as NAME[:TAG] (the container
+    needs --upper DIR; a running one is frozen for the moment of the copy)."""
+    from cgctl.cli.connection import runtime
+    from cgctl.runtime.models import Failure
+    from cgctl.spec import format_size
+
+    try:
+        record = runtime().commit(name, reference, message)
+    except Failure as error:
+        raise failed(error) from None
+    except (LookupError, ValueError, OSError) as error:
+        raise fail(f"{name}: not committed: {error}") from None
+    print(
+        f"{record['name']}:{record['tag']}: {name}'s writes as layer {len(record['layers'])}, "
+        f"{format_size(record['size'])} in all ({record['id'][:19]})"
+    )
+
+
+def progress_bar() -> Progress | None:
     """A bar redrawn on stderr if it is a terminal; nothing otherwise."""
     if not sys.stderr.isatty():
         return None
@@ -174,6 +224,6 @@ def _progress_bar() -> Progress | None:
     return show
 
 
-def _end_bar() -> None:
+def end_bar() -> None:
     if sys.stderr.isatty():
         print("\r\033[K", end="", file=sys.stderr, flush=True)

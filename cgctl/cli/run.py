@@ -375,7 +375,11 @@ def _image_defaults(image: str, rootfs: Path | None, root: dict[str, Any], chose
     try:
         if isinstance(chosen, RemoteRuntime):
             name, tag = parse_reference(image)
-            found = [i for i in chosen.images() if (i["name"], i["tag"]) == (name, tag)]
+            digest = image.partition("@")[2]
+            found = [
+                i for i in chosen.images()
+                if i["name"] == name and (i["tag"] == tag or (digest and i.get("digest") == digest))
+            ]  # fmt: skip
             if not found:
                 raise LookupError(f"no image {name}:{tag} in the store of the daemon at {chosen.host}")
             record, layers = found[0], found[0]["layer_dirs"]

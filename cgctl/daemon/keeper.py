@@ -77,7 +77,10 @@ class Keeper:
     def serve(self) -> None:
         while True:
             for key, _ in self.selector.select():
-                key.data(key.fileobj)
+                # A handler earlier in this batch may have closed this fd (a reaped container's
+                # pipes are drained and closed with it): only keys still registered are served.
+                if self.selector.get_map().get(key.fd) is key:
+                    key.data(key.fileobj)
 
     def _accept(self, _: object) -> None:
         client, _ = self.listener.accept()

@@ -44,6 +44,7 @@ from cgctl.runtime.models import (
     ApiError,
     CheckpointRequest,
     CheckpointResult,
+    CommitRequest,
     Container,
     CreateRequest,
     DiffRequest,
@@ -56,8 +57,12 @@ from cgctl.runtime.models import (
     KillRequest,
     PolicyPlan,
     PolicyStatus,
+    PullRequest,
+    PushRequest,
+    PushResult,
     ReloadResult,
     RestoreRequest,
+    SaveRequest,
     UpdateRequest,
 )
 from cgctl.runtime.spawn import SpawnError
@@ -97,6 +102,8 @@ def _validation_message(errors: list[Any]) -> str:
             clauses.append(f"unknown field {location!r}")
         elif detail["type"] == "missing":
             clauses.append(f"missing field {location!r}")
+        elif location.split(".")[0] == "auth":
+            clauses.append(f"invalid {location}: {reason}")  # never echoed
         elif isinstance(given, str | int | float | bool):
             clauses.append(f"invalid value {given!r} for {location}: {reason}")
         else:
@@ -342,6 +349,26 @@ def make_app() -> FastAPI:
     @app.post("/v1/images", status_code=201)
     def import_image(service: Served, request: ImportRequest) -> dict[str, Any]:
         return service.import_image(request)
+
+    @app.post("/v1/images/pull", status_code=201)
+    def pull(service: Served, request: PullRequest) -> dict[str, Any]:
+        """Pull an image from a registry into the daemon's store."""
+        return service.pull(request)
+
+    @app.post("/v1/images/push")
+    def push(service: Served, request: PushRequest) -> PushResult:
+        """Push an image of the daemon's store to a registry."""
+        return service.push(request)
+
+    @app.post("/v1/images/save")
+    def save_image(service: Served, request: SaveRequest) -> dict[str, Any]:
+        """Write an image as an OCI layout tar at a path on the daemon's host."""
+        return service.save_image(request)
+
+    @app.post("/v1/containers/{name}/commit", status_code=201)
+    def commit(service: Served, name: ContainerName, request: CommitRequest) -> dict[str, Any]:
+        """A new image: the container's image plus its writes (it needs an --upper DIR)."""
+        return service.commit(name, request)
 
     @app.delete("/v1/images/{reference:path}")
     def remove_image(service: Served, reference: str) -> dict[str, list[str]]:

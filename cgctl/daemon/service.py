@@ -38,8 +38,10 @@ from cgctl.runtime import local, logs
 from cgctl.runtime.embedded import LocalRuntime, has_labels, signal_cgroup
 from cgctl.runtime.models import (
     Attempt,
+    BadGateway,
     CheckpointRequest,
     CheckpointResult,
+    CommitRequest,
     Conflict,
     Container,
     CreateRequest,
@@ -53,8 +55,13 @@ from cgctl.runtime.models import (
     NotFound,
     PolicyPlan,
     PolicyStatus,
+    PullRequest,
+    PushRequest,
+    PushResult,
+    RegistryRequest,
     ReloadResult,
     RestoreRequest,
+    SaveRequest,
     parse_signal,
 )
 from cgctl.runtime.spawn import SpawnError
@@ -441,6 +448,45 @@ class Service:
             raise Invalid(f"invalid value {request.reference!r} for reference: {error}") from None
         except (ImageError, LayerError, OSError) as error:
             raise Invalid(f"{request.path}: not imported: {error}") from None
+
+    def pull(self, request: PullRequest) -> dict[str, Any]:
+        """Pull an image into the daemon's store (credentials: the request's, else the daemon's own)."""
+        from cgctl.images import Store, default_root
+        from cgctl.images.pull import pull
+
+        with _image_errors(request.reference):
+            record = pull(request.reference, Store(default_root()), _registry_options(request))
+        self.emit("pull", request.reference, {"image": f"{record['name']}:{record['tag']}"})
+        return record
+
+    def push(self, request: PushRequest) -> PushResult:
+        from cgctl.images import Store, default_root
+        from cgctl.images.push import push
+
+        with _image_errors(request.source):
+            pushed = push(
+                request.source, request.destination, Store(default_root()), _registry_options(request)
+            )
+        self.emit("push", request.source, {"destination": pushed.reference, "digest": pushed.digest})
+        return PushResult(**dataclasses.asdict(pushed))
+
+    def save_image(self, request: SaveRequest) -> dict[str, Any]:
+        from cgctl.images import Store, default_root
+        from cgctl.images.save import save
+
+        with _image_errors(request.reference):
+            size = save(request.reference, Store(default_root()), Path(request.path))
+        return {"path": request.path, "size": size}
+
+    def commit(self, name: str, request: CommitRequest) -> dict[str, Any]:
+        """A new image: the container's image plus its writes (runtime/commit.py)."""
+        from cgctl.runtime.commit import commit
+
+        container = self.inspect(name)
+        with _image_errors(request.reference):
+            record = commit(container, request.reference, request.message)
+        self.emit("commit", name, {"image": f"{record['name']}:{record['tag']}"})
+        return record
 
     def remove_image(self, reference: str) -> builtins.list[str]:
         """Remove an image and the layers no other image uses; refused while a container runs it."""
@@ -876,3 +922,37 @@ def _exit_attributes(attempt: Attempt) -> dict[str, str]:
     if attempt.oom_killed:
         attributes["oom_killed"] = "true"
     return attributes
+
+
+@contextlib.contextmanager
+def _image_errors(reference: str) -> Iterator[None]:
+    """The image layer's errors as the API's: a bad reference or image 400, a missing one 404, a
+    registry that refused or cannot be reached 502."""
+    from cgctl.images import ImageError, LayerError
+    from cgctl.images.registry import RegistryError
+
+    try:
+        yield
+    except ValueError as error:
+        raise Invalid(f"invalid value {reference!r} for reference: {error}") from None
+    except LookupError as error:
+        raise NotFound(str(error)) from None
+    except RegistryError as error:
+        raise BadGateway(str(error)) from None
+    except (ImageError, LayerError, OSError) as error:
+        raise Invalid(f"{reference}: {error}") from None
+
+
+def _registry_options(request: RegistryRequest) -> Any:
+    """How the daemon reaches registries for a request: its CA and insecure list, and the client's
+    credentials if it sent some, else those of the daemon's own user."""
+    from cgctl.images import auth
+    from cgctl.images.registry import Options
+
+    given = request.auth
+    sent = (given.username, given.password.get_secret_value()) if given else None
+    return Options(
+        tls_ca=Path(request.tls_ca) if request.tls_ca else None,
+        insecure=frozenset(request.insecure_registries),
+        credentials=lambda registry: sent or auth.lookup(registry),
+    )

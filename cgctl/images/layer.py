@@ -170,3 +170,44 @@ def _set_metadata(target: Path, member: tarfile.TarInfo, as_root: bool) -> None:
     if not member.issym():
         os.chmod(target, member.mode & 0o7777)
     os.utime(target, (member.mtime, member.mtime), follow_symlinks=False)
+
+
+def pack(upper: Path, out: BinaryIO) -> None:
+    """Write overlayfs's upper directory as an image layer's tar: its 0/0 character devices become
+    `.wh.NAME` whiteouts and its opaque directories get a `.wh..wh..opq`, the inverse of unpack.
+    Names are sorted and owners numeric, so the same directory gives the same bytes."""
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+        for directory, subdirectories, files in os.walk(upper):
+            subdirectories.sort()
+            here = Path(directory)
+            relative = here.relative_to(upper)
+            if relative != Path(".") and _is_opaque(here):
+                archive.addfile(_empty(f"{relative}/{OPAQUE_MARKER}"))
+            for name in sorted(subdirectories + files):
+                path, arcname = here / name, str(relative / name) if relative != Path(".") else name
+                info = os.lstat(path)
+                if stat.S_ISCHR(info.st_mode) and info.st_rdev == os.makedev(0, 0):
+                    archive.addfile(_empty(f"{posixpath.dirname(arcname) or '.'}/{WHITEOUT_PREFIX}{name}"))
+                    continue
+                member = archive.gettarinfo(path, arcname)
+                if member is None:  # a socket: a layer cannot hold one (docker leaves them out too)
+                    continue
+                member.uname = member.gname = ""
+                if member.isreg():
+                    with open(path, "rb") as data:
+                        archive.addfile(member, data)
+                else:
+                    archive.addfile(member)
+
+
+def _is_opaque(directory: Path) -> bool:
+    try:
+        return os.getxattr(directory, OPAQUE_XATTR, follow_symlinks=False) == b"y"
+    except OSError:
+        return False
+
+
+def _empty(name: str) -> tarfile.TarInfo:
+    member = tarfile.TarInfo(name.removeprefix("./"))
+    member.mode = 0o644
+    return member

@@ -1,14 +1,17 @@
 """The image store: each layer unpacked once, named by its digest, and small image records.
 
     <store>/layers/sha256/<hex>/        a layer, named by the digest of its uncompressed tar
-    <store>/images/<name>/<tag>.json    an image: its layers (bottom first) and its config
+    <store>/blobs/sha256/<hex>          a blob as a registry serves it: a manifest, a config, a
+                                        layer as compressed (what push and save send on)
+    <store>/blobs/sha256/.partial-<hex> the bytes of a blob fetched so far (a pull resumes there)
+    <store>/images/<name>/<tag>.json    an image: its layers (bottom first), config and manifest
 
 Layers appear by rename from a temporary directory once complete, verified
 and on disk (syncfs), and image records by rename once all their layers are
 there (fsync): a reader never sees half of either, even after the machine
 crashes mid-import. Temporary directories left by a crash are removed by the
 next import. Layers no image uses are removed with the last image that used
-them.
+them, and blobs with them.
 
 Layers hold overlayfs's whiteouts, 0/0 character devices, so the store must be
 on a filesystem that takes them (tmpfs, ext4, xfs, btrfs); overlayfs itself
@@ -18,21 +21,22 @@ does not, which is where a cgctl running in a container finds /var/lib.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
-import re
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cgctl import state
+from cgctl.images import reference as references
 
-NAME = re.compile(r"^[a-z0-9]+(?:[._/-][a-z0-9]+)*$")
-TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+PARTIAL_KEPT = 24 * 3600  # seconds an interrupted pull's bytes wait for it to resume
 
 
 class StoreError(OSError):
@@ -49,13 +53,10 @@ def default_root() -> Path:
 
 
 def parse_reference(reference: str) -> tuple[str, str]:
-    """'busybox' -> ('busybox', 'latest'); 'team/app:1.2' -> ('team/app', '1.2'). ValueError if malformed."""
-    name, _, tag = reference.rpartition(":") if ":" in reference else (reference, "", "latest")
-    if not NAME.match(name) or len(name) > 128:
-        raise ValueError(f"{reference!r}: not an image name (lowercase letters, digits, '.', '_', '-', '/')")
-    if not TAG.match(tag):
-        raise ValueError(f"{reference!r}: not a tag (letters, digits, '_', '.', '-'; at most 128)")
-    return name, tag
+    """'busybox' -> ('busybox', 'latest'); '127.0.0.1:5000/team/app:1.2' -> ('127.0.0.1:5000/team/app',
+    '1.2'); a reference by digest alone gets the tag its pull stored it under. ValueError if malformed."""
+    parsed = references.parse(reference)
+    return parsed.name, parsed.store_tag
 
 
 @dataclass(frozen=True)
@@ -68,12 +69,26 @@ class Store:
     def record(self, name: str, tag: str) -> Path:
         return self.root / "images" / name / f"{tag}.json"
 
+    def blob(self, digest: str) -> Path:
+        return self.root / "blobs" / digest.replace(":", "/")
+
+    def partial_blob(self, digest: str) -> Path:
+        final = self.blob(digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        return final.with_name(f".partial-{final.name}")
+
     def load(self, reference: str) -> dict[str, Any]:
-        """The image record; LookupError if there is none."""
-        name, tag = parse_reference(reference)
+        """The image record (NAME[:TAG] or NAME@DIGEST); LookupError if there is none."""
+        parsed = references.parse(reference)
+        name, tag = parsed.name, parsed.store_tag
         try:
             return dict(json.loads(self.record(name, tag).read_text()))
         except FileNotFoundError:
+            if parsed.digest:  # pulled by tag, asked for by digest
+                for path in sorted(self.record(name, tag).parent.glob("*.json")):
+                    record = json.loads(path.read_text())
+                    if record.get("digest") == parsed.digest and record["name"] == name:
+                        return dict(record)
             raise LookupError(f"no image {name}:{tag} in {self.root} (cgctl image ls lists them)") from None
 
     def images(self) -> Iterator[dict[str, Any]]:
@@ -84,6 +99,35 @@ class Store:
         path = self.record(record["name"], record["tag"])
         path.parent.mkdir(parents=True, exist_ok=True)
         state.write_durably(path, record, mode=0o644)
+
+    def put_blob(self, data: bytes) -> str:
+        """Keep a small blob (a manifest, a config); returns its digest."""
+        digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+        if not self.blob(digest).exists():
+            partial = self.partial_blob(digest)
+            with open(partial, "wb") as file:
+                file.write(data)
+            self.commit_blob(partial, digest)
+        return digest
+
+    def read_blob(self, digest: str) -> bytes:
+        """A small blob's bytes; LookupError naming the digest if the store lacks it."""
+        try:
+            return self.blob(digest).read_bytes()
+        except FileNotFoundError:
+            raise LookupError(
+                f"the store {self.root} lacks the blob {digest} (images imported before cgctl kept blobs "
+                "lack them: import or pull the image again)"
+            ) from None
+
+    def commit_blob(self, partial: Path, digest: str) -> Path:
+        """Put a complete, verified blob in place: its bytes on disk first, then its name."""
+        final = self.blob(digest)
+        with open(partial, "rb+") as file:
+            os.fsync(file.fileno())
+        partial.rename(final)
+        state.sync_directory(final.parent)
+        return final
 
     def new_layer_dir(self, diff_id: str) -> Path:
         """A temporary directory to unpack a layer into, beside where it will be renamed to; named
@@ -126,20 +170,28 @@ class Store:
 
     def remove(self, reference: str) -> list[str]:
         """Forget the image and remove the layers no other image uses; returns their digests."""
-        name, tag = parse_reference(reference)
-        self.load(reference)
-        path = self.record(name, tag)
+        record = self.load(reference)
+        name = record["name"]
+        path = self.record(name, record["tag"])
         path.unlink()
         for directory in [*path.parents][: len(Path(name).parts)]:  # empty name directories
             if directory == self.root / "images" or any(directory.iterdir()):
                 break
             directory.rmdir()
-        used = {diff_id for image in self.images() for diff_id in image["layers"]}
+        images = list(self.images())
+        used = {diff_id for image in images for diff_id in image["layers"]}
         removed = []
         for layer in sorted((self.root / "layers" / "sha256").glob("*")):
             if f"sha256:{layer.name}" not in used and not layer.name.startswith("."):
                 shutil.rmtree(layer)
                 removed.append(f"sha256:{layer.name}")
+        kept = {digest for image in images for digest in image.get("blobs", [])}
+        for blob in (self.root / "blobs" / "sha256").glob("*"):
+            partial = blob.name.startswith(".partial-")
+            if partial and time.time() - blob.stat().st_mtime < PARTIAL_KEPT:
+                continue  # a pull may be under way, or about to resume
+            if f"sha256:{blob.name.removeprefix('.partial-')}" not in kept:
+                blob.unlink(missing_ok=True)
         return removed
 
 

@@ -199,6 +199,12 @@ class LocalRuntime:
         except policy.PolicyError as error:
             raise Invalid(f"{directory or policy.default_directory()} has errors:\n{error}") from None
 
+    def commit(self, name: str, reference: str, message: str = "") -> dict[str, Any]:
+        """A new image in this host's store: the running container's image plus its writes."""
+        from cgctl.runtime.commit import commit
+
+        return commit(self.inspect(name), reference, message)
+
     def create(self, request: CreateRequest) -> Container:
         self._daemon_only("detached runs (run -d)")
 

@@ -12,6 +12,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SecretStr,
     computed_field,
     field_validator,
     model_validator,
@@ -23,7 +24,7 @@ from cgctl.spec import NAME_PATTERN, WorkloadSpec, parse_size
 ContainerState = Literal["running", "frozen", "restarting", "exited"]
 EventType = Literal[
     "create", "start", "exit", "oom", "freeze", "thaw", "update", "restart", "checkpoint", "restore",
-    "remove", "policy-reload", "policy-action", "policy-drift",
+    "remove", "policy-reload", "policy-action", "policy-drift", "commit", "pull", "push",
 ]  # fmt: skip
 RESTART_POLICIES = ("no", "on-failure", "always", "unless-stopped")
 
@@ -107,6 +108,46 @@ class UpdateRequest(_Request):
 class ImportRequest(_Request):
     path: str = Field(description="an OCI layout (dir or tar) or a docker save tarball on the daemon's host")
     reference: str = Field(description="NAME[:TAG]")
+
+
+class RegistryAuth(_Request):
+    """Credentials for one registry, from the client's `cgctl login` (or docker's) file."""
+
+    username: str = Field(max_length=1024)
+    password: SecretStr = Field(max_length=4096, description="never logged or shown")
+
+
+class RegistryRequest(_Request):
+    tls_ca: str | None = Field(None, pattern=r"^/", description="a CA certificate file on the daemon's host")
+    insecure_registries: list[str] = Field(default_factory=list, description="domains allowed plain HTTP")
+    auth: RegistryAuth | None = None
+
+
+class PullRequest(RegistryRequest):
+    reference: str = Field(max_length=1024, description="[REGISTRY/]NAME[:TAG][@DIGEST]")
+
+
+class PushRequest(RegistryRequest):
+    source: str = Field(max_length=1024, description="the image in the daemon's store")
+    destination: str | None = Field(None, max_length=1024, description="where to push it (default: source)")
+
+
+class PushResult(BaseModel):
+    reference: str
+    digest: str
+    sent: int
+    mounted: int
+    present: int
+
+
+class SaveRequest(_Request):
+    reference: str = Field(max_length=1024)
+    path: str = Field(pattern=r"^/", description="the archive to write, on the daemon's host")
+
+
+class CommitRequest(_Request):
+    reference: str = Field(max_length=1024, description="the new image's NAME[:TAG]")
+    message: str = Field("", max_length=4096, description="the comment of its history entry")
 
 
 class CheckpointRequest(_Request):
@@ -290,6 +331,12 @@ class Failure(Exception):
 
 class Invalid(Failure):
     status = 400
+
+
+class BadGateway(Failure):
+    """A registry refused, or cannot be reached."""
+
+    status = 502
 
 
 class NotFound(Failure):

@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from cgctl.runtime.logs import LogLine
 from cgctl.runtime.models import (
+    BadGateway,
     CheckpointRequest,
     CheckpointResult,
+    CommitRequest,
     Conflict,
     Container,
     CreateRequest,
@@ -35,8 +37,13 @@ from cgctl.runtime.models import (
     NotFound,
     PolicyPlan,
     PolicyStatus,
+    PullRequest,
+    PushRequest,
+    PushResult,
+    RegistryRequest,
     ReloadResult,
     RestoreRequest,
+    SaveRequest,
 )
 
 if TYPE_CHECKING:
@@ -46,6 +53,7 @@ FAILURES: dict[int, type[Failure]] = {
     400: Invalid,
     404: NotFound,
     409: Conflict,
+    502: BadGateway,
     413: Invalid,
     501: NeedsDaemon,
 }
@@ -274,9 +282,35 @@ class RemoteRuntime:
         """Import an image from `path`, a path on the daemon's host (a machine shares this host's)."""
         return dict(self._json("POST", "/v1/images", {"path": path, "reference": reference}, patient=True))
 
+    def pull(self, request: PullRequest) -> dict[str, Any]:
+        """Pull into the daemon's store; the request's credentials go in its body, nowhere else."""
+        return dict(self._json("POST", "/v1/images/pull", _with_secret(request), patient=True))
+
+    def push(self, request: PushRequest) -> PushResult:
+        return PushResult.model_validate(
+            self._json("POST", "/v1/images/push", _with_secret(request), patient=True)
+        )
+
+    def save_image(self, reference: str, path: str) -> dict[str, Any]:
+        """Write the image as an OCI layout tar at `path`, a path on the daemon's host."""
+        body = SaveRequest(reference=reference, path=path).model_dump(mode="json")
+        return dict(self._json("POST", "/v1/images/save", body, patient=True))
+
+    def commit(self, name: str, reference: str, message: str = "") -> dict[str, Any]:
+        body = CommitRequest(reference=reference, message=message).model_dump(mode="json")
+        return dict(self._json("POST", f"/v1/containers/{_quoted(name)}/commit", body, patient=True))
+
     def remove_image(self, reference: str) -> builtins.list[str]:
         return list(self._json("DELETE", f"/v1/images/{_quoted(reference)}")["removed_layers"])
 
 
 def _quoted(name: str) -> str:
     return urllib.parse.quote(name, safe="")
+
+
+def _with_secret(request: RegistryRequest) -> dict[str, Any]:
+    """The request as JSON with its password in clear (pydantic masks a SecretStr when dumping)."""
+    body = request.model_dump(mode="json")
+    if request.auth is not None:
+        body["auth"]["password"] = request.auth.password.get_secret_value()
+    return body

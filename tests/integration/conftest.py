@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from tests.integration.daemon import Daemon
 
 UNIFIED = Path("/sys/fs/cgroup")
+SKOPEO_CACHE = Path("/var/lib/containers/cache")
 REQUIRED_CONTROLLERS = {"memory", "cpu", "io", "pids"}
 HOW_TO_RUN = (
     "run them in the micro-VM: python3 tests/vm/microvm.py -- python3 -m pytest tests/integration "
@@ -122,3 +123,16 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         yield started
     finally:
         started.clean_up()
+
+
+@pytest.fixture(scope="module")
+def private_skopeo_cache() -> Iterator[None]:
+    """skopeo's blob-info cache on a tmpfs of its own: root's is always /var/lib/containers/cache (no
+    flag moves it), and in the VM that is the host's file showing through the read-only share, which a
+    skopeo on the host may be rewriting at that very moment; bbolt panics on the torn copy ("invalid
+    freelist page")."""
+    from tests.integration.workloads import tmpfs
+
+    tmpfs(SKOPEO_CACHE)
+    yield
+    subprocess.run(["umount", "--lazy", str(SKOPEO_CACHE)], check=True)

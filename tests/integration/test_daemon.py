@@ -262,6 +262,27 @@ def test_tcp_listener_needs_the_token_and_the_socket_does_not(daemon: Daemon) ->
         RemoteRuntime(f"tcp://{daemon.tcp}").list()
 
 
+def test_image_containers_that_exit_at_once_leave_the_keeper_serving(daemon: Daemon, tmp_path: Path) -> None:
+    """An image container can end before the keeper first looks at it; its exit and its pipes' end
+    then come in one batch, and the exit closes the pipes: the keeper must not read the stale fds."""
+    oci.write_oci_layout(tmp_path / "image", [oci.busybox_layer()], Env=["PATH=/bin"])
+    daemon.api.import_image(str(tmp_path / "image"), "quick:1")
+    (record,) = [i for i in daemon.api.images() if i["name"] == "quick"]
+    names = [f"quick-{index}" for index in range(10)]
+    try:
+        for name in names:
+            rootfs = {"layers": record["layer_dirs"], "image": "quick:1"}
+            daemon.api.create(CreateRequest(spec=spec(["true"], name=name, rootfs=rootfs)))
+        assert [daemon.api.wait(name).exit_code for name in names] == [0] * 10
+        daemon.api.create(CreateRequest(spec=spec(["sleep", "1000"], name="after-them")))
+        assert daemon.api.inspect("after-them").state == "running"
+    finally:
+        for name in [*names, "after-them"]:
+            with contextlib.suppress(Failure):
+                daemon.api.remove(name, force=True)
+        daemon.api.remove_image("quick:1")
+
+
 def test_images_stats_and_checkpoint_through_the_api(daemon: Daemon, tmp_path: Path) -> None:
     oci.write_oci_layout(tmp_path / "image", [oci.busybox_layer(oci.file("etc/hello", b"hi\n"))])
     status, record = api_call(

@@ -13,13 +13,7 @@ import pytest
 from cgctl import state
 from cgctl.accounting import find_container
 from tests import oci
-from tests.integration.workloads import (
-    CGCTL_ROOT,
-    PYTHON,
-    STATE_DIR,
-    cgctl_in_process,
-    wait_for,
-)
+from tests.integration.workloads import CGCTL_ROOT, PYTHON, STATE_DIR, cgctl_in_process, tmpfs, wait_for
 from tests.unit.test_images import REASONS, malicious
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
@@ -28,13 +22,6 @@ SCRIPT = (
     "cat /etc/greeting; ls /etc; ls /opaque; echo GREETING=$GREETING; pwd; id -u; "
     "env | grep -c CALLER_SECRET; echo ok > /tmp/write-test && cat /tmp/write-test"
 )
-
-
-def tmpfs(path: Path) -> Path:
-    """Overlayfs needs its upper layer (and cgctl's whiteouts) on a real filesystem, not the VM's overlay."""
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(path)], check=True)
-    return path
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -76,3 +77,11 @@ def cgctl_in_process(capfd: pytest.CaptureFixture[str], *args: str) -> tuple[int
         sys.argv = saved
     out, err = capfd.readouterr()
     return status, out, err
+
+
+def tmpfs(path: Path) -> Path:
+    """A tmpfs at path: image stores (whiteouts) and overlayfs upper directories cannot live on the
+    VM's root, which is itself overlayfs."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(path)], check=True)
+    return path

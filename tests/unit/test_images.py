@@ -108,7 +108,13 @@ def test_archives_that_leave_their_layer_are_refused_with_nothing_written(
     before = files_under(tmp_path)
     with pytest.raises(LayerError, match=REASONS[case]):
         import_image(tmp_path / "layout", "evil", store)
-    assert files_under(tmp_path) - before <= {"store", "store/layers", "store/layers/sha256"}
+    assert files_under(tmp_path) - before <= {
+        "store",
+        "store/layers",
+        "store/layers/sha256",
+        "store/blobs",
+        "store/blobs/sha256",
+    }
     assert (outside / "file").read_text() == "mine"
     assert not list(store.images())
 
@@ -135,7 +141,9 @@ def test_a_corrupt_layer_is_refused_and_leaves_no_partial_image(
     corrupt(tmp_path / "layout", how)
     with pytest.raises((ImageError, LayerError), match=reason):
         import_image(tmp_path / "layout", "broken", store)
-    assert files_under(store.root) <= {"layers", "layers/sha256"}, "a layer of a failed import was kept"
+    assert files_under(store.root) <= {"layers", "layers/sha256", "blobs", "blobs/sha256"}, (
+        "a layer of a failed import was kept"
+    )
 
 
 def test_device_nodes_and_whiteouts_need_root() -> None:
@@ -158,7 +166,7 @@ def refused_as_nobody(tmp_path: Path) -> None:
                 os._exit(0 if "import as root" in str(error) else 2)
             os._exit(1)
         assert os.waitpid(child, 0)[1] == 0, name
-        assert files_under(tmp_path / f"store-{name}") <= {"layers", "layers/sha256"}
+        assert files_under(tmp_path / f"store-{name}") <= {"layers", "layers/sha256", "blobs", "blobs/sha256"}
 
 
 def test_not_an_image(tmp_path: Path, store: Store) -> None:

@@ -1,0 +1,219 @@
+"""`cgctl pull`, `push`, `login`, `logout`: images from and to registries (the OCI distribution API).
+
+Like `image import`, they act on the daemon's store when the verbs go through a
+daemon (then the client's credentials for that registry travel in the request,
+and the daemon's host does the fetching) and on this host's otherwise.
+"""
+
+from __future__ import annotations
+
+import getpass
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from cgctl.cli.connection import failed
+from cgctl.cli.errors import fail
+from cgctl.cli.image import StoreDir, daemon_for, end_bar, progress_bar, store_at
+
+if TYPE_CHECKING:
+    from cgctl.images.push import Pushed
+    from cgctl.images.registry import Options
+    from cgctl.runtime.models import PushResult
+
+TlsCa = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-ca", envvar="CGCTL_TLS_CA", help="a PEM CA certificate to trust for the registry's TLS"
+    ),
+]
+Insecure = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--insecure-registry",
+        envvar="CGCTL_INSECURE_REGISTRIES",
+        help="a registry (HOST[:PORT]) allowed plain HTTP; repeatable (loopback ones always are)",
+    ),
+]
+
+
+def register(parent: typer.Typer) -> None:
+    for verb in (pull, push, login, logout):
+        parent.command()(verb)
+
+
+def pull(
+    reference: Annotated[
+        str, typer.Argument(help="[REGISTRY/]NAME[:TAG][@sha256:DIGEST] (default registry docker.io)")
+    ],
+    store: StoreDir = None,
+    tls_ca: TlsCa = None,
+    insecure: Insecure = None,
+) -> None:
+    """Pull an image from a registry: this machine's platform, layers verified as they stream in, the ones
+    the store has not fetched again, an interrupted pull resumed."""
+    from cgctl.images import ImageError, LayerError
+    from cgctl.images.pull import pull as pull_image
+    from cgctl.images.registry import RegistryError
+    from cgctl.runtime.models import Failure, PullRequest
+    from cgctl.spec import format_size
+
+    started = time.monotonic()
+    try:
+        if daemon := daemon_for(store):
+            print(f"cgctl: pulling {reference} through the daemon at {daemon.host}", file=sys.stderr)
+            record = daemon.pull(
+                PullRequest(reference=reference, **_through_daemon(tls_ca, insecure, reference))
+            )
+        else:
+            record = pull_image(reference, store_at(store), _options(tls_ca, insecure), progress_bar())
+    except Failure as error:
+        raise failed(error) from None
+    except ValueError as error:
+        raise fail(f"invalid value {reference!r} for REFERENCE: {error}") from None
+    except RegistryError as error:  # it names the reference
+        end_bar()
+        raise fail(f"not pulled: {error}") from None
+    except (ImageError, LayerError, OSError) as error:
+        end_bar()
+        raise fail(f"{reference}: not pulled: {error}") from None
+    end_bar()
+    size, seconds = format_size(record["size"]), time.monotonic() - started
+    layers = len(record["layers"])
+    print(
+        f"{record['name']}:{record['tag']}: pulled {layers} layer(s), {size}, in {seconds:.1f} s "
+        f"({record['digest']})"
+    )
+
+
+def push(
+    source: Annotated[str, typer.Argument(help="the image in the store, NAME[:TAG]")],
+    destination: Annotated[
+        str | None, typer.Argument(help="REGISTRY/NAME[:TAG] to push it to (default: SOURCE itself)")
+    ] = None,
+    store: StoreDir = None,
+    tls_ca: TlsCa = None,
+    insecure: Insecure = None,
+) -> None:
+    """Push an image to a registry: the blobs it lacks (mounted from the repository it came from when the
+    registry has them), then the manifest, byte for byte. Pushing again sends nothing."""
+    from cgctl.images.push import push as push_image
+    from cgctl.images.registry import RegistryError
+    from cgctl.runtime.models import Failure, PushRequest
+
+    target = destination or source
+    try:
+        if daemon := daemon_for(store):
+            print(f"cgctl: pushing {source} through the daemon at {daemon.host}", file=sys.stderr)
+            fields = _through_daemon(tls_ca, insecure, target)
+            pushed: Pushed | PushResult = daemon.push(
+                PushRequest(source=source, destination=destination, **fields)
+            )
+        else:
+            pushed = push_image(
+                source, destination, store_at(store), _options(tls_ca, insecure), progress_bar()
+            )
+    except Failure as error:
+        raise failed(error) from None
+    except ValueError as error:
+        raise fail(f"invalid value {target!r} for the image: {error}") from None
+    except RegistryError as error:
+        end_bar()
+        raise fail(f"not pushed: {error}") from None
+    except (LookupError, OSError) as error:
+        end_bar()
+        raise fail(f"{source}: not pushed: {error}") from None
+    end_bar()
+    print(
+        f"{pushed.reference}: {pushed.digest} (blobs: {pushed.sent} sent, {pushed.mounted} mounted, "
+        f"{pushed.present} already there)"
+    )
+
+
+def login(
+    registry: Annotated[str, typer.Argument(help="HOST[:PORT] of the registry")] = "docker.io",
+    username: Annotated[str | None, typer.Option("--username", "-u", help="default: asked for")] = None,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="read the password from stdin")
+    ] = False,
+    tls_ca: TlsCa = None,
+    insecure: Insecure = None,
+) -> None:
+    """Check credentials against a registry and keep them (0600) for pull and push; the password is
+    never shown."""
+    from cgctl.images import auth
+    from cgctl.images import reference as references
+    from cgctl.images.registry import Client, Options, RegistryError
+
+    if not references.DOMAIN.match(registry):
+        raise fail(f"invalid value {registry!r} for REGISTRY: not HOST or HOST:PORT")
+    if username is None:
+        if not sys.stdin.isatty():
+            raise fail("no --username, and stdin is not a terminal to ask on")
+        username = input("Username: ")
+    if password_stdin:
+        password = sys.stdin.read().rstrip("\r\n")
+    elif sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+    else:
+        raise fail("stdin is not a terminal: give the password on it with --password-stdin")
+    if not username or not password:
+        raise fail("a user name and a password are both needed")
+    options = _options(tls_ca, insecure)
+    given = Options(options.tls_ca, options.insecure, lambda _: (username, password))
+    try:
+        with Client(references.Reference(registry, "login-check"), given, push=False) as client:
+            client.check_login()
+        path = auth.save(registry, username, password)
+    except RegistryError as error:
+        raise fail(f"login to {registry} failed: {error}") from None
+    except (OSError, ValueError) as error:
+        raise fail(f"login to {registry} succeeded, but the credentials could not be kept: {error}") from None
+    print(f"Login Succeeded (credentials for {registry} in {path})")
+
+
+def logout(
+    registry: Annotated[str, typer.Argument(help="HOST[:PORT] of the registry")] = "docker.io",
+) -> None:
+    """Forget the credentials `cgctl login` kept for a registry."""
+    from cgctl.images import auth
+
+    try:
+        removed = auth.remove(registry)
+    except (OSError, ValueError) as error:
+        raise fail(str(error)) from None
+    print(f"Removed the credentials for {registry}" if removed else f"Not logged in to {registry}")
+
+
+def _options(tls_ca: Path | None, insecure: list[str] | None) -> Options:
+    from cgctl.images import auth
+    from cgctl.images.registry import Options
+
+    return Options(tls_ca=tls_ca, insecure=frozenset(_insecure(insecure)), credentials=auth.lookup)
+
+
+def _insecure(given: list[str] | None) -> list[str]:
+    """--insecure-registry values, with the comma-separated lists CGCTL_INSECURE_REGISTRIES gives."""
+    return [domain.strip() for value in given or [] for domain in value.split(",") if domain.strip()]
+
+
+def _through_daemon(tls_ca: Path | None, insecure: list[str] | None, text: str) -> dict[str, Any]:
+    """A registry request's fields: the CA as a path on the daemon's host (a machine shares this
+    host's), the insecure registries, and this user's credentials for the registry text names, for
+    the daemon to use on their behalf."""
+    from cgctl.images import auth
+    from cgctl.images import reference as references
+    from cgctl.runtime.models import RegistryAuth
+
+    try:
+        found = auth.lookup(references.parse(text).registry)
+    except ValueError as error:
+        raise fail(str(error)) from None
+    return {
+        "tls_ca": str(tls_ca.absolute()) if tls_ca else None,
+        "insecure_registries": _insecure(insecure),
+        "auth": RegistryAuth(username=found[0], password=found[1]) if found else None,  # type: ignore[arg-type]
+    }
