@@ -73,7 +73,9 @@ def remove(registry: str) -> bool:
 def _document(path: Path) -> dict[str, Any]:
     try:
         document = json.loads(path.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    except PermissionError:  # another user's file (HOME=/root for another user): none of ours
         return {}
     except (OSError, ValueError) as error:
         raise ValueError(f'{path}: not a readable credentials file (JSON with "auths"): {error}') from None

@@ -89,7 +89,15 @@ def policy_files(paths: Iterable[Path]) -> list[Path]:
 def load_directory(directory: Path, must_exist: bool = False) -> PolicySet:
     """The directory's policies (none if it does not exist, unless it must); PolicyError if any file
     is bad."""
-    if not directory.is_dir():
+    try:
+        exists = directory.is_dir()
+    except PermissionError:  # a default under someone else's home (HOME=/root for another user)
+        if must_exist:
+            raise PolicyError(
+                [Problem(str(directory), 0, 0, "", "cannot read it: permission denied")]
+            ) from None
+        return PolicySet()
+    if not exists:
         if must_exist:
             raise PolicyError([Problem(str(directory), 0, 0, "", "no such directory")])
         return PolicySet()

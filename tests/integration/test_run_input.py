@@ -180,7 +180,16 @@ def as_nobody_in(group: Path | None, cgctl_args: str) -> subprocess.CompletedPro
 
 
 def test_rootless_in_a_delegated_cgroup_with_userns(unprivileged_delegation: Path) -> None:
-    done = as_nobody_in(unprivileged_delegation, "run --userns --mem 64M -- cat /proc/self/uid_map")
+    # HOME stays root's (as with sudo -u without -H), whose config directory nobody may read: its
+    # default policy directory and credentials file are then not this user's, and not an error.
+    private = Path.home() / ".config" / "cgctl"
+    made = not private.exists()
+    private.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        done = as_nobody_in(unprivileged_delegation, "run --userns --mem 64M -- cat /proc/self/uid_map")
+    finally:
+        if made:
+            private.rmdir()
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["0", "65534", "1"]
     assert sorted(p.name for p in unprivileged_delegation.iterdir() if p.is_dir()) == ["cgctl-supervisor"]
