@@ -168,6 +168,7 @@ def store_image(
         store.save(record)
         return record
     except BaseException:
+        stop.set()  # a Ctrl-C in this thread stops the other layers' threads at their next read
         for path in added:
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
