@@ -20,8 +20,7 @@ from typing import IO, Any
 
 from cgctl.images import layer as layers
 from cgctl.images.importer import store_image
-from cgctl.images.registry import DOCKER_MANIFEST
-from cgctl.images.source import Image, Layer, parse_json
+from cgctl.images.source import DOCKER_MANIFEST, Image, Layer, parse_json, sha256_digest
 from cgctl.images.store import Store, parse_reference
 
 GZIP_LAYER = {"oci": "application/vnd.oci.image.layer.v1.tar+gzip",
@@ -79,7 +78,7 @@ def commit(
     config_bytes = json.dumps(config, separators=(",", ":")).encode()
     new_layer = Layer(tar.digest(), blob.digest(), blob.size, _kept)
     config_descriptor = {
-        "digest": f"sha256:{hashlib.sha256(config_bytes).hexdigest()}",
+        "digest": sha256_digest(config_bytes),
         "size": len(config_bytes),
     }
     new_descriptor = {"mediaType": GZIP_LAYER[flavour], "digest": blob.digest(), "size": blob.size}

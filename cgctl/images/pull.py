@@ -10,15 +10,16 @@ are not fetched at all, so pulling an image again fetches its manifest only.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from cgctl.images import reference as references
 from cgctl.images.importer import Progress, store_image
-from cgctl.images.registry import DOCKER_LIST, OCI_INDEX, Client, Options, RegistryError
+from cgctl.images.registry import Client, Options, RegistryError
 from cgctl.images.source import (
     DIGEST,
+    DOCKER_LIST,
     MANIFEST_TYPES,
+    OCI_INDEX,
     Image,
     ImageError,
     Layer,
@@ -26,6 +27,7 @@ from cgctl.images.source import (
     choose_manifest,
     diff_ids,
     parse_json,
+    sha256_digest,
 )
 from cgctl.images.store import Store
 
@@ -49,7 +51,7 @@ def pull(
 def _resolve(client: Client, reference: references.Reference, store: Store) -> tuple[Image, str]:
     """The image for this machine and its manifest's digest (its config from the store if kept there)."""
     data, media_type = client.manifest(reference.digest or reference.tag or "latest")
-    digest = _digest(data)
+    digest = sha256_digest(data)
     if reference.digest:
         check_digest(str(reference), data, reference.digest)
     if media_type in (OCI_INDEX, DOCKER_LIST) or (not media_type and b'"manifests"' in data):
@@ -71,7 +73,7 @@ def _resolve(client: Client, reference: references.Reference, store: Store) -> t
     config_digest = _checked((manifest.get("config") or {}).get("digest"), reference)
     kept = store.blob(config_digest)
     config_bytes = kept.read_bytes() if kept.exists() else b""
-    if _digest(config_bytes) != config_digest:  # not kept (or not intact): the registry's
+    if sha256_digest(config_bytes) != config_digest:  # not kept (or not intact): the registry's
         config_bytes = client.blob_bytes(config_digest)
     check_digest(f"{reference}'s config", config_bytes, config_digest)
     config = parse_json(config_digest, config_bytes)
@@ -92,10 +94,6 @@ def _checked(digest: object, reference: references.Reference) -> str:
     if not isinstance(digest, str) or not DIGEST.match(digest):
         raise ImageError(f"{reference}: the registry's manifest names {digest!r}, not a sha256 digest")
     return digest
-
-
-def _digest(data: bytes) -> str:
-    return f"sha256:{hashlib.sha256(data).hexdigest()}"
 
 
 __all__ = ["RegistryError", "pull"]

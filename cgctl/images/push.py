@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from cgctl.images import reference as references
 from cgctl.images.importer import Progress
-from cgctl.images.registry import OCI_MANIFEST, Client, Options
+from cgctl.images.registry import Client, Options
+from cgctl.images.source import OCI_MANIFEST
 from cgctl.images.store import Store
 
 
@@ -38,8 +39,7 @@ def push(
     manifest_bytes = store.read_blob(record["manifest"])
     manifest = json.loads(manifest_bytes)
     descriptors = [manifest["config"], *manifest["layers"]]
-    for descriptor in descriptors:  # all of them here before anything is sent
-        _kept(store, descriptor["digest"])
+    store.require_blobs([d["digest"] for d in descriptors])  # all of them here before anything is sent
     same_registry = record.get("registry") == target.registry
     mount_from = (
         record.get("repository") if same_registry and record.get("repository") != target.repository else None
@@ -77,8 +77,3 @@ def push(
         media_type = manifest.get("mediaType") or OCI_MANIFEST
         digest = client.put_manifest(target.digest or target.tag or "latest", manifest_bytes, media_type)
     return Pushed(str(target), digest, **counts)
-
-
-def _kept(store: Store, digest: str) -> None:
-    if not store.blob(digest).exists():
-        store.read_blob(digest)  # raises LookupError with the reason and the fix

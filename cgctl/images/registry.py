@@ -25,11 +25,8 @@ from typing import IO, Any
 import httpx
 
 from cgctl.images.reference import DEFAULT_API_HOST, DEFAULT_DOMAIN, Reference, is_loopback
+from cgctl.images.source import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 MANIFEST_ACCEPT = ", ".join((OCI_MANIFEST, DOCKER_MANIFEST, OCI_INDEX, DOCKER_LIST))
 BACKOFF = (0.5, 1.0, 2.0, 4.0)  # seconds before each retry: five attempts in all
 MAX_RETRY_AFTER = 30.0  # seconds: a longer Retry-After is an error, not a wait

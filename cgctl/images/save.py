@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from cgctl.images.importer import Progress
-from cgctl.images.registry import OCI_INDEX, OCI_MANIFEST
+from cgctl.images.source import OCI_INDEX, OCI_MANIFEST
 from cgctl.images.store import Store
 
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -29,9 +29,7 @@ def save(reference: str, store: Store, path: Path, progress: Progress | None = N
     manifest_bytes = store.read_blob(record["manifest"])
     manifest = json.loads(manifest_bytes)
     digests = [record["manifest"], manifest["config"]["digest"], *(d["digest"] for d in manifest["layers"])]
-    for digest in digests:  # all of them there before anything is written
-        if not store.blob(digest).exists():
-            store.read_blob(digest)  # raises LookupError with the reason and the fix
+    store.require_blobs(digests)  # all of them there before anything is written
     index = {
         "schemaVersion": 2,
         "mediaType": OCI_INDEX,

@@ -21,15 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-MANIFEST_TYPES = {
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-}
-INDEX_TYPES = {
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-}
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MANIFEST_TYPES = {OCI_MANIFEST, DOCKER_MANIFEST}
+INDEX_TYPES = {OCI_INDEX, DOCKER_LIST}
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 # This machine's platform as image indexes name it: (architecture, variant).
@@ -66,7 +63,7 @@ class Image:
 
     @property
     def config_digest(self) -> str:
-        return f"sha256:{hashlib.sha256(self.config_bytes).hexdigest()}"
+        return sha256_digest(self.config_bytes)
 
 
 @contextlib.contextmanager
@@ -120,8 +117,12 @@ def _read(open_file: Callable[[str], IO[bytes]], name: str, digest: str | None =
     return data
 
 
+def sha256_digest(data: bytes) -> str:
+    return f"sha256:{hashlib.sha256(data).hexdigest()}"
+
+
 def check_digest(name: str, data: bytes, digest: str | None) -> None:
-    if digest is not None and f"sha256:{hashlib.sha256(data).hexdigest()}" != digest:
+    if digest is not None and sha256_digest(data) != digest:
         raise ImageError(f"{name}: its content does not match its digest {digest}")
 
 
@@ -210,7 +211,7 @@ def oci_manifest(config_bytes: bytes, layers: list[Layer], media_type: str) -> b
         "mediaType": OCI_MANIFEST,
         "config": {
             "mediaType": OCI_CONFIG,
-            "digest": f"sha256:{hashlib.sha256(config_bytes).hexdigest()}",
+            "digest": sha256_digest(config_bytes),
             "size": len(config_bytes),
         },
         "layers": [{"mediaType": media_type, "digest": layer.digest, "size": layer.size} for layer in layers],

@@ -21,7 +21,6 @@ does not, which is where a cgctl running in a container finds /var/lib.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import os
 import shutil
@@ -35,6 +34,7 @@ from typing import Any
 
 from cgctl import state
 from cgctl.images import reference as references
+from cgctl.images.source import sha256_digest
 
 PARTIAL_KEPT = 24 * 3600  # seconds an interrupted pull's bytes wait for it to resume
 
@@ -102,13 +102,19 @@ class Store:
 
     def put_blob(self, data: bytes) -> str:
         """Keep a small blob (a manifest, a config); returns its digest."""
-        digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+        digest = sha256_digest(data)
         if not self.blob(digest).exists():
             partial = self.partial_blob(digest)
             with open(partial, "wb") as file:
                 file.write(data)
             self.commit_blob(partial, digest)
         return digest
+
+    def require_blobs(self, digests: list[str]) -> None:
+        """LookupError, with the reason and the fix, unless the store has every one of the blobs."""
+        for digest in digests:
+            if not self.blob(digest).exists():
+                self.read_blob(digest)
 
     def read_blob(self, digest: str) -> bytes:
         """A small blob's bytes; LookupError naming the digest if the store lacks it."""

@@ -25,8 +25,9 @@ from cgctl.images import reference as references
 from cgctl.images.commit import commit
 from cgctl.images.pull import pull
 from cgctl.images.push import push
-from cgctl.images.registry import DOCKER_MANIFEST, Options, RegistryError
+from cgctl.images.registry import Options, RegistryError
 from cgctl.images.save import save
+from cgctl.images.source import DOCKER_MANIFEST
 from cgctl.runtime.models import PullRequest, PushRequest, RegistryAuth, RegistryRequest
 from cgctl.runtime.remote import _with_secret
 from tests import oci
