@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import os
 import platform
 import shlex
@@ -38,6 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cgroup2_host import CGROUP_MOUNT, require_cgroup2_root
+from figures import p90, positive_int
 
 from cgctl import runtime
 from cgctl.spec import WorkloadSpec
@@ -175,11 +175,6 @@ def time_run(peer: Peer, baseline: set[str]) -> float:
     return elapsed
 
 
-def p90(samples: list[float]) -> float:
-    """Nearest-rank 90th percentile."""
-    return sorted(samples)[math.ceil(0.9 * len(samples)) - 1]
-
-
 def summarize(timings: dict[str, list[float]]) -> list[Result]:
     """Milliseconds per peer; the first peer is the floor the ratios are taken against."""
     medians = {name: statistics.median(samples) for name, samples in timings.items()}
@@ -219,13 +214,6 @@ def report(results: list[Result], missing: list[str], runs: int) -> None:
         "results": [asdict(result) for result in results],
     }
     print("BENCH_JSON " + json.dumps(summary))
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive number of runs")
-    return value
 
 
 def main() -> None:

@@ -10,12 +10,14 @@ vanishes while being read is skipped, never an error.
 
 from __future__ import annotations
 
+import errno
+import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from cgctl import state
+from cgctl import discovery, state
 from cgctl.cgroup import fs, io
 
 
@@ -44,9 +46,12 @@ def _pressure(text: str) -> dict[str, str]:
     return values
 
 
+MEMINFO = Path("/proc/meminfo")
+
 # Every file a snapshot reads, with the parser that turns it into {key: value text}; values are
 # converted only when asked for, as a scrape needs a third of memory.stat's.
-READERS: tuple[tuple[str, Callable[[str], dict[str, str]]], ...] = (
+Readers = tuple[tuple[str, Callable[[str], dict[str, str]]], ...]
+READERS: Readers = (
     *((name, _keyed) for name in ("cpu.stat", "memory.stat", "memory.events", "pids.events")),
     *(
         (name, _single)
@@ -71,15 +76,19 @@ READERS: tuple[tuple[str, Callable[[str], dict[str, str]]], ...] = (
 
 @dataclass(frozen=True)
 class Container:
-    """A running workload as the run records know it."""
+    """A cgroup to account: a running workload as the run records know it, or (host-wide) any cgroup,
+    with what its path says it is (`found`: see discovery.labels)."""
 
     name: str
     id: str
     cgroup: Path
-    started_at: float
+    started_at: float | None
     labels: dict[str, str] = field(default_factory=dict)
     image: str = ""
     policy: str = ""
+    own: bool = True  # one of cgctl's containers, with a run record
+    found: dict[str, str] = field(default_factory=dict)
+    path: str = ""  # host-wide: the cgroup as /proc/PID/cgroup names it
 
 
 @dataclass
@@ -146,6 +155,28 @@ def running_containers(
     return containers
 
 
+def host_cgroups(
+    selection: discovery.Selection,
+    mount: Path,
+    state_dir: Path | None = None,
+    known: dict[Path, tuple[object, Container]] | None = None,
+) -> list[Container]:
+    """Every cgroup the selection covers, parents first: cgctl's running containers as their records
+    say (with what their path says besides), the others as their path says."""
+    own = {container.cgroup: container for container in running_containers(state_dir, known)}
+    found = []
+    for directory, path in discovery.walk(selection, mount):
+        labels = discovery.labels(path)
+        if (container := own.get(directory)) is not None:
+            found.append(replace(container, found=labels | {"container": container.name}, path=path))
+        else:
+            name = discovery.display_name(labels)
+            found.append(
+                Container(name, labels.get("id", ""), directory, None, own=False, found=labels, path=path)
+            )
+    return found
+
+
 def find_container(name: str, state_dir: Path | None = None) -> Container:
     """The running container called name; LookupError if there is none."""
     for container in running_containers(state_dir):
@@ -159,27 +190,76 @@ def read_snapshot(
 ) -> Snapshot | None:
     """Everything the container's cgroup reports, or None if it vanished meanwhile.
 
-    `device_names` caches MAJ:MIN -> name lookups (one /sys read each) for the caller's round.
+    `device_names` caches MAJ:MIN -> name lookups (one /sys read each) for the caller's round. The
+    files are opened relative to the cgroup's directory (openat), which spares the kernel a path
+    walk per file: a host-wide scrape reads some twenty thousand of them.
     """
-    group = fs.Cgroup(container.cgroup)
     names = {} if device_names is None else device_names
     try:
-        files = {
-            name: parse(text) for name, parse in READERS if (text := group.read_optional(name)) is not None
-        }
-        io_stat = group.read_optional("io.stat") or ""
-    except fs.CgroupError:
-        if not group.path.exists():
+        directory = os.open(container.cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    files = {}
+    try:
+        for name, parse in READERS:
+            if (text := _read(name, directory)) is not None:
+                files[name] = parse(text)
+        io_stat = _read("io.stat", directory) or ""
+    except OSError as error:  # ENODEV: removed while read
+        if not container.cgroup.exists():
             return None
-        raise
+        raise fs.CgroupError(f"{container.cgroup}/{error.filename}: cannot read: {error.strerror}") from None
+    finally:
+        os.close(directory)
     if "cpu.stat" not in files:  # every cgroup has one: this one is gone
         return None
+    if container.path == "/" and "memory.current" not in files and (used := _meminfo_used()) is not None:
+        files["memory.current"] = {"": used}
     devices = {}
     for number, values in fs.parse_nested(io_stat).items():
         if number not in names:
             names[number] = io.device_name(number, sys_dev_block) or number
         devices[names[number]] = values
     return Snapshot(container, time.time(), files, devices)
+
+
+def _read(name: str, directory: int) -> str | None:
+    """The text of the file called name in directory, None if this kernel (or this cgroup's
+    controllers) lacks it."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=directory)
+    except OSError as error:
+        _raise_unless_gone(error, name)
+        return None
+    try:
+        data = os.read(fd, fs.READ_SIZE)
+        if len(data) == fs.READ_SIZE:  # interface files are small: one read, almost always
+            while more := os.read(fd, fs.READ_SIZE):
+                data += more
+    except OSError as error:
+        _raise_unless_gone(error, name)
+        return None
+    finally:
+        os.close(fd)
+    return data.decode()
+
+
+def _raise_unless_gone(error: OSError, name: str) -> None:
+    """A file that is not there, or is being removed (ENODEV: its controller was just turned off in
+    the parent's cgroup.subtree_control, or its cgroup removed), is left out; other errors name it."""
+    if error.errno not in (errno.ENOENT, errno.ENODEV):
+        error.filename = name
+        raise error
+
+
+def _meminfo_used() -> str | None:
+    """The machine's memory in use (MemTotal - MemFree, bytes) for the root cgroup, which has no
+    memory.current: what runc and cAdvisor report for it, so `id="/"` has a memory total."""
+    try:
+        fields = dict(line.split(":", 1) for line in MEMINFO.read_text().splitlines() if ":" in line)
+        return str((int(fields["MemTotal"].split()[0]) - int(fields["MemFree"].split()[0])) * 1024)
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def snapshots(state_dir: Path | None = None) -> list[Snapshot]:
@@ -190,7 +270,7 @@ def snapshots(state_dir: Path | None = None) -> list[Snapshot]:
 class Usage:
     """What `cgctl stats` shows for one container, over the interval between two snapshots."""
 
-    name: str
+    name: str  # host-wide, what the cgroup is (discovery.display_name) where it is not cgctl's
     cpu_percent: float  # of one CPU
     memory_bytes: int
     memory_limit_bytes: int | None
@@ -203,6 +283,8 @@ class Usage:
     pressure_cpu: float | None  # some avg10, percent
     pressure_memory: float | None
     pressure_io: float | None
+    io_bytes_per_second: float = 0.0  # read and written over the interval
+    cgroup: str = ""  # host-wide: the cgroup's path below the cgroup2 mount
 
 
 def usage(before: Snapshot, after: Snapshot) -> Usage:
@@ -228,4 +310,10 @@ def usage(before: Snapshot, after: Snapshot) -> Usage:
         pressure_cpu=after.value("cpu.pressure", "some.avg10"),
         pressure_memory=after.value("memory.pressure", "some.avg10"),
         pressure_io=after.value("io.pressure", "some.avg10"),
+        io_bytes_per_second=max(0.0, io_bytes(after) - io_bytes(before)) / seconds,
+        cgroup=after.container.path,
     )
+
+
+def io_bytes(snap: Snapshot) -> float:
+    return sum(values.get("rbytes", 0) + values.get("wbytes", 0) for values in snap.devices.values())

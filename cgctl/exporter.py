@@ -29,7 +29,7 @@ def make_server(host: str, port: int, collector: ContainerCollector) -> Threadin
                 self.send_error(404, "only /metrics is served here")
                 return
             with render_lock:
-                body = (collector.render() + generate_latest(process).decode()).encode()
+                body = collector.render().encode() + generate_latest(process)  # one copy of a large text
             self.send_response(200)
             self.send_header("Content-Type", CONTENT_TYPE)
             self.send_header("Content-Length", str(len(body)))

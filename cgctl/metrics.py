@@ -23,10 +23,11 @@ from typing import Literal
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 
-from cgctl.accounting import Container, Snapshot, read_snapshot, running_containers
+from cgctl.accounting import Container, Snapshot, host_cgroups, read_snapshot, running_containers
+from cgctl.cgroup.fs import CgroupError
 from cgctl.cgroup.io import SYS_DEV_BLOCK
+from cgctl.discovery import Selection, is_container
 
 Kind = Literal["counter", "gauge"]
 Family = Literal["native", "cadvisor"]
@@ -38,16 +39,12 @@ class MetricDef:
     name: str
     kind: Kind
     help: str
-    source: str  # "file key", or "derived: how" for the few computed values
-    value: Callable[[Snapshot], float | None] | None = None  # per container
+    source: str  # "file key" (read as the kernel wrote it), or "derived: how" for the few computed values
+    derive: Callable[[Snapshot], float | None] | None = None  # per container, for derived rows
     device_key: str | None = None  # per device: the io.stat key
     scale: float = 1.0
     family: Family = "native"
     extra_labels: tuple[tuple[str, str], ...] = ()
-
-
-def _key(file: str, key: str = "") -> Callable[[Snapshot], float | None]:
-    return lambda snap: snap.value(file, key)
 
 
 def _cpu_shares(snap: Snapshot) -> float | None:
@@ -57,13 +54,11 @@ def _cpu_shares(snap: Snapshot) -> float | None:
 
 
 def _native(name: str, kind: Kind, help: str, file: str, key: str = "", scale: float = 1.0) -> MetricDef:
-    return MetricDef(name, kind, help, f"{file} {key}".strip(), _key(file, key), scale=scale)
+    return MetricDef(name, kind, help, f"{file} {key}".strip(), scale=scale)
 
 
 def _cadvisor(name: str, kind: Kind, help: str, file: str, key: str = "", scale: float = 1.0) -> MetricDef:
-    return MetricDef(
-        name, kind, help, f"{file} {key}".strip(), _key(file, key), scale=scale, family="cadvisor"
-    )
+    return MetricDef(name, kind, help, f"{file} {key}".strip(), scale=scale, family="cadvisor")
 
 
 PREFIX = "cgctl_container_"
@@ -279,7 +274,6 @@ METRICS: tuple[MetricDef, ...] = (
         "counter",
         "Cumulative cpu time consumed in seconds.",
         "cpu.stat usage_usec",
-        _key("cpu.stat", "usage_usec"),
         scale=USEC,
         family="cadvisor",
         extra_labels=(("cpu", "total"),),
@@ -431,19 +425,23 @@ METRICS: tuple[MetricDef, ...] = (
 _LABEL_NAME = re.compile(r"[^a-zA-Z0-9_]")
 
 
-def cgroup_name(snap: Snapshot, unified: Path) -> str:
+def cgroup_name(container: Container, unified: Path) -> str:
     """The cgroup as /proc/PID/cgroup names it: its path below the cgroup2 mount."""
-    cgroup = snap.container.cgroup
-    return f"/{cgroup.relative_to(unified)}" if cgroup.is_relative_to(unified) else str(cgroup)
+    if container.path:
+        return container.path
+    cgroup = container.cgroup
+    if not cgroup.is_relative_to(unified):
+        return str(cgroup)
+    relative = str(cgroup.relative_to(unified))
+    return "/" if relative == "." else f"/{relative}"
 
 
-def info_labels(snap: Snapshot, unified: Path) -> dict[str, str]:
+def info_labels(container: Container, unified: Path) -> dict[str, str]:
     """cgctl_container_info's labels: identity and the user's --label metadata, nothing else."""
-    container = snap.container
     labels = {
         "container": container.name,
         "id": container.id,
-        "cgroup": cgroup_name(snap, unified),
+        "cgroup": cgroup_name(container, unified),
         "image": container.image,
         "policy": container.policy,
     }
@@ -452,16 +450,30 @@ def info_labels(snap: Snapshot, unified: Path) -> dict[str, str]:
     return labels
 
 
-def cadvisor_labels(snap: Snapshot, unified: Path) -> dict[str, str]:
-    return {"id": cgroup_name(snap, unified), "image": snap.container.image, "name": snap.container.name}
+def native_labels(container: Container, unified: Path, host_wide: bool) -> dict[str, str]:
+    """The container's name; host-wide, the cgroup's path and what it is (discovery.labels)."""
+    if not host_wide:
+        return {"container": container.name}
+    return {"cgroup": cgroup_name(container, unified)} | container.found
+
+
+def cadvisor_labels(container: Container, unified: Path) -> dict[str, str]:
+    """cAdvisor's: the cgroup path as `id`; `name` is cgctl's name, or another runtime's short id on
+    that container's own cgroup (not on cgroups nested in it, which cAdvisor leaves unnamed too, so
+    that `sum by (name)` counts each container once)."""
+    path = cgroup_name(container, unified)
+    name = container.name if container.own else container.found.get("id", "") if is_container(path) else ""
+    return {"id": path, "image": container.image, "name": name}
 
 
 class ContainerCollector(Collector):
-    """Reads every running container's cgroup at scrape time and renders the metric table's rows.
+    """Reads every running container's cgroup (host-wide: every selected cgroup) at scrape time and
+    renders the metric table's rows.
 
-    `render` writes the text exposition directly (the exporter serves it): prometheus_client's
-    generic writer costs more per sample than reading the cgroup files. `collect` offers the same
-    families to any prometheus_client registry by parsing that text, so there is one source of truth.
+    `render` writes the text exposition directly (the exporter serves it): values read from a file
+    go out as the kernel wrote them (integers; microseconds divided once into seconds), so a scrape
+    costs little more than reading the files. `collect` offers the same families to any
+    prometheus_client registry by parsing that text, so there is one source of truth.
     """
 
     def __init__(
@@ -470,12 +482,15 @@ class ContainerCollector(Collector):
         compat: Iterable[Family] = (),
         unified: Path = Path("/sys/fs/cgroup"),
         sys_dev_block: Path = SYS_DEV_BLOCK,
+        selection: Selection | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.families: set[Family] = {"native", *compat}
         self.unified = unified
         self.sys_dev_block = sys_dev_block
+        self.selection = selection  # host-wide accounting when given
         self.known_records: dict[Path, tuple[object, Container]] = {}
+        self.label_cache: dict[tuple[object, ...], str] = {}
         self.errors = {"discover": 0, "read": 0}
         self.extra: Callable[[], str] | None = None  # more families (the daemon's policy engine's)
 
@@ -486,11 +501,14 @@ class ContainerCollector(Collector):
         yield from text_string_to_metric_families(self.render())
 
     def render(self) -> str:
-        """The Prometheus text exposition (format 0.0.4) of every running container, read now."""
+        """The Prometheus text exposition (format 0.0.4) of every container or cgroup, read now."""
         started = time.perf_counter()
         durations = {}
         try:
-            containers = running_containers(self.state_dir, self.known_records)
+            if self.selection is None:
+                containers = running_containers(self.state_dir, self.known_records)
+            else:
+                containers = host_cgroups(self.selection, self.unified, self.state_dir, self.known_records)
         except OSError:
             self.errors["discover"] += 1
             containers = []
@@ -501,62 +519,123 @@ class ContainerCollector(Collector):
             try:
                 if snap := read_snapshot(container, self.sys_dev_block, device_names):
                     snaps.append(snap)
-            except (OSError, ValueError):
+            except (OSError, ValueError, CgroupError):
                 self.errors["read"] += 1
         durations["read"] = time.perf_counter() - started - durations["discover"]
         out: list[str] = []
         self._render_families(out, snaps)
-        self._render_self_metrics(out, len(snaps), durations, time.perf_counter() - started)
+        own = sum(snap.container.own for snap in snaps)
+        self._render_self_metrics(out, own, len(snaps), durations, time.perf_counter() - started)
         if self.extra is not None:
             out.append(self.extra())
         return "".join(out)
 
+    def _label_text(self, container: Container, kind: str, extra: tuple[tuple[str, str], ...] = ()) -> str:
+        """The rendered labels of a container's rows of one kind (native, cadvisor, info), kept while
+        what they are made of stays the same: a scrape of 1,000 cgroups renders them once."""
+        key: tuple[object, ...] = (
+            container.cgroup,
+            kind,
+            extra,
+            container.name,
+            container.id,
+            container.image,
+        )
+        if kind == "info":
+            key += (container.policy, tuple(container.labels.items()))
+        if (text := self.label_cache.get(key)) is None:
+            if kind == "info":
+                labels = info_labels(container, self.unified)
+            elif kind == "native":
+                labels = native_labels(container, self.unified, self.selection is not None)
+            else:
+                labels = cadvisor_labels(container, self.unified)
+            text = self.label_cache[key] = _labels(labels | dict(extra))
+        return text
+
     def _render_families(self, out: list[str], snaps: list[Snapshot]) -> None:
+        live = {snap.container.cgroup for snap in snaps}
+        for key in [key for key in self.label_cache if key[0] not in live]:
+            del self.label_cache[key]
         _family(
             out, "cgctl_container_info", "gauge", "Identity and labels of each running container; always 1."
         )
-        for snap in snaps:
-            out.append(f"cgctl_container_info{{{_labels(info_labels(snap, self.unified))}}} 1.0\n")
-        base: dict[Family, list[dict[str, str]]] = {
-            "native": [{"container": snap.container.name} for snap in snaps],
-            "cadvisor": [cadvisor_labels(snap, self.unified) for snap in snaps],
-        }
-        rendered: dict[Family, list[str]] = {
-            family: [_labels(labels) for labels in base[family]] for family in base
-        }
+        out += [
+            f"cgctl_container_info{{{self._label_text(snap.container, 'info')}}} 1\n"
+            for snap in snaps
+            if snap.container.own
+        ]
+        texts: dict[tuple[str, tuple[tuple[str, str], ...]], list[str]] = {}
         for definition in METRICS:
             if definition.family not in self.families:
                 continue
             _family(out, definition.name, definition.kind, definition.help)
-            fixed = dict(definition.extra_labels)
-            for snap, labels, text in zip(
-                snaps, base[definition.family], rendered[definition.family], strict=True
-            ):
-                for extra, value in _values(definition, snap):
-                    label_text = _labels(labels | fixed | extra) if fixed or extra else text
-                    out.append(
-                        f"{definition.name}{{{label_text}}} {floatToGoString(value * definition.scale)}\n"
-                    )
+            kind = (definition.family, definition.extra_labels)
+            if kind not in texts:
+                texts[kind] = [self._label_text(snap.container, *kind) for snap in snaps]
+            _render_rows(out, definition, snaps, texts[kind])
 
     def _render_self_metrics(
-        self, out: list[str], containers: int, durations: dict[str, float], total: float
+        self, out: list[str], containers: int, cgroups: int, durations: dict[str, float], total: float
     ) -> None:
         _family(out, "cgctl_exporter_scrape_duration_seconds", "gauge", "Time the last scrape took.")
-        out.append(f"cgctl_exporter_scrape_duration_seconds {floatToGoString(total)}\n")
+        out.append(f"cgctl_exporter_scrape_duration_seconds {total!r}\n")
         _family(
             out, "cgctl_exporter_part_duration_seconds", "gauge", "Time each part of the last scrape took."
         )
         for part, seconds in durations.items():
-            out.append(f'cgctl_exporter_part_duration_seconds{{part="{part}"}} {floatToGoString(seconds)}\n')
+            out.append(f'cgctl_exporter_part_duration_seconds{{part="{part}"}} {seconds!r}\n')
         _family(
             out, "cgctl_exporter_part_errors_total", "counter", "Errors in each part of the scrapes so far."
         )
         for part in durations:
-            out.append(
-                f'cgctl_exporter_part_errors_total{{part="{part}"}} {floatToGoString(self.errors[part])}\n'
-            )
+            out.append(f'cgctl_exporter_part_errors_total{{part="{part}"}} {self.errors[part]}\n')
         _family(out, "cgctl_exporter_containers", "gauge", "Running containers seen by the last scrape.")
-        out.append(f"cgctl_exporter_containers {floatToGoString(containers)}\n")
+        out.append(f"cgctl_exporter_containers {containers}\n")
+        _family(out, "cgctl_exporter_cgroups", "gauge", "Cgroups the last scrape accounted.")
+        out.append(f"cgctl_exporter_cgroups {cgroups}\n")
+
+
+def _render_rows(
+    out: list[str], definition: MetricDef, snaps: list[Snapshot], label_texts: list[str]
+) -> None:
+    """One sample per container (per device for io.stat rows) that has the value; the hot loop of a
+    scrape, so file rows copy the kernel's digits rather than round-trip them through a float."""
+    head = definition.name + "{"
+    append = out.append
+    if definition.device_key is not None:
+        key = definition.device_key
+        native = definition.family == "native"
+        for snap, labels in zip(snaps, label_texts, strict=True):
+            for device, counters in sorted(snap.devices.items()):
+                if (value := counters.get(key)) is not None:
+                    name = device if native else f"/dev/{device}"
+                    append(f'{head}{labels},device="{_escape(name)}"}} {_number(value)}\n')
+    elif definition.derive is not None:
+        derive = definition.derive
+        for snap, labels in zip(snaps, label_texts, strict=True):
+            if (value := derive(snap)) is not None:
+                append(f"{head}{labels}}} {_number(value * definition.scale)}\n")
+    else:
+        file, _, key = definition.source.partition(" ")
+        rows = [
+            (values, labels)
+            for snap, labels in zip(snaps, label_texts, strict=True)
+            if (values := snap.files.get(file))
+        ]
+        if definition.scale == USEC:
+            out += [
+                f"{head}{labels}}} {int(text) / 1e6}\n"
+                for values, labels in rows
+                if (text := values.get(key))
+            ]
+        else:
+            out += [f"{head}{labels}}} {text}\n" for values, labels in rows if (text := values.get(key))]
+
+
+def _number(value: float) -> str:
+    """Integral values as integers (as the kernel's), others in Python's shortest round-trip form."""
+    return str(int(value)) if value.is_integer() else repr(value)
 
 
 def _family(out: list[str], name: str, kind: Kind, help: str) -> None:
@@ -571,13 +650,3 @@ def _escape(value: str) -> str:
 def _labels(labels: dict[str, str]) -> str:
     """name="value" pairs, sorted by name, values escaped as the text format wants."""
     return ",".join(f'{name}="{_escape(value)}"' for name, value in sorted(labels.items()))
-
-
-def _values(definition: MetricDef, snap: Snapshot) -> Iterator[tuple[dict[str, str], float]]:
-    if definition.device_key is not None:
-        for device, values in sorted(snap.devices.items()):
-            if definition.device_key in values:
-                name = device if definition.family == "native" else f"/dev/{device}"
-                yield {"device": name}, values[definition.device_key]
-    elif definition.value is not None and (value := definition.value(snap)) is not None:
-        yield {}, value

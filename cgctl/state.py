@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from cgctl.cgroup import fs
-from cgctl.spec import SpecError
 
 CLAIM_PATIENCE = 2.0  # seconds a name's lock may be held by another's cleanup before it counts as in use
 
@@ -117,6 +116,8 @@ def wait_for_checkpoint(record: Path) -> None:
 
 def claim(state_dir: Path, name: str, record: dict[str, object]) -> Claim:
     """Take the name for a new run, or raise SpecError if a live run has it."""
+    from cgctl.spec import SpecError  # pydantic's, which `cgctl ps` never needs
+
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = record_path(state_dir, name)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -146,6 +147,9 @@ def live_records(
     state_dir: Path, proc_locks: Path = Path("/proc/locks")
 ) -> list[tuple[Path, os.stat_result]]:
     """The records whose supervisor is alive, with their stat, seen in /proc/locks without taking locks."""
+    records = sorted(state_dir.glob("*.json")) if state_dir.exists() else []
+    if not records:
+        return []  # /proc/locks lists every lock of the host: not worth reading for nothing
     held = set()
     for line in proc_locks.read_text().splitlines():
         fields = line.split()
@@ -153,7 +157,7 @@ def live_records(
             major, minor, inode = fields[5].split(":")
             held.add((os.makedev(int(major, 16), int(minor, 16)), int(inode)))
     live = []
-    for path in sorted(state_dir.glob("*.json")) if state_dir.exists() else []:
+    for path in records:
         try:
             identity = path.stat()
         except FileNotFoundError:

@@ -6,9 +6,12 @@ import os
 import re
 import stat as stat_mode
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cgctl.cgroup.fs import Cgroup
-from cgctl.spec import IoLimits, SpecError
+
+if TYPE_CHECKING:  # accounting reads device names through here, and `cgctl stats` needs no pydantic
+    from cgctl.spec import IoLimits
 
 CONTROLLER = "io"
 SYS_DEV_BLOCK = Path("/sys/dev/block")
@@ -17,6 +20,8 @@ _MAJOR_MINOR = re.compile(r"^\d+:\d+$")
 
 def device_number(device: str, field: tuple[str | int, ...], sys_dev_block: Path = SYS_DEV_BLOCK) -> str:
     """'MAJ:MIN' of a whole-disk block device given as a path or as MAJ:MIN."""
+    from cgctl.spec import SpecError
+
     if _MAJOR_MINOR.match(device):
         number = device
     else:
@@ -38,6 +43,8 @@ def device_number(device: str, field: tuple[str | int, ...], sys_dev_block: Path
 
 def settings(limits: IoLimits, unified: Cgroup, sys_dev_block: Path = SYS_DEV_BLOCK) -> list[tuple[str, str]]:
     """io.max and io.weight lines, one per device; devices resolved to MAJ:MIN and checked."""
+    from cgctl.spec import SpecError
+
     lines = []
     for index, cap in enumerate(limits.max):
         number = device_number(cap.device, ("limits", "io", "max", index), sys_dev_block)

@@ -2,43 +2,67 @@
 
 Every cgctl error, usage errors included, exits 125 (as docker does) so that
 the workload's own exit codes stay unambiguous.
+
+A verb's module is imported, and its command built, only when the verb runs or help lists it:
+`cgctl ps` does not pay for `run`'s options or the daemon's imports (bench/startup.py times it).
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+import typer.main
+from typer.core import TyperGroup
 
-from cgctl.cli import check as check_verb
-from cgctl.cli import checkpoint as checkpoint_verbs
 from cgctl.cli import connection
-from cgctl.cli import containers as container_verbs
-from cgctl.cli import control as control_verbs
-from cgctl.cli import daemon as daemon_verbs
-from cgctl.cli import exporter as exporter_verb
-from cgctl.cli import image as image_verbs
-from cgctl.cli import machine as machine_verbs
-from cgctl.cli import policy as policy_verbs
-from cgctl.cli import registry as registry_verbs
-from cgctl.cli import run as run_verb
-from cgctl.cli import stats as stats_verb
 from cgctl.cli.errors import EXIT_CGCTL_ERROR
 
-app = typer.Typer(name="cgctl", add_completion=False, pretty_exceptions_enable=False)
-run_verb.register(app)
-container_verbs.register(app)
-stats_verb.register(app)
-control_verbs.register(app)
-checkpoint_verbs.register(app)
-image_verbs.register(app)
-registry_verbs.register(app)
-exporter_verb.register(app)
-check_verb.register(app)
-daemon_verbs.register(app)
-machine_verbs.register(app)
-policy_verbs.register(app)
+if TYPE_CHECKING:  # the click that typer vendors, whose types TyperGroup's methods take and return
+    from typer._click import Command, Context
+
+# Each verb, in `cgctl --help`'s order, and the module of cgctl.cli whose register() defines it.
+VERBS: dict[str, str] = {
+    "run": "run",
+    **dict.fromkeys(("ps", "inspect", "logs", "wait", "rm", "events"), "containers"),
+    "stats": "stats",
+    **dict.fromkeys(("freeze", "thaw", "pause", "unpause", "kill", "update"), "control"),
+    **dict.fromkeys(("checkpoint", "restore"), "checkpoint"),
+    "commit": "image",
+    **dict.fromkeys(("pull", "push", "login", "logout"), "registry"),
+    "exporter": "exporter",
+    "check": "check",
+    **dict.fromkeys(("daemon", "dial-stdio"), "daemon"),
+    "image": "image",
+    "machine": "machine",
+    "policy": "policy",
+}
+
+
+class LazyVerbs(TyperGroup):
+    """The root command. A verb's module is imported, and its commands built (by typer, from its
+    register() as ever), when one of them is first looked up: to run it, or to list it in help."""
+
+    def list_commands(self, ctx: Context) -> list[str]:
+        return list(VERBS)
+
+    def get_command(self, ctx: Context, cmd_name: str) -> Command | None:
+        if cmd_name in VERBS and cmd_name not in self.commands:
+            verbs = typer.Typer()
+            importlib.import_module(f"cgctl.cli.{VERBS[cmd_name]}").register(verbs)
+            self.commands.update(typer.main.get_group(verbs).commands)
+        return self.commands.get(cmd_name)
+
+    def resolve_command(self, ctx: Context, args: list[str]) -> tuple[str | None, Command | None, list[str]]:
+        if args and args[0] not in VERBS:  # a typo: typer suggests the verbs close to it in self.commands
+            for name in VERBS:
+                self.get_command(ctx, name)
+        return super().resolve_command(ctx, args)
+
+
+app = typer.Typer(name="cgctl", cls=LazyVerbs, add_completion=False, pretty_exceptions_enable=False)
 
 
 def _print_version(wanted: bool) -> None:

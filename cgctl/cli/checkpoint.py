@@ -97,7 +97,7 @@ def _checkpoint_through(
 ) -> Checkpoint:
     """The daemon dumps the container into a directory on its host (a machine's shared one)."""
     from cgctl.runtime.checkpoint import Checkpoint
-    from cgctl.runtime.models import CheckpointRequest, Failure
+    from cgctl.runtime.models import CheckpointRequest
 
     target = _on_machine_share(directory)
     request = CheckpointRequest(
@@ -109,7 +109,7 @@ def _checkpoint_through(
     print(f"cgctl: checkpointing {name} through the daemon at {daemon.host}", file=sys.stderr)
     try:
         done = daemon.checkpoint(name, request)
-    except Failure as error:
+    except connection.Failure as error:
         raise connection.failed(error) from None
     return Checkpoint(
         name, Path(done.dir), done.seconds, done.image_bytes, done.left_running, tuple(done.notes)
@@ -183,14 +183,14 @@ def _restore_through(
 ) -> NoReturn:
     """The daemon restores the checkpoint (a directory on its host) as a detached container."""
     from cgctl.cli.run import attach_to_end
-    from cgctl.runtime.models import Failure, RestoreRequest
+    from cgctl.runtime.models import RestoreRequest
 
     target = _on_machine_share(directory)
     request = RestoreRequest(dir=str(target), name=name, hook=str(hook.absolute()) if hook else None)
     started = time.monotonic()
     try:
         restored = daemon.restore(request)
-    except Failure as error:
+    except connection.Failure as error:
         raise connection.failed(error) from None
     print(
         f"cgctl: restored {restored.name} from {target} in {time.monotonic() - started:.1f} s "

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cgctl.cli.connection import failed, runtime
+from cgctl.cli import connection
 from cgctl.cli.errors import fail
 from cgctl.cli.table import render_table
 
@@ -44,8 +44,6 @@ def ps(
     state_dir: StateDir = None,
 ) -> None:
     """List containers: running ones, and with -a the daemon's exited ones."""
-    from cgctl.runtime.models import Failure
-
     labels = {}
     for item in filter or []:
         kind, _, pair = item.partition("=")
@@ -54,9 +52,9 @@ def ps(
             raise fail(f"invalid value {item!r} for --filter: expected label=K=V")
         labels[key] = value
     try:
-        containers = runtime(state_dir).list(all=all, labels=labels)
-    except Failure as error:
-        raise failed(error) from None
+        containers = connection.runtime(state_dir).list(all=all, labels=labels)
+    except connection.Failure as error:
+        raise connection.failed(error) from None
     if as_json:
         print(json.dumps([container.model_dump(mode="json") for container in containers], indent=2))
         return
@@ -80,13 +78,11 @@ def ps(
 def inspect(names: Names, as_json: AsJson = False, state_dir: StateDir = None) -> None:
     """Show everything known of containers: spec (without its environment), attempts with their exit
     statuses and OOM kills, restart count, and the last attempt's final accounting."""
-    from cgctl.runtime.models import Failure
-
-    rt = runtime(state_dir)
+    rt = connection.runtime(state_dir)
     try:
         found = [rt.inspect(name) for name in names]
-    except Failure as error:
-        raise failed(error) from None
+    except connection.Failure as error:
+        raise connection.failed(error) from None
     if as_json:
         dumped = [c.model_dump(mode="json") for c in found]
         print(json.dumps(dumped[0] if len(dumped) == 1 else dumped, indent=2))
@@ -122,25 +118,21 @@ def logs(
     ] = False,
 ) -> None:
     """Print a detached container's output: stdout to stdout, stderr to stderr."""
-    from cgctl.runtime.models import Failure
-
     start = _parse_time("--since", since) if since else None
     try:
-        for line in runtime().logs(
+        for line in connection.runtime().logs(
             name, tail=tail, since=datetime.fromtimestamp(start, UTC) if start else None, follow=follow
         ):
             print_log_line(line, timestamps)
-    except Failure as error:
-        raise failed(error) from None
+    except connection.Failure as error:
+        raise connection.failed(error) from None
     except KeyboardInterrupt:
         return
 
 
 def wait(names: Names) -> None:
     """Block until each container's current run ends; print its exit status (or why it is unknown)."""
-    from cgctl.runtime.models import Failure
-
-    rt = runtime()
+    rt = connection.runtime()
     try:
         for name in names:
             last = rt.wait(name).last
@@ -148,8 +140,8 @@ def wait(names: Names) -> None:
             print(
                 last.exit_status if known and last is not None else f"unknown: {last.ended if last else ''}"
             )
-    except Failure as error:
-        raise failed(error) from None
+    except connection.Failure as error:
+        raise connection.failed(error) from None
 
 
 def rm(
@@ -157,14 +149,12 @@ def rm(
     force: Annotated[bool, typer.Option("--force", "-f", help="kill it first if it runs")] = False,
 ) -> None:
     """Remove containers: their state and logs (running ones only with -f)."""
-    from cgctl.runtime.models import Failure
-
-    rt = runtime()
+    rt = connection.runtime()
     for name in names:
         try:
             rt.remove(name, force)
-        except Failure as error:
-            raise failed(error) from None
+        except connection.Failure as error:
+            raise connection.failed(error) from None
         print(name)
 
 
@@ -176,16 +166,14 @@ def events(
     as_json: AsJson = False,
 ) -> None:
     """Stream the daemon's events: create, start, exit, oom, freeze, thaw, update, restart, remove."""
-    from cgctl.runtime.models import Failure
-
     try:
-        for event in runtime().events(
+        for event in connection.runtime().events(
             since=_parse_time("--since", since) if since else None,
             until=_parse_time("--until", until) if until else None,
         ):
             print(event.model_dump_json() if as_json else _event_line(event), flush=True)
-    except Failure as error:
-        raise failed(error) from None
+    except connection.Failure as error:
+        raise connection.failed(error) from None
     except KeyboardInterrupt:
         return
 

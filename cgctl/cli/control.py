@@ -8,8 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cgctl.cli import limits
-from cgctl.cli.connection import failed, runtime
+from cgctl.cli import connection, limits
 from cgctl.cli.errors import fail, invalid_options, invalid_value
 
 Name = Annotated[str, typer.Argument(help="the container's name")]
@@ -37,13 +36,11 @@ def thaw(name: Name, timeout: Timeout = 10.0, state_dir: StateDir = None) -> Non
 
 
 def _set_frozen(name: str, freeze: bool, timeout: float, state_dir: Path | None) -> None:
-    from cgctl.runtime.models import Failure
-
-    rt = runtime(state_dir)
+    rt = connection.runtime(state_dir)
     try:
         changed = rt.freeze(name, timeout) if freeze else rt.thaw(name, timeout)
-    except Failure as error:
-        raise failed(error) from None
+    except connection.Failure as error:
+        raise connection.failed(error) from None
     state = "frozen" if freeze else "running"
     print(f"{name}: {state}" if changed else f"{name}: already {state}")
 
@@ -54,16 +51,16 @@ def kill(
     state_dir: StateDir = None,
 ) -> None:
     """Send a signal to every process of the container (default SIGKILL, through cgroup.kill)."""
-    from cgctl.runtime.models import Failure, parse_signal
+    from cgctl.runtime.models import parse_signal
 
     try:
         sig = parse_signal(signal_name)
     except ValueError as error:
         raise fail(f"invalid value {signal_name!r} for --signal: {error}") from None
     try:
-        signalled = runtime(state_dir).kill(name, sig.name)
-    except Failure as error:
-        raise failed(error) from None
+        signalled = connection.runtime(state_dir).kill(name, sig.name)
+    except connection.Failure as error:
+        raise connection.failed(error) from None
     if sig == signal.SIGKILL:
         print(f"{name}: killed")
     else:
@@ -92,7 +89,6 @@ def update(
     anything is written, and a write that fails puts back those already made."""
     from pydantic import ValidationError
 
-    from cgctl.runtime.models import Failure
     from cgctl.spec import SpecError
 
     changes = limits.limit_fields(
@@ -119,13 +115,13 @@ def update(
         **{("limits", *field): opt for field, opt in limits.OPTION_FOR_FIELD.items()},
     }
     try:
-        written = runtime(state_dir).update(name, changes)
+        written = connection.runtime(state_dir).update(name, changes)
     except ValidationError as error:
         raise invalid_options(error, options) from None
     except SpecError as error:
         raise invalid_value(error, options) from None
-    except Failure as error:
-        raise failed(error) from None
+    except connection.Failure as error:
+        raise connection.failed(error) from None
     for file, value in written.items():
         print(f"{name}: {file} = {value}")
     if not written:

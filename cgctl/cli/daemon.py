@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from cgctl.cli import hostwide as options
 from cgctl.cli.errors import fail
 
 if TYPE_CHECKING:
@@ -43,6 +44,15 @@ def daemon(
     metrics: Annotated[
         str | None, typer.Option(help="also serve /metrics over TCP on HOST:PORT, for Prometheus")
     ] = None,
+    metrics_all: Annotated[bool, typer.Option(help="/metrics covers " + options.ALL_HELP)] = False,
+    metrics_compat: Annotated[
+        list[str] | None,
+        typer.Option(help="/metrics also emits another exporter's names: cadvisor", show_default=False),
+    ] = None,
+    metrics_cgroup_root: options.CgroupRoot = None,
+    metrics_max_depth: options.MaxDepth = None,
+    metrics_include: options.Include = None,
+    metrics_exclude: options.Exclude = None,
     tcp: Annotated[
         str | None,
         typer.Option(help="also serve the API on TCP HOST:PORT, to clients with --token-file's token"),
@@ -89,6 +99,23 @@ def daemon(
         address = parse_listen(metrics) if metrics else None
     except ValueError as error:
         raise fail(f"invalid value {metrics!r} for --metrics: {error}") from None
+    if unknown := set(metrics_compat or []) - {"cadvisor"}:
+        raise fail(
+            f"invalid value {sorted(unknown)[0]!r} for --metrics-compat: the one compatible mode is cadvisor"
+        )
+    selecting = (metrics_cgroup_root, metrics_max_depth, metrics_include, metrics_exclude)
+    if metrics_all:
+        unified, selection = options.selection(*selecting)
+        collector = ContainerCollector(
+            paths.state_dir,
+            compat=["cadvisor"] if metrics_compat else [],
+            unified=unified,
+            selection=selection,
+        )
+    else:
+        names = ("--metrics-cgroup-root", "--metrics-max-depth", "--metrics-include", "--metrics-exclude")
+        options.refuse_without("--metrics-all", dict(zip(names, selecting, strict=True)))
+        collector = ContainerCollector(paths.state_dir, compat=["cadvisor"] if metrics_compat else [])
     tcp_listener = _tcp_listener(tcp, token_file) if tcp else None
     try:
         listener = listening_socket(socket or paths.socket, group)
@@ -102,7 +129,6 @@ def daemon(
         raise fail(f"cannot start: {error}") from None
     print(f"cgctld: serving on {socket or paths.socket}", file=sys.stderr, flush=True)
     try:
-        collector = ContainerCollector(paths.state_dir)
         collector.extra = service.engine.metrics
         serve(service, listener, collector, address, tcp_listener)
     finally:

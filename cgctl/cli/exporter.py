@@ -1,4 +1,5 @@
-"""`cgctl exporter`: serve the containers' metrics to Prometheus, read from the cgroups at each scrape."""
+"""`cgctl exporter`: serve the containers' metrics to Prometheus (with --all, every cgroup's), read from
+the cgroups at each scrape."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from cgctl.cli import hostwide as options
 from cgctl.cli.errors import fail
 
 
@@ -32,8 +34,14 @@ def exporter(
         typer.Option(help="also emit another exporter's names: cadvisor", show_default=False),
     ] = None,
     state_dir: Annotated[Path | None, typer.Option(envvar="CGCTL_STATE_DIR", help="the run records")] = None,
+    everything: Annotated[bool, typer.Option("--all", "-a", help=options.ALL_HELP)] = False,
+    cgroup_root: options.CgroupRoot = None,
+    max_depth: options.MaxDepth = None,
+    include: options.Include = None,
+    exclude: options.Exclude = None,
 ) -> None:
-    """Serve Prometheus metrics of every running container (read at scrape time, never cached)."""
+    """Serve Prometheus metrics of every running container, or with --all of every cgroup of the host
+    (read at scrape time, never cached)."""
     from cgctl.cli import connection
     from cgctl.exporter import make_server
 
@@ -52,7 +60,20 @@ def exporter(
     unknown = set(compat or []) - {"cadvisor"}
     if unknown:
         raise fail(f"invalid value {sorted(unknown)[0]!r} for --compat: the one compatible mode is cadvisor")
-    collector = ContainerCollector(state_dir, compat=["cadvisor"] if compat else [])
+    if everything:
+        mount, selection = options.selection(cgroup_root, max_depth, include, exclude)
+        collector = ContainerCollector(
+            state_dir, compat=["cadvisor"] if compat else [], unified=mount, selection=selection
+        )
+    else:
+        given = {
+            "--cgroup-root": cgroup_root,
+            "--max-depth": max_depth,
+            "--include": include,
+            "--exclude": exclude,
+        }
+        options.refuse_without("--all", given)
+        collector = ContainerCollector(state_dir, compat=["cadvisor"] if compat else [])
     try:
         server = make_server(host, port, collector)
     except OSError as error:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cgctl.cli.connection import failed
+from cgctl.cli import connection
 from cgctl.cli.errors import fail
 from cgctl.cli.table import render_table
 
@@ -42,12 +42,15 @@ def store_at(root: Path | None) -> Store:
 
 def daemon_for(store: Path | None) -> RemoteRuntime | None:
     """The daemon whose store the verbs act on, unless --store names a local one."""
-    from cgctl.cli.connection import runtime
-    from cgctl.runtime.remote import RemoteRuntime
+    from cgctl.runtime.embedded import LocalRuntime
 
     if store is not None:
         return None
-    chosen = runtime()
+    chosen = connection.runtime()
+    if isinstance(chosen, LocalRuntime):  # no daemon: no need for the remote client either
+        return None
+    from cgctl.runtime.remote import RemoteRuntime
+
     return chosen if isinstance(chosen, RemoteRuntime) else None
 
 
@@ -61,7 +64,6 @@ def import_(
 ) -> None:
     """Verify and unpack an image's layers into the store (each layer once), and record it as NAME[:TAG]."""
     from cgctl.images import ImageError, LayerError, import_image
-    from cgctl.runtime.models import Failure
     from cgctl.spec import format_size
 
     started = time.monotonic()
@@ -69,8 +71,8 @@ def import_(
         print(f"cgctl: importing {archive} through the daemon at {daemon.host}", file=sys.stderr)
         try:
             record = daemon.import_image(str(archive.absolute()), reference)
-        except Failure as error:
-            raise failed(error) from None
+        except connection.Failure as error:
+            raise connection.failed(error) from None
     else:
         try:
             record = import_image(archive, reference, store_at(store), progress_bar())
@@ -93,13 +95,12 @@ def list_(
     json_output: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """List the images in the store."""
-    from cgctl.runtime.models import Failure
     from cgctl.spec import format_size
 
     try:
         images = daemon.images() if (daemon := daemon_for(store)) else list(store_at(store).images())
-    except Failure as error:
-        raise failed(error) from None
+    except connection.Failure as error:
+        raise connection.failed(error) from None
     if json_output:
         print(json.dumps(images))
         return
@@ -116,7 +117,6 @@ def list_(
 def inspect(reference: Reference, store: StoreDir = None) -> None:
     """Print an image's record: its layers and its config (Env, Cmd, Entrypoint, WorkingDir, User)."""
     from cgctl.images import parse_reference
-    from cgctl.runtime.models import Failure
 
     try:
         if daemon := daemon_for(store):
@@ -129,8 +129,8 @@ def inspect(reference: Reference, store: StoreDir = None) -> None:
             record = store_at(store).load(reference)
     except (LookupError, ValueError) as error:
         raise fail(str(error)) from None
-    except Failure as error:
-        raise failed(error) from None
+    except connection.Failure as error:
+        raise connection.failed(error) from None
     print(json.dumps(record, indent=2))
 
 
@@ -139,7 +139,6 @@ def rm(reference: Reference, store: StoreDir = None, state_dir: StateDir = None)
     """Remove an image, and the layers no other image uses; refused while a container runs it."""
     from cgctl import state
     from cgctl.images import parse_reference
-    from cgctl.runtime.models import Failure
 
     try:
         name, tag = parse_reference(reference)
@@ -155,8 +154,8 @@ def rm(reference: Reference, store: StoreDir = None, state_dir: StateDir = None)
         removed = store_at(store).remove(reference)
     except (LookupError, ValueError) as error:
         raise fail(str(error)) from None
-    except Failure as error:
-        raise failed(error) from None
+    except connection.Failure as error:
+        raise connection.failed(error) from None
     print(f"{wanted}: removed, with {len(removed)} layer(s) no other image uses")
 
 
@@ -169,7 +168,6 @@ def save(
     """Write an image as an OCI image layout tar (`image import`, `skopeo copy oci-archive:`, `podman load`
     read it back): its blobs as stored, so its digest stays."""
     from cgctl.images.save import save as save_image
-    from cgctl.runtime.models import Failure
     from cgctl.spec import format_size
 
     try:
@@ -177,8 +175,8 @@ def save(
             size = int(daemon.save_image(reference, str(archive.absolute()))["size"])
         else:
             size = save_image(reference, store_at(store), archive, progress_bar())
-    except Failure as error:
-        raise failed(error) from None
+    except connection.Failure as error:
+        raise connection.failed(error) from None
     except (LookupError, ValueError, OSError) as error:
         end_bar()
         raise fail(f"{reference}: not saved to {archive}: {error}") from None
@@ -193,14 +191,12 @@ def commit(
 ) -> None:
     """Make a container's writes a new layer on top of its image, recorded as NAME[:TAG] (the container
     needs --upper DIR; a running one is frozen for the moment of the copy)."""
-    from cgctl.cli.connection import runtime
-    from cgctl.runtime.models import Failure
     from cgctl.spec import format_size
 
     try:
-        record = runtime().commit(name, reference, message)
-    except Failure as error:
-        raise failed(error) from None
+        record = connection.runtime().commit(name, reference, message)
+    except connection.Failure as error:
+        raise connection.failed(error) from None
     except (LookupError, ValueError, OSError) as error:
         raise fail(f"{name}: not committed: {error}") from None
     print(

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cgctl.cli.connection import failed
+from cgctl.cli import connection
 from cgctl.cli.table import render_table
 
 if TYPE_CHECKING:
@@ -125,10 +125,9 @@ def explain(name: Annotated[str, typer.Argument(help="a running container")], as
 @app.command()
 def status(as_json: Json = False) -> None:
     """Show the daemon's active policies and its last reload."""
-    from cgctl.cli.connection import runtime
     from cgctl.runtime.remote import RemoteRuntime
 
-    chosen = runtime()
+    chosen = connection.runtime()
     if not isinstance(chosen, RemoteRuntime):
         from cgctl.cli.errors import fail
         from cgctl.runtime.embedded import START_DAEMON
@@ -149,16 +148,15 @@ def status(as_json: Json = False) -> None:
 
 
 def _call(what: Any) -> Any:
-    from cgctl.cli.connection import runtime
-    from cgctl.runtime.models import Failure, Invalid
+    from cgctl.runtime.models import Invalid
 
     try:
-        return what(runtime())
+        return what(connection.runtime())
     except Invalid as error:
         print(f"cgctl: {error}", file=sys.stderr)
         raise typer.Exit(EXIT_INVALID) from None
-    except Failure as error:
-        raise failed(error) from None
+    except connection.Failure as error:
+        raise connection.failed(error) from None
 
 
 def _show_plans(plans: list[PolicyPlan], as_json: bool, verb: str) -> None:

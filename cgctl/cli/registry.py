@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cgctl.cli.connection import failed
+from cgctl.cli import connection
 from cgctl.cli.errors import fail
 from cgctl.cli.image import StoreDir, daemon_for, end_bar, progress_bar, store_at
 
@@ -58,7 +58,7 @@ def pull(
     from cgctl.images import ImageError, LayerError
     from cgctl.images.pull import pull as pull_image
     from cgctl.images.registry import RegistryError
-    from cgctl.runtime.models import Failure, PullRequest
+    from cgctl.runtime.models import PullRequest
     from cgctl.spec import format_size
 
     started = time.monotonic()
@@ -70,8 +70,8 @@ def pull(
             )
         else:
             record = pull_image(reference, store_at(store), _options(tls_ca, insecure), progress_bar())
-    except Failure as error:
-        raise failed(error) from None
+    except connection.Failure as error:
+        raise connection.failed(error) from None
     except ValueError as error:
         raise fail(f"invalid value {reference!r} for REFERENCE: {error}") from None
     except RegistryError as error:  # it names the reference
@@ -102,7 +102,7 @@ def push(
     registry has them), then the manifest, byte for byte. Pushing again sends nothing."""
     from cgctl.images.push import push as push_image
     from cgctl.images.registry import RegistryError
-    from cgctl.runtime.models import Failure, PushRequest
+    from cgctl.runtime.models import PushRequest
 
     target = destination or source
     try:
@@ -116,8 +116,8 @@ def push(
             pushed = push_image(
                 source, destination, store_at(store), _options(tls_ca, insecure), progress_bar()
             )
-    except Failure as error:
-        raise failed(error) from None
+    except connection.Failure as error:
+        raise connection.failed(error) from None
     except ValueError as error:
         raise fail(f"invalid value {target!r} for the image: {error}") from None
     except RegistryError as error:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
-from cgctl.cli import limits
+from cgctl.cli import connection, limits
 from cgctl.cli.errors import fail, invalid_options, invalid_value
 
 if TYPE_CHECKING:
@@ -167,12 +167,10 @@ def run(
     """
     from pydantic import ValidationError
 
-    from cgctl.cli import connection
-    from cgctl.cli.connection import runtime
     from cgctl.runtime.embedded import LocalRuntime
     from cgctl.spec import WorkloadSpec
 
-    chosen = runtime()
+    chosen = connection.runtime()
     root = _root(image, rootfs, layer or [], upper, keep_upper, read_only)
     defaults = _image_defaults(image, rootfs, root, chosen) if image and root else {}
     command = [*defaults.get("Entrypoint", []), *(command or defaults.get("Cmd", []))]
@@ -276,8 +274,7 @@ def _through_daemon(
     and SIGTERM, and end with its status (the container is then removed)."""
     from pydantic import ValidationError
 
-    from cgctl.cli.connection import failed
-    from cgctl.runtime.models import CreateRequest, Failure
+    from cgctl.runtime.models import CreateRequest
 
     fields: dict[str, Any] = {"spec": spec, "auto_remove": service["rm"]}
     if service["restart"]:
@@ -290,8 +287,8 @@ def _through_daemon(
         raise invalid_options(error, DAEMON_OPTIONS) from None
     try:
         created = chosen.create(request)
-    except Failure as error:
-        raise failed(error) from None
+    except connection.Failure as error:
+        raise connection.failed(error) from None
     if detach:
         print(created.name)
         raise typer.Exit(0)
@@ -301,13 +298,10 @@ def _through_daemon(
 def attach_to_end(chosen: Runtime, name: str, report: str | None) -> NoReturn:
     """Attach to a container started through the daemon (its output streamed, Ctrl-C and SIGTERM
     forwarded) and exit with its status once it ends and is removed."""
-    from cgctl.cli.connection import failed
-    from cgctl.runtime.models import Failure
-
     try:
         ended = _attach(chosen, name)
-    except Failure as error:
-        raise failed(error) from None
+    except connection.Failure as error:
+        raise connection.failed(error) from None
     if report and ended.report is not None:
         write_report(report, ended.report.model_dump_json(indent=2))
     last = ended.last
@@ -365,9 +359,7 @@ def _image_defaults(image: str, rootfs: Path | None, root: dict[str, Any], chose
     """Put the image's layers (in the store of the daemon, if the run goes through one) under root's
     (--layer adds layers over an image; --upper and --read-only apply), and return its config:
     Env, Cmd, Entrypoint, WorkingDir, User."""
-    from cgctl.cli.connection import failed
     from cgctl.images import Store, default_root, parse_reference
-    from cgctl.runtime.models import Failure
     from cgctl.runtime.remote import RemoteRuntime
 
     if rootfs:
@@ -389,8 +381,8 @@ def _image_defaults(image: str, rootfs: Path | None, root: dict[str, Any], chose
             layers = [str(store.layer(diff_id)) for diff_id in record["layers"]]
     except (LookupError, ValueError) as error:
         raise fail(f"invalid value {image!r} for --image: {error}") from None
-    except Failure as error:
-        raise failed(error) from None
+    except connection.Failure as error:
+        raise connection.failed(error) from None
     root["layers"] = layers + root["layers"]
     root["image"] = f"{record['name']}:{record['tag']}"
     return dict(record["config"])

@@ -1,4 +1,5 @@
-"""`cgctl stats`: a live table of the running containers' usage, like docker stats; --json for machines."""
+"""`cgctl stats`: a live table of the running containers' usage, like docker stats; with --all, of
+every cgroup of the host, like systemd-cgtop; --json for machines."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
-from cgctl.cli.connection import failed, runtime
+from cgctl.cli import connection
+from cgctl.cli import hostwide as options
 from cgctl.cli.table import render_table
 
 if TYPE_CHECKING:
@@ -27,6 +29,8 @@ COLUMNS = (
     "THROTTLED",
     "PSI cpu/mem/io",
 )
+HOSTWIDE_COLUMNS = ("CGROUP", "NAME", "CPU %", "MEMORY", "IO/s", "PIDS", "PSI cpu/mem/io")
+Sort = Literal["name", "cpu", "mem", "io", "pressure"]
 
 
 def register(app: typer.Typer) -> None:
@@ -38,33 +42,71 @@ def stats(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="print one sample and exit")] = False,
     interval: Annotated[float, typer.Option(help="seconds between samples", min=0.1)] = 1.0,
+    everything: Annotated[bool, typer.Option("--all", "-a", help=options.ALL_HELP)] = False,
+    sort: Annotated[
+        Sort | None,
+        typer.Option(
+            help="order rows by: name, cpu, mem, io (rate), pressure [default: name; cpu with --all]"
+        ),
+    ] = None,
+    cgroup_root: options.CgroupRoot = None,
+    max_depth: options.MaxDepth = None,
+    include: options.Include = None,
+    exclude: options.Exclude = None,
     state_dir: Annotated[Path | None, typer.Option(envvar="CGCTL_STATE_DIR", help="the run records")] = None,
 ) -> None:
-    """Show CPU, memory, IO, pids, throttling and pressure of running containers."""
-    from cgctl.runtime.models import Failure
+    """Show CPU, memory, IO, pids, throttling and pressure of running containers (--all: every cgroup)."""
+    from cgctl.cli.errors import fail
 
+    selection = options.hostwide(everything, cgroup_root, max_depth, include, exclude)
+    if selection is not None and names:
+        raise fail("name containers or show every cgroup with --all, not both")
+    order: Sort = sort or ("cpu" if everything else "name")
     tty = sys.stdout.isatty() and not as_json
     try:
-        for rows in runtime(state_dir).stats(names, interval, stream=not no_stream):
+        for rows in connection.runtime(state_dir).stats(
+            names, interval, stream=not no_stream, hostwide=selection
+        ):
+            rows = sorted_rows(rows, order)
             if as_json:
                 print(json.dumps([asdict(row) for row in rows]), flush=True)
             else:
-                print(("\x1b[H\x1b[J" if tty and not no_stream else "") + table(rows), flush=True)
-    except Failure as error:
-        raise failed(error) from None
+                text = hostwide_table(rows) if everything else table(rows)
+                print(("\x1b[H\x1b[J" if tty and not no_stream else "") + text, flush=True)
+    except connection.Failure as error:
+        raise connection.failed(error) from None
     except KeyboardInterrupt:
         return
 
 
-def table(rows: list[Usage]) -> str:
+def sorted_rows(rows: list[Usage], order: Sort) -> list[Usage]:
+    """Biggest first (ties and `name` by name, then cgroup path)."""
+    if order == "name":
+        return sorted(rows, key=lambda row: (row.name, row.cgroup))
+    measure = {
+        "cpu": lambda row: row.cpu_percent,
+        "mem": lambda row: float(row.memory_bytes),
+        "io": lambda row: row.io_bytes_per_second,
+        "pressure": lambda row: max(
+            p or 0.0 for p in (row.pressure_cpu, row.pressure_memory, row.pressure_io)
+        ),
+    }[order]
+    return sorted(rows, key=lambda row: (-measure(row), row.name, row.cgroup))
+
+
+def _size(value: int | None) -> str:
     from cgctl.spec import format_size
 
-    def size(value: int | None) -> str:
-        return "max" if value is None else format_size(value)
+    return "max" if value is None else format_size(value)
 
-    def pressure(value: float | None) -> str:
-        return "-" if value is None else f"{value:.0f}"
 
+def _pressure(row: Usage) -> str:
+    return "/".join(
+        "-" if p is None else f"{p:.0f}" for p in (row.pressure_cpu, row.pressure_memory, row.pressure_io)
+    )
+
+
+def table(rows: list[Usage]) -> str:
     lines: list[tuple[str, ...]] = [COLUMNS]
     for row in rows:
         limit = row.memory_limit_bytes
@@ -72,13 +114,31 @@ def table(rows: list[Usage]) -> str:
             (
                 row.name,
                 f"{row.cpu_percent:.1f}%",
-                f"{size(row.memory_bytes)} / {size(limit)}",
+                f"{_size(row.memory_bytes)} / {_size(limit)}",
                 "-" if limit is None else f"{100 * row.memory_bytes / limit:.1f}%",
-                size(row.working_set_bytes),
-                f"{size(row.read_bytes)} / {size(row.write_bytes)}",
+                _size(row.working_set_bytes),
+                f"{_size(row.read_bytes)} / {_size(row.write_bytes)}",
                 f"{row.pids}" + ("" if row.pids_limit is None else f" / {row.pids_limit}"),
                 f"{row.throttled_percent:.0f}%",
-                "/".join(pressure(p) for p in (row.pressure_cpu, row.pressure_memory, row.pressure_io)),
+                _pressure(row),
+            )
+        )
+    return render_table(lines)
+
+
+def hostwide_table(rows: list[Usage]) -> str:
+    """systemd-cgtop's view: one row per cgroup, its path first."""
+    lines: list[tuple[str, ...]] = [HOSTWIDE_COLUMNS]
+    for row in rows:
+        lines.append(
+            (
+                row.cgroup,
+                row.name or "-",
+                f"{row.cpu_percent:.1f}%",
+                _size(row.memory_bytes) if row.memory_bytes else "-",
+                f"{_size(int(row.io_bytes_per_second))}/s" if row.io_bytes_per_second else "-",
+                f"{row.pids}" if row.pids else "-",
+                _pressure(row),
             )
         )
     return render_table(lines)

@@ -51,6 +51,7 @@ from cgctl.runtime.models import (
     Explanation,
     Failure,
     FreezeRequest,
+    HostWide,
     ImportRequest,
     Info,
     Invalid,
@@ -323,11 +324,24 @@ def make_app() -> FastAPI:
         name: Annotated[list[str] | None, Query(description="only these containers")] = None,
         interval: Annotated[float, Query(ge=0.1, le=60)] = 1.0,
         stream: bool = False,
+        all: Annotated[bool, Query(description="every cgroup of the host, as `cgctl stats --all`")] = False,
+        cgroup_root: Annotated[str | None, Query(description="with all: the cgroup to start from")] = None,
+        max_depth: Annotated[int | None, Query(ge=0, description="with all: levels below root")] = None,
+        include: Annotated[list[str] | None, Query(description="with all: path globs to show")] = None,
+        exclude: Annotated[list[str] | None, Query(description="with all: path globs to leave out")] = None,
     ) -> Response:
-        """Usage of running containers over `interval` seconds, as `cgctl stats` shows it: a list;
-        with stream, one list per line and interval."""
+        """Usage of running containers (with all, of every selected cgroup) over `interval` seconds,
+        as `cgctl stats` shows it: a list; with stream, one list per line and interval."""
+        hostwide = (
+            HostWide(
+                cgroup_root=cgroup_root, max_depth=max_depth, include=include or [], exclude=exclude or []
+            )
+            if all
+            else None
+        )
         samples = (
-            [asdict(usage) for usage in sample] for sample in service.local.stats(name, interval, stream)
+            [asdict(usage) for usage in sample]
+            for sample in service.local.stats(name, interval, stream, hostwide)
         )
         first = next(samples)  # an unknown name is a 404, not an empty stream
         if not stream:

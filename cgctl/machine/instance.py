@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cgctl.machine import vm
+from cgctl.machine import RUN_FILE, default_home, vm
 
 DEFAULT_CPUS = 2
 DEFAULT_MEMORY = "4G"
@@ -67,13 +67,6 @@ class Running:
     @property
     def url(self) -> str:
         return f"tcp://127.0.0.1:{self.api_port}"
-
-
-def default_home() -> Path:
-    if explicit := os.environ.get("CGCTL_MACHINE_DIR"):
-        return Path(explicit)
-    data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-    return Path(data) / "cgctl" / "machine"
 
 
 class Machine:
@@ -167,7 +160,7 @@ class Machine:
         """The running VM, if its qemu is alive (a run.json left by a killed one does not count, nor
         one this user cannot read: another user's machine, found through a HOME that is not theirs)."""
         try:
-            running = Running(**json.loads((self.home / "run.json").read_text()))
+            running = Running(**json.loads((self.home / RUN_FILE).read_text()))
             cmdline = Path(f"/proc/{running.pid}/cmdline").read_bytes()
         except (OSError, ValueError, TypeError):
             return None
@@ -211,7 +204,7 @@ class Machine:
                     f"the machine did not stop within {timeout:.0f} s and was killed; "
                     f"see {self.console}. Its disk's journal is replayed at the next start"
                 )
-            (self.home / "run.json").unlink(missing_ok=True)
+            (self.home / RUN_FILE).unlink(missing_ok=True)
             return True
 
     def remove(self) -> None:
@@ -251,7 +244,7 @@ class Machine:
                 start_new_session=True,
             )
         running = Running(qemu.pid, api_port, config.metrics_port, time.time())
-        _write_atomically(self.home / "run.json", json.dumps(asdict(running)))
+        _write_atomically(self.home / RUN_FILE, json.dumps(asdict(running)))
         self._qemu = qemu
         return running
 
@@ -284,7 +277,7 @@ class Machine:
         remote = RemoteRuntime(running.url, timeout=5.0, token=self.token())
         while time.monotonic() < deadline:
             if self._qemu.poll() is not None:
-                (self.home / "run.json").unlink(missing_ok=True)
+                (self.home / RUN_FILE).unlink(missing_ok=True)
                 raise MachineError(f"the machine stopped while booting: {self._last_words()}")
             try:
                 remote.ping()
@@ -293,7 +286,7 @@ class Machine:
                 time.sleep(0.5)
         os.kill(running.pid, signal.SIGKILL)
         self._qemu.wait()
-        (self.home / "run.json").unlink(missing_ok=True)
+        (self.home / RUN_FILE).unlink(missing_ok=True)
         raise MachineError(
             f"the machine's daemon did not answer in time and it was stopped: {self._last_words()}"
         )

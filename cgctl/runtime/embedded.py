@@ -18,30 +18,20 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from cgctl import state
 from cgctl.cgroup import freezer, fs
-from cgctl.runtime.models import (
-    Attempt,
-    Container,
-    CreateRequest,
-    Event,
-    Explanation,
-    Failure,
-    Invalid,
-    NeedsDaemon,
-    NotFound,
-    PolicyPlan,
-    parse_signal,
-)
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the models are imported where used: `cgctl ps` with nothing running needs none
     from cgctl.accounting import Usage
     from cgctl.policy import PolicySet
     from cgctl.runtime.logs import LogLine
+    from cgctl.runtime.models import Container, CreateRequest, Event, Explanation, HostWide, PolicyPlan
 
 START_DAEMON = "start the daemon first: `systemctl start cgctld`, or `cgctld &` as root"
 
 
 def record_container(path: Path) -> Container | None:
     """A running container as its run record tells (None if it ended meanwhile)."""
+    from cgctl.runtime.models import Attempt, Container
+
     try:
         record = state.read(path)
     except (OSError, ValueError):
@@ -100,6 +90,8 @@ class LocalRuntime:
         return [c for c in found if c is not None and has_labels(c, labels)]
 
     def inspect(self, name: str) -> Container:
+        from cgctl.runtime.models import NotFound
+
         container = record_container(state.record_path(self.state_dir, name))
         if container is None or not any(path.stem == name for path, _ in state.live_records(self.state_dir)):
             raise NotFound(f"no running container named {name!r}")
@@ -116,12 +108,16 @@ class LocalRuntime:
         return self._set_frozen(name, False, timeout)
 
     def _set_frozen(self, name: str, frozen: bool, timeout: float) -> bool:
+        from cgctl.runtime.models import Failure
+
         try:
             return freezer.set_frozen(self.group(name), frozen, timeout)
         except fs.CgroupError as error:
             raise Failure(str(error)) from None
 
     def kill(self, name: str, signal_name: str = "KILL") -> int:
+        from cgctl.runtime.models import Failure, Invalid, parse_signal
+
         try:
             sig = parse_signal(signal_name)
         except ValueError as error:
@@ -134,6 +130,7 @@ class LocalRuntime:
     def update(self, name: str, limits: dict[str, dict[str, Any]]) -> dict[str, str]:
         """Change limits live (see runtime.update); raises pydantic's ValidationError or SpecError for
         bad values, which the CLI and the API name by their option or field."""
+        from cgctl.runtime.models import Failure, NotFound
         from cgctl.runtime.update import update
 
         try:
@@ -144,11 +141,23 @@ class LocalRuntime:
             raise Failure(str(error)) from None
 
     def stats(
-        self, names: builtins.list[str] | None = None, interval: float = 1.0, stream: bool = False
+        self,
+        names: builtins.list[str] | None = None,
+        interval: float = 1.0,
+        stream: bool = False,
+        hostwide: HostWide | None = None,
     ) -> Iterator[builtins.list[Usage]]:
-        """Usage of the running containers (or those named) over each interval, as `cgctl stats`
-        shows it: one list per interval, forever if stream."""
+        """Usage of the running containers (or those named; host-wide, of every selected cgroup) over
+        each interval, as `cgctl stats` shows it: one list per interval, forever if stream."""
         from cgctl.accounting import read_snapshot, running_containers, usage
+
+        if hostwide is not None:
+            if names:
+                from cgctl.runtime.models import Invalid
+
+                raise Invalid("name a container or ask for every cgroup (all), not both")
+            yield from self._hostwide_stats(hostwide, interval, stream)
+            return
 
         wanted = set(names or [])
         before = {
@@ -158,11 +167,60 @@ class LocalRuntime:
         }
         missing = wanted - set(before)
         if missing:
+            from cgctl.runtime.models import NotFound
+
             raise NotFound(f"no running container named {', '.join(sorted(missing))}")
+        if not before and not stream:
+            yield []  # nothing to sample: no interval to wait for
+            return
         while True:
             time.sleep(interval)
             after = {name: now for name, then in before.items() if (now := read_snapshot(then.container))}
             yield [usage(before[name], after[name]) for name in sorted(after)]
+            if not stream:
+                return
+            before = after
+
+    def _hostwide_stats(
+        self, hostwide: HostWide, interval: float, stream: bool
+    ) -> Iterator[builtins.list[Usage]]:
+        """Every cgroup the selection covers, walked anew each interval: a cgroup shows from the first
+        interval it lived through whole, and goes when it is gone."""
+        from cgctl import discovery
+        from cgctl.accounting import Snapshot, host_cgroups, read_snapshot, usage
+        from cgctl.runtime.models import Failure, Invalid
+
+        mount, _ = fs.find_unified_mount()
+        if mount is None:
+            raise Failure(
+                f"{fs.MOUNTINFO}: no cgroup2 filesystem is mounted on this host; fix: {fs.FIX_UNIFIED}"
+            )
+        try:
+            selection = discovery.select(
+                mount,
+                None if hostwide.cgroup_root is None else Path(hostwide.cgroup_root),
+                hostwide.max_depth,
+                tuple(hostwide.include),
+                tuple(hostwide.exclude),
+            )
+        except discovery.SelectionError as error:
+            raise Invalid(str(error)) from None
+
+        def sample() -> dict[Path, Snapshot]:
+            snaps = {}
+            for cgroup in host_cgroups(selection, mount, self.state_dir):
+                try:
+                    if snap := read_snapshot(cgroup):
+                        snaps[cgroup.cgroup] = snap
+                except fs.CgroupError:
+                    continue  # unreadable to this user
+            return snaps
+
+        before = sample()
+        while True:
+            time.sleep(interval)
+            after = sample()
+            yield [usage(before[key], snap) for key, snap in after.items() if key in before]
             if not stream:
                 return
             before = after
@@ -183,6 +241,7 @@ class LocalRuntime:
 
     def explain(self, name: str) -> Explanation:
         from cgctl.runtime import policies
+        from cgctl.runtime.models import NotFound
 
         try:
             return policies.explain(name, self._policies(), self.state_dir)
@@ -191,6 +250,7 @@ class LocalRuntime:
 
     def _policies(self, directory: Path | None = None) -> PolicySet:
         from cgctl import policy
+        from cgctl.runtime.models import Invalid
 
         try:
             return policy.load_directory(
@@ -223,4 +283,6 @@ class LocalRuntime:
         self._daemon_only("events")
 
     def _daemon_only(self, what: str) -> NoReturn:
+        from cgctl.runtime.models import NeedsDaemon
+
         raise NeedsDaemon(f"{what} need the cgctl daemon, and none answers: {START_DAEMON}")

@@ -12,11 +12,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from cgctl.runtime.models import Container, CreateRequest, Event, Explanation, PolicyPlan
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the models are pydantic's, slow to import: a CLI with no daemon rarely needs them
     from cgctl.accounting import Usage
     from cgctl.runtime.logs import LogLine
+    from cgctl.runtime.models import Container, CreateRequest, Event, Explanation, HostWide, PolicyPlan
 
 SYSTEM_SOCKET = Path("/run/cgctl/cgctl.sock")
 
@@ -36,7 +35,11 @@ class Runtime(Protocol):
     ) -> Iterator[LogLine]: ...
     def events(self, since: float | None = None, until: float | None = None) -> Iterator[Event]: ...
     def stats(
-        self, names: builtins.list[str] | None = None, interval: float = 1.0, stream: bool = False
+        self,
+        names: builtins.list[str] | None = None,
+        interval: float = 1.0,
+        stream: bool = False,
+        hostwide: HostWide | None = None,
     ) -> Iterator[builtins.list[Usage]]: ...
     def policy_diff(self, directory: str | None = None) -> builtins.list[PolicyPlan]: ...
     def policy_apply(self) -> builtins.list[PolicyPlan]: ...

@@ -253,6 +253,17 @@ class PolicyPlan(BaseModel):
     error: str | None = None
 
 
+class HostWide(_Request):
+    """What host-wide accounting covers (`cgctl stats --all`): every cgroup below `cgroup_root` (a path on
+    the daemon's host; default the whole cgroup2 hierarchy), at most `max_depth` levels down, whose
+    path as /proc/PID/cgroup writes it matches an `include` glob (all if none) and no `exclude` glob."""
+
+    cgroup_root: str | None = None
+    max_depth: Annotated[int, Field(ge=0)] | None = None
+    include: list[str] = []
+    exclude: list[str] = []
+
+
 class DiffRequest(_Request):
     directory: str | None = Field(
         None, pattern=r"^/", description="policy files to compare on the daemon's host (default: its own)"

@@ -48,6 +48,7 @@ from cgctl.runtime.models import (
 
 if TYPE_CHECKING:
     from cgctl.accounting import Usage
+    from cgctl.runtime.models import HostWide
 
 FAILURES: dict[int, type[Failure]] = {
     400: Invalid,
@@ -239,13 +240,18 @@ class RemoteRuntime:
             yield Event.model_validate(item)
 
     def stats(
-        self, names: builtins.list[str] | None = None, interval: float = 1.0, stream: bool = False
+        self,
+        names: builtins.list[str] | None = None,
+        interval: float = 1.0,
+        stream: bool = False,
+        hostwide: HostWide | None = None,
     ) -> Iterator[builtins.list[Usage]]:
         from cgctl.accounting import Usage
 
-        for sample in self._stream(
-            "/v1/stats", {"name": names or [], "interval": interval, "stream": stream}
-        ):
+        query: dict[str, Any] = {"name": names or [], "interval": interval, "stream": stream}
+        if hostwide is not None:
+            query |= {"all": True} | hostwide.model_dump(mode="json", exclude_none=True)
+        for sample in self._stream("/v1/stats", query):
             yield [Usage(**row) for row in sample]  # type: ignore[arg-type]
 
     def checkpoint(self, name: str, request: CheckpointRequest) -> CheckpointResult:

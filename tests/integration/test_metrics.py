@@ -122,7 +122,7 @@ def test_an_oom_kill_counts_exactly_one(background: Background, tmp_path: Path) 
     wait_for(done.exists, "the victim to be killed")
     text = scrape(("cadvisor",))
     assert sample(text, "cgctl_container_memory_oom_kills_total", "survivor") - before == 1
-    assert 'container_oom_events_total{id="/cgctl.slice/survivor",image="",name="survivor"} 1.0' in text
+    assert 'container_oom_events_total{id="/cgctl.slice/survivor",image="",name="survivor"} 1\n' in text
 
 
 def test_container_cpu_is_the_sum_over_its_processes(background: Background) -> None:
@@ -180,7 +180,7 @@ def test_the_exporter_command_serves_and_stops_cleanly(background: Background) -
             content_type, text = response.headers["Content-Type"], response.read().decode()
         assert content_type.startswith("text/plain; version=0.0.4")
         assert 'cgctl_container_info{cgroup="/cgctl.slice/served",container="served"' in text
-        assert 'container_processes{id="/cgctl.slice/served",image="",name="served"} 1.0' in text
+        assert 'container_processes{id="/cgctl.slice/served",image="",name="served"} 1\n' in text
         assert "cgctl_exporter_process_resident_memory_bytes" in text
     finally:
         exporter.terminate()

@@ -66,6 +66,34 @@ def test_bad_input_exits_125_naming_option_and_value(
     assert expected in err
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["stats", "--max-depth", "2"], "--max-depth selects among every cgroup of the host: add --all"),
+        (["exporter", "--include", "/x"], "--include selects among every cgroup of the host: add --all"),
+        (["stats", "--all", "web"], "name containers or show every cgroup with --all, not both"),
+        (["stats", "--all", "--max-depth", "-1"], "Invalid value for '--max-depth'"),
+        (["stats", "--all", "--sort", "size"], "'size' is not one of"),
+        (
+            ["exporter", "--all", "--include", "system.slice"],
+            "invalid value 'system.slice' for --include: cgroup paths start with /",
+        ),
+        (
+            ["exporter", "--all", "--cgroup-root", "/tmp"],
+            "invalid value '/tmp' for --cgroup-root: not a cgroup",
+        ),
+        (["daemon", "--metrics-exclude", "/x"], "--metrics-exclude selects among every cgroup of the host"),
+        (["daemon", "--metrics-compat", "node"], "invalid value 'node' for --metrics-compat"),
+    ],
+)
+def test_hostwide_options_refuse_bad_input(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], args: list[str], expected: str
+) -> None:
+    code, err = cgctl(monkeypatch, capsys, *args)
+    assert code == 125
+    assert expected in err
+
+
 def test_version_and_help(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr("sys.argv", ["cgctl", "--version"])
     with pytest.raises(SystemExit) as exit_:

@@ -1,0 +1,95 @@
+"""Host-wide accounting's options, one spelling for `cgctl stats --all`, `cgctl exporter --all` and
+cgctld's --metrics-all: which cgroups of the host they cover."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from cgctl.cli.errors import fail
+
+if TYPE_CHECKING:
+    from cgctl.discovery import Selection
+    from cgctl.runtime.models import HostWide
+
+ALL_HELP = (
+    "every cgroup of the host, not only cgctl's containers: systemd units, other runtimes' containers, "
+    "Kubernetes pods"
+)
+CgroupRoot = Annotated[
+    Path | None,
+    typer.Option(help="host-wide: the cgroup to start from [default: the whole cgroup2 hierarchy]"),
+]
+MaxDepth = Annotated[
+    int | None,
+    typer.Option(help="host-wide: levels below the root (0: the root alone) [default: no limit]", min=0),
+]
+Include = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="host-wide: show only cgroups whose path (as /proc/PID/cgroup writes it) matches this glob; "
+        "repeatable; * crosses /, e.g. '/system.slice/*'",
+        show_default=False,
+    ),
+]
+Exclude = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="host-wide: leave out cgroups whose path matches this glob; repeatable", show_default=False
+    ),
+]
+
+
+def refuse_without(flag: str, given: Mapping[str, object]) -> None:
+    """Selection options mean nothing without the flag that turns host-wide accounting on."""
+    for option, value in given.items():
+        if value not in (None, [], False):
+            raise fail(f"{option} selects among every cgroup of the host: add {flag}")
+
+
+def hostwide(
+    everything: bool,
+    cgroup_root: Path | None,
+    max_depth: int | None,
+    include: list[str] | None,
+    exclude: list[str] | None,
+) -> HostWide | None:
+    """The request for `--all` and its options (None without --all; its options alone are refused)."""
+    if not everything:
+        given = {
+            "--cgroup-root": cgroup_root,
+            "--max-depth": max_depth,
+            "--include": include,
+            "--exclude": exclude,
+        }
+        refuse_without("--all", given)
+        return None
+    from cgctl.runtime.models import HostWide
+
+    return HostWide(
+        cgroup_root=None if cgroup_root is None else str(cgroup_root),
+        max_depth=max_depth,
+        include=include or [],
+        exclude=exclude or [],
+    )
+
+
+def selection(
+    cgroup_root: Path | None, max_depth: int | None, include: list[str] | None, exclude: list[str] | None
+) -> tuple[Path, Selection]:
+    """(the cgroup2 mount, the checked selection) for a collector on this host."""
+    from cgctl import discovery
+    from cgctl.cgroup import fs
+
+    mount, _ = fs.find_unified_mount()
+    if mount is None:
+        raise fail(f"{fs.MOUNTINFO}: no cgroup2 filesystem is mounted on this host; fix: {fs.FIX_UNIFIED}")
+    try:
+        return mount, discovery.select(
+            mount, cgroup_root, max_depth, tuple(include or ()), tuple(exclude or ())
+        )
+    except discovery.SelectionError as error:
+        raise fail(str(error)) from None
