@@ -99,7 +99,8 @@ def labels(path: str) -> dict[str, str]:
                 found["runtime"] = "docker"
         parent = name
     if "id" in found or "pod_uid" in found:  # what they are says more than the unit systemd made for them
-        found.pop("unit", None), found.pop("slice", None)
+        found.pop("unit", None)
+        found.pop("slice", None)
     return found
 
 
