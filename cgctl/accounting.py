@@ -50,8 +50,7 @@ MEMINFO = Path("/proc/meminfo")
 
 # Every file a snapshot reads, with the parser that turns it into {key: value text}; values are
 # converted only when asked for, as a scrape needs a third of memory.stat's.
-Readers = tuple[tuple[str, Callable[[str], dict[str, str]]], ...]
-READERS: Readers = (
+READERS: tuple[tuple[str, Callable[[str], dict[str, str]]], ...] = (
     *((name, _keyed) for name in ("cpu.stat", "memory.stat", "memory.events", "pids.events")),
     *(
         (name, _single)
@@ -205,9 +204,7 @@ def read_snapshot(
             if (text := _read(name, directory)) is not None:
                 files[name] = parse(text)
         io_stat = _read("io.stat", directory) or ""
-    except OSError as error:  # ENODEV: removed while read
-        if not container.cgroup.exists():
-            return None
+    except OSError as error:  # not one of a vanishing cgroup (see _read): EACCES, say
         raise fs.CgroupError(f"{container.cgroup}/{error.filename}: cannot read: {error.strerror}") from None
     finally:
         os.close(directory)
@@ -224,32 +221,16 @@ def read_snapshot(
 
 
 def _read(name: str, directory: int) -> str | None:
-    """The text of the file called name in directory, None if this kernel (or this cgroup's
-    controllers) lacks it."""
+    """The text of the file called name in directory; None if it is not there (this kernel or this
+    cgroup's controllers lack it) or is being removed (ENODEV: its controller was just turned off in
+    the parent's cgroup.subtree_control, or its cgroup removed). Other errors name the file."""
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=directory)
+        return fs.read_fd(os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=directory))
     except OSError as error:
-        _raise_unless_gone(error, name)
-        return None
-    try:
-        data = os.read(fd, fs.READ_SIZE)
-        if len(data) == fs.READ_SIZE:  # interface files are small: one read, almost always
-            while more := os.read(fd, fs.READ_SIZE):
-                data += more
-    except OSError as error:
-        _raise_unless_gone(error, name)
-        return None
-    finally:
-        os.close(fd)
-    return data.decode()
-
-
-def _raise_unless_gone(error: OSError, name: str) -> None:
-    """A file that is not there, or is being removed (ENODEV: its controller was just turned off in
-    the parent's cgroup.subtree_control, or its cgroup removed), is left out; other errors name it."""
-    if error.errno not in (errno.ENOENT, errno.ENODEV):
+        if error.errno in (errno.ENOENT, errno.ENODEV):
+            return None
         error.filename = name
-        raise error
+        raise
 
 
 def _meminfo_used() -> str | None:

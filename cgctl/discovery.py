@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from cgctl.cgroup import fs
+
 UNIT_SUFFIXES = (".service", ".scope", ".slice", ".socket", ".mount", ".swap")
 # systemd's scope (or cgroupfs directory) of a container, by runtime: the conmon scopes that podman
 # and CRI-O put beside each container (libpod-conmon-<id>.scope) do not match, as they are no container.
@@ -171,3 +173,18 @@ def select(
                     "cgroup paths start with / as /proc/PID/cgroup writes them, e.g. '/system.slice/*'",
                 )
     return Selection(where, max_depth, tuple(include), tuple(exclude))
+
+
+def select_on_host(
+    root: Path | None = None,
+    max_depth: int | None = None,
+    include: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
+) -> tuple[Path, Selection]:
+    """(this host's cgroup2 mount, the checked selection below it); HostNotSupported without one."""
+    mount, _ = fs.find_unified_mount()
+    if mount is None:
+        raise fs.HostNotSupported(
+            f"{fs.MOUNTINFO}: no cgroup2 filesystem is mounted on this host; fix: {fs.FIX_UNIFIED}"
+        )
+    return mount, select(mount, root, max_depth, include, exclude)

@@ -60,26 +60,14 @@ class Cgroup:
         return text
 
     def read_optional(self, name: str) -> str | None:
-        """The file's text, or None where this kernel lacks the file (memory.peak, pids.peak, ...).
-
-        Plain os calls on a str path: the exporter reads some twenty files per container per scrape.
-        """
+        """The file's text, or None where this kernel lacks the file (memory.peak, pids.peak, ...)."""
         path = f"{self.path}/{name}"
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            return read_fd(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
         except FileNotFoundError:
             return None
-        except OSError as error:
-            raise CgroupError(f"{path}: cannot read: {error.strerror}") from None
-        try:
-            chunks = [os.read(fd, READ_SIZE)]
-            while len(chunks[-1]) == READ_SIZE:  # interface files are small: one read, almost always
-                chunks.append(os.read(fd, READ_SIZE))
-            return b"".join(chunks).decode()
         except OSError as error:  # ENODEV: the cgroup was removed while we read it
             raise CgroupError(f"{path}: cannot read: {error.strerror}") from None
-        finally:
-            os.close(fd)
 
     def write(self, name: str, value: str) -> None:
         try:
@@ -99,6 +87,18 @@ class Cgroup:
 
     def child(self, name: str) -> Cgroup:
         return Cgroup(self.path / name)
+
+
+def read_fd(fd: int) -> str:
+    """The whole text of the interface file open at fd, which is closed after."""
+    try:
+        data = os.read(fd, READ_SIZE)
+        if len(data) == READ_SIZE:  # interface files are small: one read, almost always
+            while more := os.read(fd, READ_SIZE):
+                data += more
+        return data.decode()
+    finally:
+        os.close(fd)
 
 
 def parse_keyed(text: str) -> dict[str, float]:

@@ -80,7 +80,7 @@ def daemon(
     with the exit status of any that ended meanwhile.
     """
     from cgctl.cgroup.fs import CgroupError
-    from cgctl.cli.exporter import parse_listen
+    from cgctl.cli.exporter import parse_compat, parse_listen
     from cgctl.daemon.server import listening_socket, serve
     from cgctl.daemon.service import Service, default_paths
     from cgctl.metrics import ContainerCollector
@@ -99,23 +99,14 @@ def daemon(
         address = parse_listen(metrics) if metrics else None
     except ValueError as error:
         raise fail(f"invalid value {metrics!r} for --metrics: {error}") from None
-    if unknown := set(metrics_compat or []) - {"cadvisor"}:
-        raise fail(
-            f"invalid value {sorted(unknown)[0]!r} for --metrics-compat: the one compatible mode is cadvisor"
-        )
+    families = parse_compat(metrics_compat, "--metrics-compat")
     selecting = (metrics_cgroup_root, metrics_max_depth, metrics_include, metrics_exclude)
     if metrics_all:
         unified, selection = options.selection(*selecting)
-        collector = ContainerCollector(
-            paths.state_dir,
-            compat=["cadvisor"] if metrics_compat else [],
-            unified=unified,
-            selection=selection,
-        )
+        collector = ContainerCollector(paths.state_dir, compat=families, unified=unified, selection=selection)
     else:
-        names = ("--metrics-cgroup-root", "--metrics-max-depth", "--metrics-include", "--metrics-exclude")
-        options.refuse_without("--metrics-all", dict(zip(names, selecting, strict=True)))
-        collector = ContainerCollector(paths.state_dir, compat=["cadvisor"] if metrics_compat else [])
+        options.refuse_without("--metrics-all", *selecting, prefix="metrics-")
+        collector = ContainerCollector(paths.state_dir, compat=families)
     tcp_listener = _tcp_listener(tcp, token_file) if tcp else None
     try:
         listener = listening_socket(socket or paths.socket, group)

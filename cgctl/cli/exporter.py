@@ -7,12 +7,15 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from cgctl.cli import hostwide as options
 from cgctl.cli.errors import fail
+
+if TYPE_CHECKING:
+    from cgctl.metrics import Family
 
 
 def register(app: typer.Typer) -> None:
@@ -25,6 +28,13 @@ def parse_listen(listen: str) -> tuple[str, int]:
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:9753")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def parse_compat(values: list[str] | None, option: str) -> list[Family]:
+    """The other exporters' names to emit too; cadvisor is the one there is."""
+    if unknown := set(values or []) - {"cadvisor"}:
+        raise fail(f"invalid value {sorted(unknown)[0]!r} for {option}: the one compatible mode is cadvisor")
+    return ["cadvisor"] if values else []
 
 
 def exporter(
@@ -57,23 +67,13 @@ def exporter(
         host, port = parse_listen(listen)
     except ValueError as error:
         raise fail(f"invalid value {listen!r} for --listen: {error}") from None
-    unknown = set(compat or []) - {"cadvisor"}
-    if unknown:
-        raise fail(f"invalid value {sorted(unknown)[0]!r} for --compat: the one compatible mode is cadvisor")
+    families = parse_compat(compat, "--compat")
     if everything:
         mount, selection = options.selection(cgroup_root, max_depth, include, exclude)
-        collector = ContainerCollector(
-            state_dir, compat=["cadvisor"] if compat else [], unified=mount, selection=selection
-        )
+        collector = ContainerCollector(state_dir, compat=families, unified=mount, selection=selection)
     else:
-        given = {
-            "--cgroup-root": cgroup_root,
-            "--max-depth": max_depth,
-            "--include": include,
-            "--exclude": exclude,
-        }
-        options.refuse_without("--all", given)
-        collector = ContainerCollector(state_dir, compat=["cadvisor"] if compat else [])
+        options.refuse_without("--all", cgroup_root, max_depth, include, exclude)
+        collector = ContainerCollector(state_dir, compat=families)
     try:
         server = make_server(host, port, collector)
     except OSError as error:

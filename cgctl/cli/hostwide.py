@@ -3,7 +3,6 @@ cgctld's --metrics-all: which cgroups of the host they cover."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -43,11 +42,20 @@ Exclude = Annotated[
 ]
 
 
-def refuse_without(flag: str, given: Mapping[str, object]) -> None:
-    """Selection options mean nothing without the flag that turns host-wide accounting on."""
+def refuse_without(
+    flag: str,
+    cgroup_root: Path | None,
+    max_depth: int | None,
+    include: list[str] | None,
+    exclude: list[str] | None,
+    prefix: str = "",
+) -> None:
+    """Selection options (--PREFIXcgroup-root, ...) mean nothing without the flag that turns host-wide
+    accounting on."""
+    given = {"cgroup-root": cgroup_root, "max-depth": max_depth, "include": include, "exclude": exclude}
     for option, value in given.items():
-        if value not in (None, [], False):
-            raise fail(f"{option} selects among every cgroup of the host: add {flag}")
+        if value is not None and value != []:
+            raise fail(f"--{prefix}{option} selects among every cgroup of the host: add {flag}")
 
 
 def hostwide(
@@ -59,13 +67,7 @@ def hostwide(
 ) -> HostWide | None:
     """The request for `--all` and its options (None without --all; its options alone are refused)."""
     if not everything:
-        given = {
-            "--cgroup-root": cgroup_root,
-            "--max-depth": max_depth,
-            "--include": include,
-            "--exclude": exclude,
-        }
-        refuse_without("--all", given)
+        refuse_without("--all", cgroup_root, max_depth, include, exclude)
         return None
     from cgctl.runtime.models import HostWide
 
@@ -82,14 +84,9 @@ def selection(
 ) -> tuple[Path, Selection]:
     """(the cgroup2 mount, the checked selection) for a collector on this host."""
     from cgctl import discovery
-    from cgctl.cgroup import fs
+    from cgctl.cgroup.fs import HostNotSupported
 
-    mount, _ = fs.find_unified_mount()
-    if mount is None:
-        raise fail(f"{fs.MOUNTINFO}: no cgroup2 filesystem is mounted on this host; fix: {fs.FIX_UNIFIED}")
     try:
-        return mount, discovery.select(
-            mount, cgroup_root, max_depth, tuple(include or ()), tuple(exclude or ())
-        )
-    except discovery.SelectionError as error:
+        return discovery.select_on_host(cgroup_root, max_depth, tuple(include or ()), tuple(exclude or ()))
+    except (discovery.SelectionError, HostNotSupported) as error:
         raise fail(str(error)) from None

@@ -190,14 +190,8 @@ class LocalRuntime:
         from cgctl.accounting import Snapshot, host_cgroups, read_snapshot, usage
         from cgctl.runtime.models import Failure, Invalid
 
-        mount, _ = fs.find_unified_mount()
-        if mount is None:
-            raise Failure(
-                f"{fs.MOUNTINFO}: no cgroup2 filesystem is mounted on this host; fix: {fs.FIX_UNIFIED}"
-            )
         try:
-            selection = discovery.select(
-                mount,
+            mount, selection = discovery.select_on_host(
                 None if hostwide.cgroup_root is None else Path(hostwide.cgroup_root),
                 hostwide.max_depth,
                 tuple(hostwide.include),
@@ -205,6 +199,8 @@ class LocalRuntime:
             )
         except discovery.SelectionError as error:
             raise Invalid(str(error)) from None
+        except fs.HostNotSupported as error:
+            raise Failure(str(error)) from None
 
         def sample() -> dict[Path, Snapshot]:
             snaps = {}

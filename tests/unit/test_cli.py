@@ -70,6 +70,7 @@ def test_bad_input_exits_125_naming_option_and_value(
     ("args", "expected"),
     [
         (["stats", "--max-depth", "2"], "--max-depth selects among every cgroup of the host: add --all"),
+        (["stats", "--max-depth", "0"], "--max-depth selects among every cgroup of the host: add --all"),
         (["exporter", "--include", "/x"], "--include selects among every cgroup of the host: add --all"),
         (["stats", "--all", "web"], "name containers or show every cgroup with --all, not both"),
         (["stats", "--all", "--max-depth", "-1"], "Invalid value for '--max-depth'"),
