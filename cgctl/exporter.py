@@ -2,7 +2,8 @@
 
 Served with the standard library's threading HTTP server; renders are serialised (the
 collector keeps small caches between scrapes), and the exporter's own process metrics come
-from prometheus_client's ProcessCollector.
+from prometheus_client's ProcessCollector (not in the daemon, whose collector renders its own
+process and its keeper's as cgctl_process_*).
 """
 
 from __future__ import annotations
@@ -17,10 +18,14 @@ from cgctl.metrics import ContainerCollector
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the text format ContainerCollector writes
 
 
-def make_server(host: str, port: int, collector: ContainerCollector) -> ThreadingHTTPServer:
-    """A server for /metrics (call serve_forever); binding errors raise OSError."""
+def make_server(
+    host: str, port: int, collector: ContainerCollector, own_process: bool = True
+) -> ThreadingHTTPServer:
+    """A server for /metrics (call serve_forever), with cgctl_exporter_process_* if own_process;
+    binding errors raise OSError."""
     process = CollectorRegistry(auto_describe=False)
-    ProcessCollector(namespace="cgctl_exporter", registry=process)
+    if own_process:
+        ProcessCollector(namespace="cgctl_exporter", registry=process)
     render_lock = threading.Lock()
 
     class MetricsHandler(BaseHTTPRequestHandler):

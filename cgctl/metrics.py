@@ -28,6 +28,7 @@ from cgctl.accounting import Container, Snapshot, host_cgroups, read_snapshot, r
 from cgctl.cgroup.fs import CgroupError
 from cgctl.cgroup.io import SYS_DEV_BLOCK
 from cgctl.discovery import Selection, is_container
+from cgctl.processes import Resources, resources
 
 Kind = Literal["counter", "gauge"]
 Family = Literal["native", "cadvisor"]
@@ -594,6 +595,30 @@ class ContainerCollector(Collector):
         out.append(f"cgctl_exporter_containers {containers}\n")
         _family(out, "cgctl_exporter_cgroups", "gauge", "Cgroups the last scrape accounted.")
         out.append(f"cgctl_exporter_cgroups {cgroups}\n")
+
+
+# cgctl's own long-lived processes (the daemon's /metrics: the daemon and its keeper), under the
+# names prometheus_client's ProcessCollector gives the one process it runs in, with `process` to tell
+# them apart; threads has no standard name.
+PROCESS_METRICS: tuple[tuple[str, Kind, str, Callable[[Resources], float]], ...] = (
+    ("cpu_seconds_total", "counter", "CPU time used, user and system.", lambda r: r.cpu_seconds),
+    ("resident_memory_bytes", "gauge", "Resident memory.", lambda r: r.resident_bytes),
+    ("open_fds", "gauge", "Open file descriptors.", lambda r: r.open_fds),
+    ("threads", "gauge", "Threads.", lambda r: r.threads),
+    ("start_time_seconds", "gauge", "Start time, in seconds since the unix epoch.", lambda r: r.started_at),
+)
+
+
+def render_processes(pids: dict[str, int | None]) -> str:
+    """cgctl_process_* of each named process (process="daemon", "keeper"); one that is gone, or has
+    no pid, has no rows."""
+    found = {name: usage for name, pid in pids.items() if pid is not None and (usage := resources(pid))}
+    out: list[str] = []
+    for suffix, kind, help, value in PROCESS_METRICS:
+        name = "cgctl_process_" + suffix
+        _family(out, name, kind, help)
+        out += [f'{name}{{process="{who}"}} {_number(float(value(usage)))}\n' for who, usage in found.items()]
+    return "".join(out)
 
 
 def _render_rows(

@@ -14,7 +14,15 @@ import re
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 MAX: Literal["max"] = "max"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -384,25 +392,50 @@ class Security(_Model):
         return [name for name in CAPABILITIES if name in kept]
 
 
+def _command_not_blank(command: list[str]) -> list[str]:
+    if not command[0]:
+        raise ValueError("the command is empty")
+    return command
+
+
+def _env_names(env: dict[str, str]) -> dict[str, str]:
+    for name in env:
+        if not _ENV_NAME.match(name):
+            raise ValueError(f"{name!r} is not an environment variable name")
+    return env
+
+
+# The parts of a process that WorkloadSpec and ExecSpec share, with one check each.
+Command = Annotated[list[str], Field(min_length=1, description="argv"), AfterValidator(_command_not_blank)]
+Environment = Annotated[dict[str, str], AfterValidator(_env_names)]
+WorkDir = Annotated[str, AfterValidator(_absolute)] | None
+User = Annotated[
+    str | None,
+    Field(
+        pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?$",
+        description="USER[:GROUP], names or ids, looked up in the root's /etc/passwd and /etc/group",
+    ),
+]
+
+
 class WorkloadSpec(_Model):
     """What to run, where, and within which limits."""
 
     name: str | None = Field(None, pattern=NAME_PATTERN, description="unique name; also the cgroup's name")
-    command: list[str] = Field(min_length=1, description="argv of the workload")
+    command: Command
     limits: Limits = Field(default_factory=Limits)
     namespaces: Namespaces = Field(default_factory=Namespaces)
     hostname: str | None = Field(None, min_length=1, max_length=64, description="default: the name")
-    env: dict[str, str] = Field(default_factory=dict, description="added to the caller's environment")
-    workdir: str | None = Field(None, description="working directory (default: the caller's)")
+    env: Environment = Field(default_factory=dict, description="added to the caller's environment")
+    workdir: WorkDir = Field(None, description="working directory (default: the caller's)")
     labels: dict[str, str] = Field(default_factory=dict, description="metadata; never in the environment")
     init: bool = Field(False, description="run a minimal reaper as pid 1 that forwards signals")
-    user: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?$",
-        description="USER[:GROUP], names or ids, looked up in the root's /etc/passwd and /etc/group",
-    )  # fmt: skip
+    user: User = None
     rootfs: RootFs | None = Field(None, description="a root of its own; default: the host's")
     volumes: list[Volume] = Field(default_factory=list, description="bind mounts into its root")
     security: Security = Field(default_factory=Security)
+    tty: bool = Field(False, description="a terminal of its own (a pty from its devpts) as its stdio")
+    interactive: bool = Field(False, description="keep its stdin open, for `attach` through the daemon")
 
     @model_validator(mode="after")
     def _root_needs_mount_namespace(self) -> WorkloadSpec:
@@ -422,21 +455,6 @@ class WorkloadSpec(_Model):
                 )
         return self
 
-    @field_validator("command")
-    @classmethod
-    def _command_not_blank(cls, command: list[str]) -> list[str]:
-        if not command[0]:
-            raise ValueError("the command is empty")
-        return command
-
-    @field_validator("env")
-    @classmethod
-    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
-        for name in env:
-            if not _ENV_NAME.match(name):
-                raise ValueError(f"{name!r} is not an environment variable name")
-        return env
-
     @field_validator("labels")
     @classmethod
     def _label_keys(cls, labels: dict[str, str]) -> dict[str, str]:
@@ -447,9 +465,15 @@ class WorkloadSpec(_Model):
                 )
         return labels
 
-    @field_validator("workdir")
-    @classmethod
-    def _absolute_workdir(cls, workdir: str | None) -> str | None:
-        if workdir is not None and not workdir.startswith("/"):
-            raise ValueError(f"{workdir!r} is not an absolute path")
-        return workdir
+
+class ExecSpec(_Model):
+    """A process to start in a running container (`cgctl exec`): it joins the container's namespaces,
+    cgroup, root and sandbox; what it leaves unset is the container's."""
+
+    command: Command
+    env: Environment = Field(default_factory=dict, description="over the container's environment")
+    user: User = None
+    workdir: WorkDir = Field(None, description="default: the container's, else /")
+    tty: bool = Field(False, description="a terminal of its own, from the container's devpts")
+    interactive: bool = Field(False, description="keep its stdin open")
+    privileged: bool = Field(False, description="allowed only for a --privileged container, which it then is")

@@ -88,6 +88,15 @@ class Cgroup:
     def child(self, name: str) -> Cgroup:
         return Cgroup(self.path / name)
 
+    def pids(self) -> list[int]:
+        """The processes of this cgroup and of every cgroup below it (the workload may nest its own):
+        os.walk, as it skips a nested cgroup removed meanwhile rather than fail."""
+        return [
+            int(pid)
+            for directory, _, _ in os.walk(self.path)
+            for pid in (Cgroup(Path(directory)).read_optional("cgroup.procs") or "").split()
+        ]
+
 
 def read_fd(fd: int) -> str:
     """The whole text of the interface file open at fd, which is closed after."""

@@ -25,9 +25,11 @@ if TYPE_CHECKING:  # the click that typer vendors, whose types TyperGroup's meth
 
 # Each verb, in `cgctl --help`'s order, and the module of cgctl.cli whose register() defines it.
 VERBS: dict[str, str] = {
-    "run": "run",
+    **dict.fromkeys(("run", "attach"), "run"),
+    "exec": "exec",
     **dict.fromkeys(("ps", "inspect", "logs", "wait", "rm", "events"), "containers"),
     "stats": "stats",
+    "top": "top",
     **dict.fromkeys(("freeze", "thaw", "pause", "unpause", "kill", "update"), "control"),
     **dict.fromkeys(("checkpoint", "restore"), "checkpoint"),
     "commit": "image",

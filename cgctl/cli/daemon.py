@@ -120,7 +120,7 @@ def daemon(
         raise fail(f"cannot start: {error}") from None
     print(f"cgctld: serving on {socket or paths.socket}", file=sys.stderr, flush=True)
     try:
-        collector.extra = service.engine.metrics
+        collector.extra = service.metrics
         serve(service, listener, collector, address, tcp_listener)
     finally:
         service.close(stop_timeout if stop_containers else None)

@@ -47,3 +47,27 @@ def invalid_options(error: ValidationError, options: dict[tuple[str | int, ...],
         else:
             lines.append(f"invalid {option}: {reason}")
     return fail("\ncgctl: ".join(lines))
+
+
+def require_terminal(interactive: bool, verb: str) -> None:
+    """-t attaches the caller's terminal: refuse it, as docker does, when there is none to attach
+    (with -i the keys come from stdin, which must be one; without, the output goes to stdout)."""
+    import os
+
+    fd, which = (0, "input") if interactive else (1, "output")
+    if not os.isatty(fd):
+        raise fail(
+            f"-t: the {which} device is not a terminal ({'stdin' if fd == 0 else 'stdout'} is redirected): "
+            f"drop -t, or run cgctl {verb} -t from a terminal"
+        )
+
+
+def detach_keys(text: str | None) -> bytes:
+    """--detach-keys's value as bytes (None: docker's ctrl-p,ctrl-q), or exit 125 naming it."""
+    from cgctl.runtime.terminal import DEFAULT_DETACH_KEYS, DetachKeysError, parse_detach_keys
+
+    text = DEFAULT_DETACH_KEYS if text is None else text
+    try:
+        return parse_detach_keys(text)
+    except DetachKeysError as error:
+        raise fail(f"invalid value {text!r} for --detach-keys: {error}") from None

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
-from cgctl.cli import connection, limits
+from cgctl.cli import connection, errors, limits
 from cgctl.cli.errors import fail, invalid_options, invalid_value
+from cgctl.cli.process import DetachKeys, environment
 
 if TYPE_CHECKING:
     from cgctl.machine.instance import Machine
@@ -51,6 +54,25 @@ CgroupRoot = Annotated[Path | None, typer.Option(envvar="CGCTL_CGROUP_ROOT", hel
 
 def register(app: typer.Typer) -> None:
     app.command(context_settings={"allow_interspersed_args": False})(run)
+    app.command()(attach)
+
+
+def attach(
+    name: Annotated[str, typer.Argument(help="a container the daemon runs", show_default=False)],
+    detach_keys: DetachKeys = None,
+) -> None:
+    """Attach your terminal to a running container's: its output, and with -i its stdin; with -t your
+    terminal is in raw mode and its size followed. The detach keys (Ctrl-P Ctrl-Q) leave it running;
+    otherwise this ends when the container does, with its status."""
+    keys = errors.detach_keys(detach_keys)
+    chosen = connection.runtime()
+    try:
+        spec = chosen.inspect(name).spec
+    except connection.Failure as error:
+        raise connection.failed(error) from None
+    if spec.get("tty"):
+        errors.require_terminal(bool(spec.get("interactive")), "attach")
+    attach_to_end(chosen, name, None, keys, remove=False, tty=bool(spec.get("tty")))
 
 
 def run(
@@ -152,6 +174,16 @@ def run(
         typer.Option(help="with the daemon: log files kept, the current one included (default 3)"),
     ] = None,
     rm: Annotated[bool, typer.Option("--rm", help="with -d: remove the container once it has ended")] = False,
+    interactive: Annotated[
+        bool, typer.Option("--interactive", "-i", help="keep stdin open (through the daemon: attached)")
+    ] = False,
+    tty: Annotated[
+        bool,
+        typer.Option(
+            "--tty", "-t", help="a terminal of its own, attached to yours (raw mode while attached)"
+        ),
+    ] = False,
+    detach_keys: DetachKeys = None,
     report: Report = None,
     cgroup_root: CgroupRoot = None,
 ) -> None:
@@ -170,6 +202,9 @@ def run(
     from cgctl.runtime.embedded import LocalRuntime
     from cgctl.spec import WorkloadSpec
 
+    keys = errors.detach_keys(detach_keys)
+    if tty and not detach:
+        errors.require_terminal(interactive, "run")
     chosen = connection.runtime()
     root = _root(image, rootfs, layer or [], upper, keep_upper, read_only)
     defaults = _image_defaults(image, rootfs, root, chosen) if image and root else {}
@@ -198,7 +233,7 @@ def run(
         ),
         "namespaces": {"share": share or [], "user": userns},
         "hostname": hostname,
-        "env": {**image_env, **_env_files(env_file or []), **_env(env or [])},
+        "env": {**image_env, **_env_files(env_file or []), **environment(env or [])},
         "workdir": workdir or defaults.get("WorkingDir"),
         "labels": limits.pairs("--label", label),
         "init": init,
@@ -213,6 +248,8 @@ def run(
             "seccomp": _seccomp_source(seccomp),
             "devices": device or [],
         },
+        "tty": tty,
+        "interactive": interactive,
     }
     try:
         spec = WorkloadSpec.model_validate(fields)
@@ -222,7 +259,7 @@ def run(
         _check_shared(spec, connection.machine)
     service = {"restart": restart, "log_max_size": log_max_size, "log_max_files": log_max_files, "rm": rm}
     if not isinstance(chosen, LocalRuntime):
-        _through_daemon(chosen, spec, detach, service, report)
+        _through_daemon(chosen, spec, detach, service, report, keys)
     if detach or any(service.values()):
         from cgctl.runtime.embedded import START_DAEMON
 
@@ -268,15 +305,24 @@ def _run_here(spec: WorkloadSpec, cgroup_root: Path | None, report: str | None) 
 
 
 def _through_daemon(
-    chosen: Runtime, spec: WorkloadSpec, detach: bool, service: dict[str, Any], report: str | None
+    chosen: Runtime,
+    spec: WorkloadSpec,
+    detach: bool,
+    service: dict[str, Any],
+    report: str | None,
+    detach_keys: bytes,
 ) -> NoReturn:
-    """Create the container under the daemon; without -d, attach: stream its output, forward Ctrl-C
-    and SIGTERM, and end with its status (the container is then removed)."""
+    """Create the container under the daemon; without -d, attach: stream its output (with -i or -t,
+    its stdin and terminal too), forward Ctrl-C and SIGTERM, and end with its status (the container
+    is then removed)."""
     from pydantic import ValidationError
 
     from cgctl.runtime.models import CreateRequest
+    from cgctl.runtime.terminal import size
 
     fields: dict[str, Any] = {"spec": spec, "auto_remove": service["rm"]}
+    if spec.tty:
+        fields["console_size"] = size()
     if service["restart"]:
         fields["restart"] = service["restart"]
     log = {"max_size": service["log_max_size"], "max_files": service["log_max_files"]}
@@ -292,14 +338,37 @@ def _through_daemon(
     if detach:
         print(created.name)
         raise typer.Exit(0)
-    attach_to_end(chosen, created.name, report)
+    keys = detach_keys if spec.tty or spec.interactive else None
+    attach_to_end(chosen, created.name, report, keys, replay=True, tty=spec.tty)
 
 
-def attach_to_end(chosen: Runtime, name: str, report: str | None) -> NoReturn:
-    """Attach to a container started through the daemon (its output streamed, Ctrl-C and SIGTERM
-    forwarded) and exit with its status once it ends and is removed."""
+def attach_to_end(
+    chosen: Runtime,
+    name: str,
+    report: str | None,
+    detach_keys: bytes | None = None,
+    replay: bool = False,
+    remove: bool = True,
+    tty: bool = False,
+) -> NoReturn:
+    """Attach to a container started through the daemon and exit with its status once it ends (and,
+    with remove, is removed). With detach_keys, through an attach stream (its terminal or stdio, its
+    stdin: docs/daemon.md), where those keys leave it running; else its output is streamed from the
+    log. Without a terminal, Ctrl-C, SIGTERM and SIGHUP are forwarded to it (docker's sig-proxy)."""
     try:
-        ended = _attach(chosen, name)
+        with contextlib.nullcontext() if tty else _signals_forwarded(chosen, name):
+            if detach_keys is None:
+                ended = _follow(chosen, name)
+            elif chosen.attach(name, detach_keys, replay):
+                print(
+                    f"cgctl: detached from {name}, which runs on: `cgctl attach {name}` to come back",
+                    file=sys.stderr,
+                )
+                raise typer.Exit(0)
+            else:
+                ended = chosen.wait(name)
+        if remove:
+            chosen.remove(name)
     except connection.Failure as error:
         raise connection.failed(error) from None
     if report and ended.report is not None:
@@ -321,37 +390,42 @@ DAEMON_OPTIONS: dict[tuple[str | int, ...], str] = {
 }
 
 
-def _attach(chosen: Runtime, name: str) -> Container:
-    """Stream the container's output until it ends, forwarding signals; remove it; return how it ended."""
+@contextlib.contextmanager
+def _signals_forwarded(chosen: Runtime, name: str) -> Iterator[None]:
     import threading
-
-    from cgctl.cli.containers import print_log_line
 
     def forward(received: int, _frame: object) -> None:
         threading.Thread(target=chosen.kill, args=(name, signal.Signals(received).name), daemon=True).start()
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-
-        def stream() -> None:
-            try:
-                for line in chosen.logs(name, follow=True):
-                    print_log_line(line)
-            except BrokenPipeError:  # our reader went away (| head): the rest goes to the log only
-                for out in (sys.stdout, sys.stderr):
-                    try:
-                        out.flush()  # what did not fit in the broken pipe is still buffered
-                    except BrokenPipeError:
-                        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
-
-        printer = threading.Thread(target=stream, daemon=True)
-        printer.start()
-        ended = chosen.wait(name)
-        printer.join(timeout=10)  # the stream ends with the container; what is left is flushed by then
+        yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    chosen.remove(name)
+
+
+def _follow(chosen: Runtime, name: str) -> Container:
+    """Stream the container's output from its log until it ends; return how it ended."""
+    import threading
+
+    from cgctl.cli.containers import print_log_line
+
+    def stream() -> None:
+        try:
+            for line in chosen.logs(name, follow=True):
+                print_log_line(line)
+        except BrokenPipeError:  # our reader went away (| head): the rest goes to the log only
+            for out in (sys.stdout, sys.stderr):
+                try:
+                    out.flush()  # what did not fit in the broken pipe is still buffered
+                except BrokenPipeError:
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+
+    printer = threading.Thread(target=stream, daemon=True)
+    printer.start()
+    ended = chosen.wait(name)
+    printer.join(timeout=10)  # the stream ends with the container; what is left is flushed by then
     return ended
 
 
@@ -467,18 +541,6 @@ def write_report(destination: str, text: str) -> None:
         print(f"cgctl: --report {destination}: cannot write the report: {error.strerror}", file=sys.stderr)
 
 
-def _env(values: list[str]) -> dict[str, str]:
-    """K=V sets; a bare K passes the caller's value on, as docker does."""
-    env = {}
-    for value in values:
-        key, separator, content = value.partition("=")
-        if separator:
-            env[key] = content
-        elif key in os.environ:
-            env[key] = os.environ[key]
-    return env
-
-
 def _env_files(paths: list[Path]) -> dict[str, str]:
     env: dict[str, str] = {}
     for path in paths:
@@ -486,7 +548,6 @@ def _env_files(paths: list[Path]) -> dict[str, str]:
             lines = path.read_text().splitlines()
         except OSError as error:
             raise fail(f"invalid value '{path}' for --env-file: {error.strerror}") from None
-        env.update(
-            _env([line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")])
-        )
+        entries = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        env.update(environment(entries))
     return env

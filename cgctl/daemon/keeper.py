@@ -7,7 +7,10 @@ keeper the launch; the keeper forks it, and then, in one select loop with no thr
 - reaps each container through a pidfd and writes its status to <container dir>/exit.json
   (fsynced, renamed into place) before telling the daemon, so a status is on disk even when no
   daemon is listening;
-- reads the container's stdout and stderr pipes into its log files (size-capped, rotated);
+- reads the container's stdout and stderr pipes, or its terminal's master (`run -t`), into its log
+  files (size-capped, rotated), and passes what it reads on to the daemon's attach streams
+  (`cgctl attach`), whose keystrokes and window size it passes back; a slow attach stream is
+  dropped rather than let wait the loop (the log has everything);
 - holds the container's run record lock, so `cgctl ps`, `stats` and the exporter see it alive
   while the daemon is down; the daemon asks it to let go once it has read the final accounting.
 One Python process for all containers, not one per container (conmon's model costs ~1 MB each).
@@ -42,24 +45,34 @@ from typing import Any
 
 from cgctl import state
 from cgctl.cgroup import fs
+from cgctl.ns import console
 from cgctl.runtime import spawn
 from cgctl.runtime.logs import LogWriter
+from cgctl.runtime.terminal import EXITED, RESIZE, STDERR, STDIN, STDIN_CLOSED, STDOUT
 
 MESSAGE_LIMIT = 1 << 20
 READ_SIZE = 65536
+RECENT = 65536  # a terminal's latest output, replayed to the first attach of `run -it`
 
 
 @dataclasses.dataclass
 class _Child:
+    """A container's main process, or (with no record, exit path or log) a process `cgctl exec` started
+    in one, whose output and status go to its one attach stream."""
+
     name: str
     attempt: int
     pid: int
     pidfd: int
-    record_fd: int
+    record_fd: int | None
     alive_fd: int | None  # spawn's: closed once the container is reaped
-    exit_path: Path
-    log: LogWriter
+    exit_path: Path | None
+    log: LogWriter | None
     pipes: dict[int, str] = dataclasses.field(default_factory=dict)  # open read ends -> stdout/stderr
+    master: int | None = None  # its terminal's (-t), one of the pipes while it is open
+    stdin: int | None = None  # where attached keystrokes go: the master, or a pipe (-i without -t)
+    attached: list[socket.socket] = dataclasses.field(default_factory=list)
+    recent: bytearray = dataclasses.field(default_factory=bytearray)
 
 
 class Keeper:
@@ -120,7 +133,7 @@ class Keeper:
         is our child. The loop waits while CRIU works (seconds; the containers' pipes buffer)."""
         from cgctl.runtime import checkpoint
 
-        def restore(stdio: tuple[int, int, int]) -> tuple[int, int | None]:
+        def restore(stdio: tuple[int, int, int]) -> spawn.Started:
             group = fs.Cgroup(Path(message["cgroup"]))
             try:
                 pid = checkpoint.restore_tasks(
@@ -128,7 +141,7 @@ class Keeper:
                 )
             except checkpoint.CheckpointError as error:
                 raise spawn.SpawnError(str(error), 125) from None
-            return pid, None
+            return spawn.Started(pid, None)
 
         return self._start(message, fds, restore)
 
@@ -136,41 +149,140 @@ class Keeper:
         self,
         message: dict[str, Any],
         fds: list[int],
-        start: Callable[[tuple[int, int, int]], tuple[int, int | None]],
+        start: Callable[[tuple[int, int, int]], spawn.Started],
     ) -> dict[str, Any]:
-        """Start a container with `start` (its stdio: /dev/null and the two pipes we log), then watch
-        its pidfd and pipes."""
+        """Start a container with `start`, then watch its pidfd and outputs (see _launch)."""
         (record_fd,) = fds
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            pid, alive_fd = start((null, out_w, err_w))
-        except spawn.SpawnError as error:
-            for fd in (out_r, err_r, record_fd):
-                os.close(fd)
-            return {"ok": False, "error": str(error), "exit_code": error.exit_code}
-        finally:
-            for fd in (out_w, err_w, null):
-                os.close(fd)
         log = message["log"]
+        try:
+            child = self._launch(message, start)
+        except spawn.SpawnError as error:
+            os.close(record_fd)
+            return {"ok": False, "error": str(error), "exit_code": error.exit_code}
+        child.record_fd, child.exit_path = record_fd, Path(message["exit_path"])
+        child.log = LogWriter(Path(log["path"]), log["max_bytes"], log["max_files"])
+        self.running[child.name] = child
+        return {"ok": True, "pid": child.pid}
+
+    def _op_exec(self, message: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """Start a process in a running container (runtime/exec.py) for `cgctl exec` through the
+        daemon: its output goes to the attach stream in fds, then its status, and the stream ends."""
+        from cgctl.runtime import exec as execution
+
+        (fd,) = fds
+        stream = socket.socket(fileno=fd)
+        size = message["terminal"]
+        try:
+            child = self._launch(message, lambda stdio: execution.start(message["target"], stdio, size))
+        except spawn.SpawnError as error:
+            stream.close()
+            return {"ok": False, "error": str(error), "exit_code": error.exit_code}
+        self._attach(child, stream)
+        return {"ok": True, "pid": child.pid, **self._hello(child)}
+
+    def _launch(
+        self, message: dict[str, Any], start: Callable[[tuple[int, int, int]], spawn.Started]
+    ) -> _Child:
+        """Start a process with `start`, its stdio /dev/null or a pipe for -i, and two pipes we read;
+        with -t its terminal instead, whose master we read. Raises SpawnError."""
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        tty, interactive = message.get("tty", False), message.get("interactive", False)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC) if not tty else (None, null)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC) if not tty else (None, null)
+        in_r, in_w = os.pipe2(os.O_CLOEXEC) if interactive and not tty else (null, None)
+        try:
+            started = start((in_r, out_w, err_w))
+        except spawn.SpawnError:
+            for fd in (out_r, err_r, in_w):
+                if fd is not None:
+                    os.close(fd)
+            raise
+        finally:
+            for fd in {out_w, err_w, in_r, null}:
+                os.close(fd)
         child = _Child(
             name=message["name"],
-            attempt=message["attempt"],
-            pid=pid,
-            pidfd=os.pidfd_open(pid),
-            record_fd=record_fd,
-            alive_fd=alive_fd,
-            exit_path=Path(message["exit_path"]),
-            log=LogWriter(Path(log["path"]), log["max_bytes"], log["max_files"]),
+            attempt=message.get("attempt", 0),
+            pid=started.pid,
+            pidfd=os.pidfd_open(started.pid),
+            record_fd=None,
+            alive_fd=started.alive_fd,
+            exit_path=None,
+            log=None,
+            master=started.master,
+            stdin=started.master if started.master is not None and interactive else in_w,
         )
-        self.running[child.name] = child
         self.selector.register(child.pidfd, selectors.EVENT_READ, lambda _: self._reap(child))
-        for fd, stream in ((out_r, "stdout"), (err_r, "stderr")):
-            os.set_blocking(fd, False)
-            child.pipes[fd] = stream
-            self.selector.register(fd, selectors.EVENT_READ, lambda fd: self._read_pipe(child, fd))
-        return {"ok": True, "pid": pid}
+        outputs: list[tuple[int | None, str]] = [
+            (out_r, "stdout"),
+            (err_r, "stderr"),
+            (started.master, "stdout"),
+        ]
+        for output, stream in outputs:
+            if output is not None:
+                os.set_blocking(output, False)
+                child.pipes[output] = stream
+                self.selector.register(output, selectors.EVENT_READ, lambda fd: self._read_pipe(child, fd))
+        return child
+
+    def _op_attach(self, message: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """Pass a running container's output from now on to the socket in fds (and, with "replay", its
+        terminal's latest output first), and what comes back on it to its stdin or terminal."""
+        (fd,) = fds
+        stream = socket.socket(fileno=fd)
+        child = self.running.get(message["name"])
+        if child is None:
+            stream.close()
+            return {"ok": False, "error": f"{message['name']} is not running", "exit_code": 125}
+        if message.get("replay") and child.recent:
+            stream.send(STDOUT + child.recent)  # still blocking: the stream is new and empty
+        self._attach(child, stream)
+        return {"ok": True, **self._hello(child)}
+
+    @staticmethod
+    def _hello(child: _Child) -> dict[str, bool]:
+        """What a stream's client needs to know: a terminal (raw mode, sizes) and a stdin to feed."""
+        return {"tty": child.master is not None, "stdin": child.stdin is not None}
+
+    def _attach(self, child: _Child, stream: socket.socket) -> None:
+        stream.setblocking(False)
+        child.attached.append(stream)
+        self.selector.register(stream, selectors.EVENT_READ, lambda s: self._attached_input(child, s))
+
+    def _attached_input(self, child: _Child, stream: socket.socket) -> None:
+        try:
+            data = stream.recv(MESSAGE_LIMIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._detach(child, stream)
+        elif data[:1] == STDIN and child.stdin is not None:
+            with contextlib.suppress(OSError):  # a full terminal or pipe drops keys, as a terminal does
+                os.write(child.stdin, data[1:])
+        elif data[:1] == RESIZE and child.master is not None:
+            with contextlib.suppress(OSError, ValueError, TypeError, struct.error):  # a bad size is ignored
+                rows, columns = json.loads(data[1:])
+                console.set_size(child.master, (rows, columns))
+        elif data[:1] == STDIN_CLOSED and child.stdin is not None and child.stdin != child.master:
+            os.close(child.stdin)
+            child.stdin = None
+
+    def _send(self, child: _Child, stream: socket.socket, data: bytes) -> bool:
+        """Pass output to one attach stream; one that cannot take it now is dropped."""
+        try:
+            stream.send(data)
+            return True
+        except OSError:
+            self._detach(child, stream)
+            return False
+
+    def _detach(self, child: _Child, stream: socket.socket) -> None:
+        if stream in child.attached:
+            child.attached.remove(stream)
+            self.selector.unregister(stream)
+        stream.close()
 
     def _op_list(self, _message: dict[str, Any], _fds: list[int]) -> dict[str, Any]:
         return {
@@ -183,24 +295,39 @@ class Keeper:
 
     def _op_release(self, message: dict[str, Any], _fds: list[int]) -> dict[str, Any]:
         child = self.finished.pop(message["name"], None)
-        if child is not None:
+        if child is not None and child.record_fd is not None:
             os.close(child.record_fd)
         return {"ok": True}
 
     def _read_pipe(self, child: _Child, fd: int) -> bool:
-        """Log one read from the pipe; False once there is nothing more to read now."""
+        """Log one read from the pipe or master, and pass it on to the attach streams; False once
+        there is nothing more to read now."""
         try:
             data = os.read(fd, READ_SIZE)
         except BlockingIOError:
             return False
+        except OSError:  # EIO from a master: nothing has its terminal open any more
+            data = b""
         if data:
-            child.log.feed(child.pipes[fd], data)
+            stream = child.pipes[fd]
+            if child.log is not None:
+                child.log.feed(stream, data)
+            if fd == child.master:
+                child.recent += data
+                del child.recent[:-RECENT]
+            for attached in list(child.attached):
+                self._send(child, attached, (STDOUT if stream == "stdout" else STDERR) + data)
             return True
-        child.log.flush_partial(child.pipes.pop(fd))
+        stream = child.pipes.pop(fd)
         self.selector.unregister(fd)
         os.close(fd)
-        if not child.pipes:
-            child.log.close()
+        if fd == child.master:
+            child.stdin = None if child.stdin == fd else child.stdin
+            child.master = None
+        if child.log is not None:
+            child.log.flush_partial(stream)
+            if not child.pipes:
+                child.log.close()
         return False
 
     def _drain(self, child: _Child) -> None:
@@ -222,6 +349,20 @@ class Keeper:
         elif result is not None:
             status["signal"] = result.si_status
         status["exited_at"] = time.time()
+        for attached in list(child.attached):  # a container's: the daemon tells its status
+            if child.exit_path is None:
+                attached.settimeout(5)  # the status must arrive, even behind output not yet read
+                with contextlib.suppress(OSError):
+                    attached.send(EXITED + json.dumps(status).encode())
+            self._detach(child, attached)
+        if child.stdin is not None and child.stdin != child.master:
+            os.close(child.stdin)
+            child.stdin = None
+        if child.exit_path is None:  # an exec'd process: its status went to its stream
+            for fd in list(child.pipes):  # what a process it left behind still writes goes nowhere
+                self.selector.unregister(fd)
+                os.close(fd)
+            return
         with contextlib.suppress(OSError):  # a full disk must not lose the event too
             state.write_durably(child.exit_path, status)
         del self.running[child.name]
@@ -307,6 +448,17 @@ class KeeperClient:
         if reply.get("lost"):
             raise ConnectionError("the keeper is gone")
         return reply
+
+    @property
+    def pid(self) -> int | None:
+        """The keeper's pid as the kernel gives it (SO_PEERCRED: who listened, after the keeper
+        detached) rather than by a request, which a scrape would wait for behind a restore's CRIU;
+        None once the connection is closed."""
+        try:
+            credentials = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        except OSError:
+            return None
+        return int(struct.unpack("3i", credentials)[0])
 
     def _read(self) -> None:
         while True:

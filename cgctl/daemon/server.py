@@ -14,11 +14,13 @@ carry `Authorization: Bearer TOKEN` with the token from --token-file, or gets 40
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import grp
 import hmac
 import itertools
 import json
+import logging
 import os
 import signal
 import socket
@@ -30,16 +32,19 @@ from datetime import UTC, datetime
 from pathlib import Path as FilePath
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cgctl import __version__
 from cgctl.cgroup import fs
+from cgctl.daemon import keeper
 from cgctl.daemon.service import Service
 from cgctl.metrics import ContainerCollector
+from cgctl.runtime import terminal
 from cgctl.runtime.models import (
     ApiError,
     CheckpointRequest,
@@ -48,6 +53,7 @@ from cgctl.runtime.models import (
     Container,
     CreateRequest,
     DiffRequest,
+    ExecRequest,
     Explanation,
     Failure,
     FreezeRequest,
@@ -58,6 +64,7 @@ from cgctl.runtime.models import (
     KillRequest,
     PolicyPlan,
     PolicyStatus,
+    ProcessRow,
     PullRequest,
     PushRequest,
     PushResult,
@@ -90,6 +97,22 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 def _error(status: int, message: str, exit_code: int = 125) -> JSONResponse:
     return JSONResponse({"message": message, "exit_code": exit_code}, status_code=status)
+
+
+def _problem(error: Exception) -> tuple[int, str, int]:
+    """(HTTP status, message, exit status) of what a call raised: the same for a request and a stream."""
+    if isinstance(error, Failure):
+        return error.status, str(error), error.exit_code
+    if isinstance(error, SpecError):
+        field = ".".join(str(part) for part in error.field)
+        return 400, f"invalid value {error.value!r} for {field}: {error.reason}", 125
+    if isinstance(error, SpawnError):
+        return 400, str(error), error.exit_code
+    if isinstance(error, ValidationError):
+        return 400, _validation_message(list(error.errors())), 125
+    if isinstance(error, fs.CgroupError):
+        return 500, str(error), 125
+    raise error
 
 
 def _validation_message(errors: list[Any]) -> str:
@@ -156,13 +179,73 @@ class TokenGate:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # uvicorn sets "server" to (host, port) for a TCP listener and to (path, None) for a unix socket.
         server = scope.get("server")
-        if scope["type"] == "http" and (server is None or server[1] is not None):
+        if scope["type"] in ("http", "websocket") and (server is None or server[1] is not None):
             given = dict(scope.get("headers", [])).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
+                if scope["type"] == "websocket":  # refused before the handshake: HTTP 403
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
                 message = "this API needs its token over TCP: send Authorization: Bearer TOKEN"
                 await _error(401, message)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+async def _stream(
+    websocket: WebSocket, open_stream: Callable[[], tuple[socket.socket, dict[str, Any]]]
+) -> None:
+    """Bridge a keeper stream (keeper.py: one SOCK_SEQPACKET message per chunk, tagged by its first
+    byte) and an accepted WebSocket: first a JSON text message, {"tty": ..., "stdin": ...} or the
+    error; then each chunk from the keeper as a binary message, and the client's binary messages
+    (only keystrokes, window sizes and the end of its input) back; until either side ends."""
+    try:
+        stream, hello = await run_in_threadpool(open_stream)
+    except Exception as error:
+        await _refuse(websocket, error)
+        return
+    loop = asyncio.get_running_loop()
+    stream.setblocking(False)
+
+    async def outward() -> None:
+        while data := await loop.sock_recv(stream, keeper.MESSAGE_LIMIT):
+            await websocket.send_bytes(data)
+
+    async def inward() -> None:
+        while True:
+            message = await websocket.receive()
+            data = message.get("bytes") or b""
+            if message["type"] == "websocket.disconnect":
+                return
+            if data[:1] == terminal.STDIN:
+                for start in range(1, len(data), keeper.READ_SIZE):
+                    await loop.sock_sendall(stream, terminal.STDIN + data[start : start + keeper.READ_SIZE])
+            elif data[:1] in (terminal.RESIZE, terminal.STDIN_CLOSED) and len(data) < 64:
+                await loop.sock_sendall(stream, data)
+
+    try:
+        await websocket.send_text(json.dumps({"ok": True, **hello}))
+        tasks = {asyncio.ensure_future(outward()), asyncio.ensure_future(inward())}
+        _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+    finally:
+        stream.close()
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+            await websocket.close()
+
+
+async def _refuse(websocket: WebSocket, error: Exception) -> None:
+    """End a stream before it began, with the error as a request would have had it (an unexpected
+    one is a 500 and logged, as uvicorn logs a request's)."""
+    try:
+        status, message, exit_code = _problem(error)
+    except Exception:
+        logging.getLogger("cgctl.daemon").exception("a stream failed")
+        status, message, exit_code = 500, f"internal error: {type(error).__name__}: {error}", 125
+    with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+        await websocket.send_text(json.dumps({"ok": False, "status": status, "message": message,
+                                              "exit_code": exit_code}))  # fmt: skip
+        await websocket.close()
 
 
 def _lines(items: Iterator[Any]) -> Iterator[bytes]:
@@ -191,17 +274,12 @@ def make_app() -> FastAPI:
     )
 
     @app.exception_handler(Failure)
-    async def failure(_: Request, error: Failure) -> JSONResponse:
-        return _error(error.status, str(error), error.exit_code)
-
     @app.exception_handler(SpecError)
-    async def spec_error(_: Request, error: SpecError) -> JSONResponse:
-        field = ".".join(str(part) for part in error.field)
-        return _error(400, f"invalid value {error.value!r} for {field}: {error.reason}")
-
     @app.exception_handler(SpawnError)
-    async def spawn_error(_: Request, error: SpawnError) -> JSONResponse:
-        return _error(400, str(error), error.exit_code)
+    @app.exception_handler(ValidationError)
+    @app.exception_handler(fs.CgroupError)
+    async def failure(_: Request, error: Exception) -> JSONResponse:
+        return _error(*_problem(error))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -211,14 +289,6 @@ def make_app() -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def request_error(_: Request, error: RequestValidationError) -> JSONResponse:
         return _error(400, _validation_message(list(error.errors())))
-
-    @app.exception_handler(ValidationError)
-    async def value_error(_: Request, error: ValidationError) -> JSONResponse:
-        return _error(400, _validation_message(list(error.errors())))
-
-    @app.exception_handler(fs.CgroupError)
-    async def cgroup_error(_: Request, error: fs.CgroupError) -> JSONResponse:
-        return _error(500, str(error))
 
     @app.get("/v1/info")
     def info(
@@ -268,6 +338,12 @@ def make_app() -> FastAPI:
     @app.post("/v1/containers/{name}/update")
     def update(service: Served, name: ContainerName, request: UpdateRequest) -> dict[str, dict[str, str]]:
         return {"written": service.update(name, request.limits)}
+
+    @app.get("/v1/containers/{name}/top")
+    def top(service: Served, name: ContainerName) -> list[ProcessRow]:
+        """The running container's processes (its nested cgroups' too), by host pid, as `cgctl top`
+        shows them; CPU % is over the 0.5 s the answer takes."""
+        return service.top(name)
 
     @app.get("/v1/containers/{name}/policy")
     def explain(service: Served, name: ContainerName) -> Explanation:
@@ -388,6 +464,33 @@ def make_app() -> FastAPI:
     def remove_image(service: Served, reference: str) -> dict[str, list[str]]:
         return {"removed_layers": service.remove_image(reference)}
 
+    @app.websocket("/v1/containers/{name}/attach")
+    async def attach(websocket: WebSocket, name: ContainerName, replay: bool = False) -> None:
+        """A WebSocket (docs/api.md, "Attach and exec streams"): the container's output from now on
+        (with replay, its terminal's latest output first) as binary messages, and the client's
+        keystrokes and window size back; it ends when the container's main process does."""
+        service: Service = websocket.app.state.service
+        await websocket.accept()
+        await _stream(websocket, lambda: service.attach(name, replay))
+
+    @app.websocket("/v1/containers/{name}/exec")
+    async def exec_stream(websocket: WebSocket, name: ContainerName) -> None:
+        """A WebSocket whose first message is an ExecRequest (JSON): the process's output as binary
+        messages, the client's keystrokes back, and last its status; docs/api.md."""
+        service: Service = websocket.app.state.service
+        await websocket.accept()
+        try:
+            request = ExecRequest.model_validate_json(await websocket.receive_text())
+        except ValidationError as error:
+            await _refuse(websocket, error)
+            return
+        except (KeyError, RuntimeError, WebSocketDisconnect):  # not text, or gone
+            await _refuse(
+                websocket, Invalid("the first message of an exec stream must be an ExecRequest as JSON text")
+            )
+            return
+        await _stream(websocket, lambda: service.exec(name, request.spec, request.console_size))
+
     @app.get("/v1/events", response_class=StreamingResponse)
     def events(
         service: Served,
@@ -493,7 +596,7 @@ def serve(
     if metrics is not None:
         from cgctl.exporter import make_server
 
-        exporter = make_server(metrics[0], metrics[1], collector)
+        exporter = make_server(metrics[0], metrics[1], collector, own_process=False)  # see Service.metrics
         threading.Thread(target=exporter.serve_forever, name="metrics", daemon=True).start()
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2, access_log=False)
     # uvicorn stops on SIGTERM/SIGINT and raises the signal again once it has; with these handlers

@@ -21,6 +21,7 @@ import queue
 import secrets
 import shutil
 import signal as signals
+import socket
 import threading
 import time
 from collections import deque
@@ -34,6 +35,8 @@ from cgctl.cgroup import fs
 from cgctl.daemon.keeper import KeeperClient
 from cgctl.daemon.policies import PolicyEngine
 from cgctl.daemon.watch import CgroupWatcher
+from cgctl.metrics import render_processes
+from cgctl.ns import console
 from cgctl.runtime import local, logs
 from cgctl.runtime.embedded import LocalRuntime, has_labels, signal_cgroup
 from cgctl.runtime.models import (
@@ -55,6 +58,7 @@ from cgctl.runtime.models import (
     NotFound,
     PolicyPlan,
     PolicyStatus,
+    ProcessRow,
     PullRequest,
     PushRequest,
     PushResult,
@@ -65,7 +69,7 @@ from cgctl.runtime.models import (
     parse_signal,
 )
 from cgctl.runtime.spawn import SpawnError
-from cgctl.spec import Limits, SpecError
+from cgctl.spec import ExecSpec, Limits, SpecError
 
 if TYPE_CHECKING:
     from cgctl.runtime.checkpoint import Restoring
@@ -273,6 +277,14 @@ class Service:
         self.emit("update", name, dict(written))
         return written
 
+    def top(self, name: str) -> builtins.list[ProcessRow]:
+        """The processes of a running container, detached or foreground (the keeper holds a detached
+        one's run record, so the local runtime finds both); one of ours that is not running says so."""
+        managed = self.containers.get(name)
+        if managed is not None and managed.info.state not in ("running", "frozen"):
+            raise Conflict(f"{name!r} is {managed.info.state}, not running: it has no processes to show")
+        return self.local.top(name)
+
     def wait(self, name: str, timeout: float | None = None) -> Container:
         """Block until the container's current attempt ends (or timeout); returns it as it is then."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -326,6 +338,45 @@ class Service:
         self.engine.forget(name)
         self.emit("remove", name)
 
+    def attach(self, name: str, replay: bool = False) -> tuple[socket.socket, dict[str, Any]]:
+        """A stream from the keeper (keeper.py's attach protocol): the container's output from now
+        (with replay, its terminal's latest 64 KiB first), and back to it keystrokes and window size.
+        Returns it with {"tty": ..., "stdin": ...}."""
+        managed = self._managed(name)
+        if managed.info.state not in ("running", "frozen"):
+            raise Conflict(f"{name} is {managed.info.state}, not running: attach needs a running container")
+        return self._stream({"op": "attach", "name": name, "replay": replay})
+
+    def exec(
+        self, name: str, spec: ExecSpec, size: tuple[int, int] | None
+    ) -> tuple[socket.socket, dict[str, Any]]:
+        """Start spec's process in the running container, as the keeper's child (so the daemon's
+        threads need not reap it), and return the stream of its output and then its status."""
+        from cgctl.runtime import exec as execution
+
+        try:
+            target = execution.prepare(self.paths.state_dir, name, spec)
+        except LookupError as error:
+            raise NotFound(str(error)) from None
+        terminal = (size or console.UNKNOWN_SIZE) if spec.tty else None
+        message = {"op": "exec", "name": name, "target": target, "terminal": terminal}
+        return self._stream({**message, "tty": spec.tty, "interactive": spec.interactive})
+
+    def _stream(self, message: dict[str, Any]) -> tuple[socket.socket, dict[str, Any]]:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            reply = self.keeper.request(message, fds=(theirs.fileno(),))
+        except ConnectionError:
+            reply = {"ok": False, "error": "the keeper is gone", "exit_code": 125}
+        finally:
+            theirs.close()
+        if not reply["ok"]:
+            ours.close()
+            if message["op"] == "exec":
+                raise SpawnError(reply["error"], reply.get("exit_code", 125))
+            raise Conflict(reply["error"])
+        return ours, reply
+
     def logs(
         self,
         name: str,
@@ -366,6 +417,11 @@ class Service:
         finally:
             with self.lock:
                 self.subscribers.remove(subscription)
+
+    def metrics(self) -> str:
+        """What /metrics shows beside the containers: the policies' rows, and the daemon's and its
+        keeper's processes."""
+        return self.engine.metrics() + render_processes({"daemon": os.getpid(), "keeper": self.keeper.pid})
 
     def policy_status(self) -> PolicyStatus:
         return self.engine.status
@@ -557,10 +613,15 @@ class Service:
         if confinement is None:
             how = {"op": "restore", "restoring": restoring, "root": plan, "cgroup": str(created.group.path)}
         else:
-            launch = local.launch_for(
-                spec, name, created.group, confinement, plan, {"PATH": DEFAULT_PATH, **spec.env}
-            )
-            how = {"op": "start", "launch": dataclasses.replace(launch, workdir=spec.workdir or "/")}
+            env = {"PATH": DEFAULT_PATH, **spec.env}
+            size = managed.request.console_size
+            launch = local.launch_for(spec, name, created.group, confinement, plan, env, size)
+            how = {
+                "op": "start",
+                "launch": dataclasses.replace(launch, workdir=spec.workdir or "/"),
+                "tty": spec.tty,
+                "interactive": spec.interactive,
+            }
         try:
             reply = self.keeper.request(
                 {

@@ -1,4 +1,4 @@
-"""The few Linux system calls Python 3.11's os module lacks (unshare, mount, prctl, capset), through ctypes.
+"""The few Linux system calls Python 3.11's os module lacks (unshare, setns, mount, prctl, capset), by ctypes.
 
 Python 3.12 adds os.unshare; until cgctl requires it, a dozen lines of ctypes
 are smaller and better kept than a third-party binding. Every failure raises
@@ -44,7 +44,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 # Resolved here, in the parent: a symbol first looked up in the forked workload costs it milliseconds
 # under emulation, on its way to exec.
 _unshare, _mount, _umount2, _syscall = _libc.unshare, _libc.mount, _libc.umount2, _libc.syscall
-_prctl, _capset = _libc.prctl, _libc.capset
+_prctl, _capset, _setns = _libc.prctl, _libc.capset, _libc.setns
 # Unchecked, for the modules that read errno themselves (seccomp(2), bpf(2) and their probes).
 raw_syscall, raw_prctl = _syscall, _prctl
 
@@ -59,6 +59,12 @@ def _fail(call: str) -> NoReturn:
 def unshare(flags: int) -> None:
     if _unshare(ctypes.c_int(flags)) == -1:
         _fail(f"unshare({flags:#x})")
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    """Join the namespace open at fd (nstype 0: whichever kind it is)."""
+    if _setns(ctypes.c_int(fd), ctypes.c_int(nstype)) == -1:
+        _fail(f"setns({fd}, {nstype:#x})")
 
 
 def mount(source: str, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:

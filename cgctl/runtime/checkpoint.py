@@ -45,6 +45,7 @@ from cgctl import state
 from cgctl.accounting import find_container
 from cgctl.cgroup import freezer, fs
 from cgctl.ns import libc, rootfs
+from cgctl.runtime import spawn
 from cgctl.runtime.local import prepared_root, supervise
 from cgctl.runtime.report import RunReport
 from cgctl.spec import SpecError, WorkloadSpec
@@ -270,12 +271,12 @@ def restore(
     spec = restoring.spec
     with prepared_root(spec) as root:
 
-        def start(name: str, group: fs.Cgroup) -> tuple[int, int | None]:
+        def start(name: str, group: fs.Cgroup) -> spawn.Started:
             started = time.monotonic()
             pid = restore_tasks(restoring, group, root, {0: 0, 1: 1, 2: 2}, progress)
             if on_restored:
                 on_restored(name, time.monotonic() - started)
-            return pid, None
+            return spawn.Started(pid, None)
 
         return supervise(spec, start, cgroup_root, state_dir, record={"restored_from": str(directory)})
 
@@ -336,7 +337,8 @@ def _stdio(name: str, init: int) -> dict[str, str]:
         if stat.S_ISCHR(mode.st_mode) and os.major(mode.st_rdev) in TERMINAL_MAJORS:
             raise CheckpointError(
                 f"{name}'s {('stdin', 'stdout', 'stderr')[fd]} is a terminal ({resources[str(fd)]}), "
-                "which CRIU cannot take along: start it with its stdio redirected, "
+                "which CRIU cannot take along (with -t, the pty's master is held outside the container, by "
+                "cgctl or the daemon's keeper): start it without -t and with its stdio redirected, "
                 "e.g. cgctl run ... </dev/null >job.log 2>&1"
             )
     return resources

@@ -23,7 +23,16 @@ if TYPE_CHECKING:  # the models are imported where used: `cgctl ps` with nothing
     from cgctl.accounting import Usage
     from cgctl.policy import PolicySet
     from cgctl.runtime.logs import LogLine
-    from cgctl.runtime.models import Container, CreateRequest, Event, Explanation, HostWide, PolicyPlan
+    from cgctl.runtime.models import (
+        Container,
+        CreateRequest,
+        Event,
+        Explanation,
+        HostWide,
+        PolicyPlan,
+        ProcessRow,
+    )
+    from cgctl.spec import ExecSpec
 
 START_DAEMON = "start the daemon first: `systemctl start cgctld`, or `cgctld &` as root"
 
@@ -63,9 +72,7 @@ def has_labels(container: Container, labels: dict[str, str] | None) -> bool:
 def signal_cgroup(group: fs.Cgroup, sig: signal.Signals) -> int:
     """Send sig to every process of the group and its sub-cgroups (SIGKILL through cgroup.kill, which
     no fork escapes); returns how many processes there were."""
-    pids = [
-        int(pid) for procs in sorted(group.path.rglob("cgroup.procs")) for pid in procs.read_text().split()
-    ]
+    pids = group.pids()
     if sig == signal.SIGKILL:
         group.write("cgroup.kill", "1")
         return len(pids)
@@ -261,6 +268,31 @@ class LocalRuntime:
 
         return commit(self.inspect(name), reference, message)
 
+    def top(self, name: str) -> builtins.list[ProcessRow]:
+        """The running container's processes, those of the cgroups it made below its own included."""
+        from cgctl import processes
+        from cgctl.runtime.models import Failure, ProcessRow
+
+        try:
+            return [ProcessRow.model_validate(row) for row in processes.sample(self.group(name).pids())]
+        except (OSError, fs.CgroupError) as error:
+            raise Failure(str(error)) from None
+
+    def exec(self, name: str, spec: ExecSpec, detach_keys: bytes = b"") -> int:
+        """Run spec's process in the running container, attached to this process's stdio or terminal
+        (runtime/exec.py), and return its exit status. Detaching needs a daemon to leave it with, so
+        detach_keys are not looked for here."""
+        from cgctl.runtime import exec as execution
+        from cgctl.runtime.models import Failure, NotFound
+        from cgctl.runtime.spawn import SpawnError
+
+        try:
+            return execution.run_attached(execution.prepare(self.state_dir, name, spec))
+        except LookupError as error:
+            raise NotFound(str(error)) from None
+        except SpawnError as error:
+            raise Failure(str(error), error.exit_code) from None
+
     def create(self, request: CreateRequest) -> Container:
         self._daemon_only("detached runs (run -d)")
 
@@ -269,6 +301,9 @@ class LocalRuntime:
 
     def wait(self, name: str, timeout: float | None = None) -> Container:
         self._daemon_only("wait")
+
+    def attach(self, name: str, detach_keys: bytes = b"", replay: bool = False) -> bool:
+        self._daemon_only("attach (a foreground run's terminal is its own cgctl run's)")
 
     def logs(
         self, name: str, tail: int | None = None, since: datetime | None = None, follow: bool = False

@@ -15,7 +15,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:  # the models are pydantic's, slow to import: a CLI with no daemon rarely needs them
     from cgctl.accounting import Usage
     from cgctl.runtime.logs import LogLine
-    from cgctl.runtime.models import Container, CreateRequest, Event, Explanation, HostWide, PolicyPlan
+    from cgctl.runtime.models import (
+        Container,
+        CreateRequest,
+        Event,
+        Explanation,
+        HostWide,
+        PolicyPlan,
+        ProcessRow,
+    )
+    from cgctl.spec import ExecSpec
 
 SYSTEM_SOCKET = Path("/run/cgctl/cgctl.sock")
 
@@ -30,6 +39,7 @@ class Runtime(Protocol):
     def update(self, name: str, limits: dict[str, dict[str, Any]]) -> dict[str, str]: ...
     def remove(self, name: str, force: bool = False) -> None: ...
     def wait(self, name: str, timeout: float | None = None) -> Container: ...
+    def attach(self, name: str, detach_keys: bytes = b"", replay: bool = False) -> bool: ...
     def logs(
         self, name: str, tail: int | None = None, since: datetime | None = None, follow: bool = False
     ) -> Iterator[LogLine]: ...
@@ -45,6 +55,8 @@ class Runtime(Protocol):
     def policy_apply(self) -> builtins.list[PolicyPlan]: ...
     def explain(self, name: str) -> Explanation: ...
     def commit(self, name: str, reference: str, message: str = "") -> dict[str, Any]: ...
+    def top(self, name: str) -> builtins.list[ProcessRow]: ...
+    def exec(self, name: str, spec: ExecSpec, detach_keys: bytes = b"") -> int: ...
 
 
 def default_sockets() -> list[Path]:

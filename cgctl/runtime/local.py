@@ -25,9 +25,9 @@ from pathlib import Path
 
 from cgctl import ns, policy, sandbox, state
 from cgctl.cgroup import cpu, cpuset, devices, fs, io, memory, pids
-from cgctl.ns import rootfs
+from cgctl.ns import console, rootfs
 from cgctl.policy import PolicySet
-from cgctl.runtime import spawn
+from cgctl.runtime import spawn, terminal
 from cgctl.runtime.report import RunReport, final_report
 from cgctl.spec import Limits, SpecError, WorkloadSpec
 
@@ -125,9 +125,8 @@ def interface_file_settings(files: dict[str, str], root: fs.Cgroup) -> list[tupl
     return list(files.items())
 
 
-# Starts the workload in its cgroup (given its name and the cgroup, every limit written); returns its pid
-# and an fd to close once it has been waited for (spawn's alive pipe), if any.
-Starter = Callable[[str, fs.Cgroup], tuple[int, int | None]]
+# Starts the workload in its cgroup (given its name and the cgroup, every limit written).
+Starter = Callable[[str, fs.Cgroup], spawn.Started]
 
 
 def run(
@@ -153,8 +152,9 @@ def run(
         # The caller's environment is passed on, unless an image brings its own.
         env = spec.env if spec.rootfs and spec.rootfs.image else {**os.environ, **spec.env}
 
-        def start(name: str, group: fs.Cgroup) -> tuple[int, int | None]:
-            return spawn.start(launch_for(spec, name, group, confinement, root, env))
+        def start(name: str, group: fs.Cgroup) -> spawn.Started:
+            size = terminal.size() if spec.tty else None
+            return spawn.start(launch_for(spec, name, group, confinement, root, env, size))
 
         return supervise(spec, start, cgroup_root, state_dir, noted)
 
@@ -178,7 +178,9 @@ def launch_for(
     confinement: sandbox.Plan,
     root: rootfs.Plan | None,
     env: dict[str, str],
+    terminal_size: tuple[int, int] | None = None,
 ) -> spawn.Launch:
+    """The launch of spec's workload; with spec.tty its terminal starts at terminal_size (rows, columns)."""
     return spawn.Launch(
         argv=spec.command,
         env=env,
@@ -190,6 +192,7 @@ def launch_for(
         sandbox=confinement,
         root=root,
         user=spec.user,
+        terminal=(terminal_size or console.UNKNOWN_SIZE) if spec.tty else None,
     )
 
 
@@ -334,12 +337,16 @@ def supervise(
 def _wait(created: Created, start: Starter) -> RunReport:
     spec, name, group, claim = created.spec, created.name, created.group, created.claim
     started = time.monotonic()
-    with _SignalForwarder(name, group, namespace_init="pid" in spec.namespaces.private()) as forwarder:
-        pid, alive_fd = start(name, group)
+    with SignalForwarder(name, group, namespace_init="pid" in spec.namespaces.private()) as forwarder:
+        pid, alive_fd, master = start(name, group)
         state.update(claim.path, pid=pid)  # what `cgctl checkpoint` dumps
-        forwarder.start(pid)
+        forwarder.start(pid, hang_up=(lambda: terminal.hang_up(master)) if master is not None else None)
         try:
-            _, status = os.waitpid(pid, 0)
+            status = (
+                _wait_for(pid)
+                if master is None
+                else terminal.relay_until_exit(master, spec.interactive, lambda: _wait_for(pid))
+            )
         finally:
             if alive_fd is not None:
                 os.close(alive_fd)
@@ -348,23 +355,30 @@ def _wait(created: Created, start: Starter) -> RunReport:
     return final(spec, name, group, claim.path, status, wall, created.written)
 
 
-class _SignalForwarder:
-    """Passes the supervisor's signals on to the workload.
+def _wait_for(pid: int) -> int:
+    return os.waitpid(pid, 0)[1]
+
+
+class SignalForwarder:
+    """Passes the supervisor's signals on to the workload (or to a process `cgctl exec` started).
 
     The kernel drops a signal sent to the init of a pid namespace that has no
     handler for it (docker has the same trap; --init avoids it). Rather than let
     Ctrl-C do nothing, cgctl says so and kills the workload on a second SIGINT
-    or SIGTERM.
+    or SIGTERM. With a terminal (-t), SIGHUP says the caller's terminal is gone:
+    the workload's is hung up as the kernel hangs up a terminal (its reads end, its
+    session gets SIGHUP), and an init that would drop that SIGHUP is killed.
     """
 
     def __init__(self, name: str, group: fs.Cgroup, namespace_init: bool) -> None:
         self.name, self.group, self.namespace_init = name, group, namespace_init
         self.pid: int | None = None
+        self.hang_up: Callable[[], None] | None = None
         self.pending: list[int] = []
         self.warned = False
         self.previous: dict[int, object] = {}
 
-    def __enter__(self) -> _SignalForwarder:
+    def __enter__(self) -> SignalForwarder:
         if threading.current_thread() is threading.main_thread():  # only it can handle signals
             self.previous = {sig: signal.signal(sig, self.forward) for sig in FORWARDED_SIGNALS}
         return self
@@ -373,14 +387,19 @@ class _SignalForwarder:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
 
-    def start(self, pid: int) -> None:
-        self.pid = pid
+    def start(self, pid: int, hang_up: Callable[[], None] | None = None) -> None:
+        """Forward to pid from now on; hang_up hangs up its terminal (-t)."""
+        self.pid, self.hang_up = pid, hang_up
         for received in self.pending:
             self.forward(received, None)
 
     def forward(self, received: int, _frame: object) -> None:
         if self.pid is None:
             self.pending.append(received)
+        elif received == signal.SIGHUP and self.hang_up is not None:
+            self.hang_up()
+            if self.namespace_init and not _catches(self.pid, received):
+                self.group.write("cgroup.kill", "1")
         elif (
             received in (signal.SIGINT, signal.SIGTERM)
             and self.namespace_init

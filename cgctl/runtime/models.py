@@ -19,7 +19,7 @@ from pydantic import (
 )
 
 from cgctl.runtime.report import RunReport
-from cgctl.spec import NAME_PATTERN, WorkloadSpec, parse_size
+from cgctl.spec import NAME_PATTERN, ExecSpec, WorkloadSpec, parse_size
 
 ContainerState = Literal["running", "frozen", "restarting", "exited"]
 EventType = Literal[
@@ -79,6 +79,10 @@ class LogOptions(_Request):
     max_files: int = Field(3, ge=1, le=100)
 
 
+# A terminal's (rows, columns), as TIOCSWINSZ takes them.
+ConsoleSize = tuple[Annotated[int, Field(ge=0, le=65535)], Annotated[int, Field(ge=0, le=65535)]]
+
+
 class CreateRequest(_Request):
     """Run a workload detached: supervised by the daemon, output to its log files."""
 
@@ -86,6 +90,14 @@ class CreateRequest(_Request):
     restart: RestartPolicy = Field(default_factory=RestartPolicy)
     log: LogOptions = Field(default_factory=LogOptions)
     auto_remove: bool = Field(False, description="remove the container when it ends (run without -d)")
+    console_size: ConsoleSize | None = Field(None, description="with spec.tty: its terminal's size at start")
+
+
+class ExecRequest(_Request):
+    """The first message of an exec stream (`/v1/containers/{name}/exec`)."""
+
+    spec: ExecSpec
+    console_size: ConsoleSize | None = Field(None, description="with spec.tty: its terminal's size at start")
 
 
 class KillRequest(_Request):
@@ -311,6 +323,19 @@ class Info(BaseModel):
     containers: int
     running: int
     cgroup_root: str
+
+
+class ProcessRow(BaseModel):
+    """One process of a container, as `cgctl top` shows it (read by cgctl.processes)."""
+
+    pid: int = Field(description="the pid on the host (the daemon's pid namespace)")
+    nspid: int = Field(description="the pid inside the container's pid namespace (1: its init)")
+    user: str = Field(description="the host's name for uid, or uid itself if it has none")
+    uid: int = Field(description="the effective uid, as the host knows it")
+    cpu_percent: float = Field(description="share of one CPU used over the last 0.5 s (2 CPUs: 200)")
+    rss_bytes: int = Field(description="resident memory")
+    started_at: float = Field(description="unix time")
+    command: list[str] = Field(description="its argv, or [NAME] if it has none")
 
 
 class ApiError(BaseModel):

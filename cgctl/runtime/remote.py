@@ -11,10 +11,13 @@ the models are used here: the CLI stays quick to start.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import http.client
 import json
+import os
 import socket
 import subprocess
+import threading
 import urllib.parse
 from collections.abc import Iterator
 from datetime import datetime
@@ -30,6 +33,7 @@ from cgctl.runtime.models import (
     Container,
     CreateRequest,
     Event,
+    ExecRequest,
     Explanation,
     Failure,
     Invalid,
@@ -37,6 +41,7 @@ from cgctl.runtime.models import (
     NotFound,
     PolicyPlan,
     PolicyStatus,
+    ProcessRow,
     PullRequest,
     PushRequest,
     PushResult,
@@ -49,6 +54,7 @@ from cgctl.runtime.models import (
 if TYPE_CHECKING:
     from cgctl.accounting import Usage
     from cgctl.runtime.models import HostWide
+    from cgctl.spec import ExecSpec
 
 FAILURES: dict[int, type[Failure]] = {
     400: Invalid,
@@ -228,6 +234,59 @@ class RemoteRuntime:
         )
         return Container.model_validate_json(response.read())
 
+    def attach(self, name: str, detach_keys: bytes = b"", replay: bool = False) -> bool:
+        """The caller's terminal (or stdio) on the container's, until it ends (False) or the detach keys
+        are typed (True)."""
+        query = "?replay=true" if replay else ""
+        websocket, hello, connection = self._websocket(f"/v1/containers/{_quoted(name)}/attach{query}")
+        try:
+            return _relay(websocket, hello, detach_keys, {})
+        finally:
+            connection.close()
+
+    def exec(self, name: str, spec: ExecSpec, detach_keys: bytes = b"") -> int:
+        """Run spec's process in the container through the daemon, on the caller's terminal or stdio;
+        its exit status (125 if the caller detached or the stream ended without one)."""
+        from cgctl.runtime import terminal
+
+        websocket, hello, connection = self._websocket(
+            f"/v1/containers/{_quoted(name)}/exec",
+            ExecRequest(spec=spec, console_size=terminal.size() if spec.tty else None),
+        )
+        status: dict[str, Any] = {}
+        try:
+            if _relay(websocket, hello, detach_keys, status) or not status:
+                return 125
+        finally:
+            connection.close()
+        return int(status["exit_code"]) if "exit_code" in status else 128 + int(status["signal"])
+
+    def _websocket(self, path: str, first: ExecRequest | None = None) -> tuple[Any, dict[str, Any], Any]:
+        """A WebSocket to the daemon over the host's transport, with the stream's first message read:
+        (the connection, {"tty": ..., "stdin": ...}, what to close at the end). Failure on an error."""
+        from websockets.exceptions import WebSocketException
+        from websockets.sync.client import connect
+
+        connection = _connection(self.host, self.timeout)
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        try:
+            connection.connect()
+            assert connection.sock is not None
+            connection.sock.settimeout(None)
+            websocket = connect(f"ws://localhost{path}", sock=connection.sock, additional_headers=headers,
+                                max_size=None, compression=None)  # fmt: skip
+            if first is not None:
+                websocket.send(first.model_dump_json())
+            hello = json.loads(websocket.recv())
+        except (OSError, WebSocketException) as error:
+            connection.close()
+            raise NeedsDaemon(f"cannot open a stream to the cgctl daemon at {self.host}: {error}") from None
+        if not hello.get("ok"):
+            websocket.close()
+            connection.close()
+            raise FAILURES.get(int(hello["status"]), Failure)(str(hello["message"]), int(hello["exit_code"]))
+        return websocket, hello, connection
+
     def logs(
         self, name: str, tail: int | None = None, since: datetime | None = None, follow: bool = False
     ) -> Iterator[LogLine]:
@@ -253,6 +312,11 @@ class RemoteRuntime:
             query |= {"all": True} | hostwide.model_dump(mode="json", exclude_none=True)
         for sample in self._stream("/v1/stats", query):
             yield [Usage(**row) for row in sample]  # type: ignore[arg-type]
+
+    def top(self, name: str) -> builtins.list[ProcessRow]:
+        return [
+            ProcessRow.model_validate(row) for row in self._json("GET", f"/v1/containers/{_quoted(name)}/top")
+        ]
 
     def checkpoint(self, name: str, request: CheckpointRequest) -> CheckpointResult:
         """Dump the container with CRIU into request.dir, a directory on the daemon's host."""
@@ -308,6 +372,53 @@ class RemoteRuntime:
 
     def remove_image(self, reference: str) -> builtins.list[str]:
         return list(self._json("DELETE", f"/v1/images/{_quoted(reference)}")["removed_layers"])
+
+
+def _relay(websocket: Any, hello: dict[str, Any], detach_keys: bytes, status: dict[str, Any]) -> bool:
+    """The stream's output to our stdout and stderr (the exit status it ends with into `status`), and
+    with the container's stdin open, our stdin to it (our terminal raw with its tty); until the
+    stream ends (False) or the detach keys are typed (True, with a tty only)."""
+    from websockets.exceptions import ConnectionClosed
+
+    from cgctl.runtime import terminal
+
+    ended, ended_w = os.pipe2(os.O_CLOEXEC)
+
+    def output() -> None:
+        try:
+            for message in websocket:
+                tag, data = message[:1], message[1:]
+                if tag in (terminal.STDOUT, terminal.STDERR):
+                    terminal.write_all(1 if tag == terminal.STDOUT else 2, data)
+                elif tag == terminal.EXITED:
+                    status.update(json.loads(data))
+        except ConnectionClosed:
+            pass
+        finally:
+            os.close(ended_w)
+
+    reader = threading.Thread(target=output, name="stream-output", daemon=True)
+    tty, stdin = bool(hello.get("tty")), bool(hello.get("stdin"))
+    raw = terminal.raw() if tty and stdin and terminal.is_terminal(0) else contextlib.nullcontext()
+    try:
+        with raw:  # before any output: what our terminal answers to it must not be echoed here
+            reader.start()
+            detached = terminal.pump(
+                ended,
+                (lambda data: websocket.send(terminal.STDIN + data)) if stdin else None,
+                close_input=lambda: websocket.send(terminal.STDIN_CLOSED),
+                resize=(lambda size: websocket.send(terminal.RESIZE + json.dumps(size).encode()))
+                if tty
+                else None,
+                detach_keys=detach_keys if tty else b"",
+            )
+    except ConnectionClosed:
+        detached = False
+    finally:
+        os.close(ended)
+    websocket.close()
+    reader.join(timeout=5)
+    return detached
 
 
 def _quoted(name: str) -> str:

@@ -27,13 +27,14 @@ import json
 import os
 import select
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO, NoReturn
+from typing import Any, BinaryIO, NamedTuple, NoReturn
 
 from cgctl import ns, sandbox
-from cgctl.ns import libc, rootfs, user
+from cgctl.ns import console, libc, rootfs, user
 from cgctl.sandbox import paths
 
 # Serialises the moment the supervisor is a child subreaper, for callers that run workloads from threads.
@@ -63,44 +64,74 @@ class Launch:
     root: rootfs.Plan | None = None  # a root of its own (overlay layers), else the host's
     user: str | None = None  # USER[:GROUP] to become just before exec
     stdio: tuple[int, int, int] | None = None  # the caller's fds to become the workload's 0, 1, 2
+    terminal: tuple[int, int] | None = (
+        None  # a pty of its own, at (rows, columns): its stdio, and master ours
+    )
 
 
-def start(launch: Launch) -> tuple[int, int]:
-    """Start the workload; return (its pid, the fd to close once it has been waited for)."""
+class Started(NamedTuple):
+    pid: int
+    alive_fd: int | None  # to close once the workload has been waited for (its children then die)
+    master: int | None = None  # the master of the workload's terminal, with Launch.terminal
+
+
+def start(launch: Launch) -> Started:
+    """Start the workload; with launch.terminal, its pty is allocated inside (ns/console.py)."""
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
     alive_r, alive_w = os.pipe2(os.O_CLOEXEC)
+    ours, theirs = console.channel() if launch.terminal else (None, None)
     supervisor = os.getpid()
-    with _subreaper():
+    with subreaper():
         setup = os.fork()
         if setup == 0:
             os.close(report_r)
             os.close(alive_w)  # or the init would never see the supervisor's end of it close
-            _setup_child(launch, supervisor, report_w, alive_r)
+            if ours is not None:
+                ours.close()
+            _setup_child(launch, supervisor, report_w, alive_r, theirs.fileno() if theirs else None)
         os.close(report_w)
         os.close(alive_r)
+        if theirs is not None:
+            theirs.close()
         _, setup_status = os.waitpid(setup, 0)
+    try:
+        pid, master = _started(launch, report_r, alive_w, setup_status, ours)
+    finally:
+        if ours is not None:
+            ours.close()
+    return Started(pid, alive_w, master)
+
+
+def _started(
+    launch: Launch, report_r: int, alive_w: int, setup_status: int, console_sock: socket.socket | None
+) -> tuple[int, int | None]:
+    """Let the init go once the setup child reported its pid; its terminal's master once it sent it."""
     with os.fdopen(report_r, "rb") as reports:
-        first = _message(reports)
+        first = read_report(reports)
         if "pid" not in first:
             os.close(alive_w)
             if not first:
                 raise SpawnError(
-                    f"the setup process died ({_describe(setup_status)}) before starting the workload", 125
+                    f"the setup process died ({describe(setup_status)}) before starting the workload", 125
                 )
-            raise _error(first, launch)
+            raise failure(first, launch.argv[0])
         pid = int(first["pid"])
         os.write(alive_w, b"go")
-        second = _message(reports)  # EOF (exec succeeded) or the reason it did not
+        master = console.receive_master(console_sock) if console_sock is not None else None
+        second = read_report(reports)  # EOF (exec succeeded) or the reason it did not
     if second:
         os.waitpid(pid, 0)
         os.close(alive_w)
-        raise _error(second, launch)
-    return pid, alive_w
+        if master is not None:
+            os.close(master)
+        raise failure(second, launch.argv[0])
+    return pid, master
 
 
 @contextlib.contextmanager
-def _subreaper() -> Iterator[None]:
-    """Be a child subreaper while the setup child exits, so its child (the workload) becomes ours."""
+def subreaper() -> Iterator[None]:
+    """Be a child subreaper while an intermediate child exits (spawn's setup child, exec's joining
+    child), so that its child (the workload, the exec'd process) becomes ours."""
     with _SUBREAPER_LOCK:
         was = libc.get_child_subreaper()
         libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)
@@ -110,31 +141,48 @@ def _subreaper() -> Iterator[None]:
             libc.prctl(libc.PR_SET_CHILD_SUBREAPER, int(was))
 
 
-def _message(reports: BinaryIO) -> dict[str, Any]:
+def read_report(reports: BinaryIO) -> dict[str, Any]:
     """The next report from the children, or {} once they have all closed the pipe (exec succeeded)."""
     line = reports.readline()
     return json.loads(line) if line else {}
 
 
-def _error(message: dict[str, Any], launch: Launch) -> SpawnError:
+def failure(message: dict[str, Any], command: str) -> SpawnError:
+    """The error a child reported, as docker words it and with its exit code."""
     code = int(message.get("errno", 0))
     if message.get("stage") == "exec":
         if code == errno.ENOENT:
-            return SpawnError(f"{launch.argv[0]}: command not found", 127)
-        return SpawnError(f"{launch.argv[0]}: cannot execute: {os.strerror(code)}", 126)
+            return SpawnError(f"{command}: command not found", 127)
+        return SpawnError(f"{command}: cannot execute: {os.strerror(code)}", 126)
     return SpawnError(
         f"setting up the workload failed while {message.get('stage')}: {message.get('error')}", 125
     )
 
 
-def _describe(status: int) -> str:
+def describe(status: int) -> str:
     if os.WIFSIGNALED(status):
         return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
     return f"exit status {os.waitstatus_to_exitcode(status)}"
 
 
-def _report(fd: int, **message: object) -> None:
+def report(fd: int, **message: object) -> None:
+    """Tell the parent, over the CLOEXEC pipe, how far a child got (or its pid)."""
     os.write(fd, (json.dumps(message) + "\n").encode())
+
+
+def report_failure(fd: int, stage: str, error: BaseException) -> NoReturn:
+    """A child's last words: what it was doing and why it failed (failure() words it for the user)."""
+    report(fd, stage=stage, error=str(error), errno=getattr(error, "errno", None) or 0)
+    os._exit(125)
+
+
+def default_signals() -> None:
+    """In a forked child: the parent's Python handlers must not run here, nor its blocked signals stay
+    blocked in the workload."""
+    for sig in range(1, signal.NSIG):
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])  # the supervisor blocks some while it starts us
 
 
 def _die_with(parent: int) -> None:
@@ -143,13 +191,12 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-def _setup_child(launch: Launch, supervisor: int, report_w: int, alive_r: int) -> NoReturn:
+def _setup_child(
+    launch: Launch, supervisor: int, report_w: int, alive_r: int, console_fd: int | None
+) -> NoReturn:
     stage = "starting"
     try:
-        for sig in range(1, signal.NSIG):  # the supervisor's Python handlers must not run here
-            with contextlib.suppress(OSError, ValueError):
-                signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])  # the supervisor blocks some while it starts us
+        default_signals()
         _die_with(supervisor)
         if launch.user_namespace:
             stage = "creating the user namespace"
@@ -160,15 +207,14 @@ def _setup_child(launch: Launch, supervisor: int, report_w: int, alive_r: int) -
         stage = "forking the workload"
         pid = os.fork()
         if pid == 0:
-            _workload_init(launch, report_w, alive_r)
-        _report(report_w, pid=pid)
+            _workload_init(launch, report_w, alive_r, console_fd)
+        report(report_w, pid=pid)
         os._exit(0)
     except BaseException as error:  # every failure must reach the supervisor
-        _report(report_w, stage=stage, error=str(error), errno=getattr(error, "errno", None) or 0)
-        os._exit(125)
+        report_failure(report_w, stage, error)
 
 
-def _workload_init(launch: Launch, report_w: int, alive_r: int) -> NoReturn:
+def _workload_init(launch: Launch, report_w: int, alive_r: int, console_fd: int | None) -> NoReturn:
     stage = "waiting for the supervisor"
     try:
         if os.read(alive_r, 2) != b"go":
@@ -191,25 +237,27 @@ def _workload_init(launch: Launch, report_w: int, alive_r: int) -> NoReturn:
             stage = "masking kernel paths"
             paths.restrict()
         os.setsid()
+        if launch.terminal and console_fd is not None:
+            stage = "opening its terminal"
+            console.take_terminal(console_fd, launch.terminal)
         if launch.workdir:
             stage = f"changing to the working directory {launch.workdir}"
             os.chdir(launch.workdir)
         identity = None
         if launch.user:
             stage = f"looking up the user {launch.user}"
-            identity = _identity(launch.user)
-        _close_inherited_fds(keep={report_w, alive_r})
+            identity = lookup_identity(launch.user)
+        close_inherited_fds(keep={report_w, alive_r})
         stage = "entering the sandbox" + (f" as the user {launch.user}" if launch.user else "")
         sandbox.enter(launch.sandbox, identity)
         if launch.init:
             _reaper(launch, report_w)
-        _exec(launch, report_w)
+        exec_command(launch.argv, launch.env, report_w)
     except BaseException as error:  # every failure must reach the supervisor
-        _report(report_w, stage=stage, error=str(error), errno=getattr(error, "errno", None) or 0)
-        os._exit(125)
+        report_failure(report_w, stage, error)
 
 
-def _identity(user: str) -> tuple[int, int]:
+def lookup_identity(user: str) -> tuple[int, int]:
     """The (uid, gid) of USER[:GROUP] (names from the root's /etc/passwd and /etc/group, or numbers; with
     no GROUP, the user's own group, or 0 for an id /etc/passwd does not know, as docker does)."""
     name, _, group = user.partition(":")
@@ -236,7 +284,7 @@ def _entries(path: str) -> list[list[str]]:
         return []
 
 
-def _close_inherited_fds(keep: set[int]) -> None:
+def close_inherited_fds(keep: set[int]) -> None:
     """Nothing but stdio reaches the workload (leaked fds would pin files and defeat CRIU)."""
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
@@ -245,11 +293,12 @@ def _close_inherited_fds(keep: set[int]) -> None:
                 os.close(fd)
 
 
-def _exec(launch: Launch, report_w: int) -> NoReturn:
+def exec_command(argv: list[str], env: dict[str, str], report_w: int) -> NoReturn:
+    """exec, or report why not (its stage is "exec": failure() makes it a 126 or 127)."""
     try:
-        os.execvpe(launch.argv[0], launch.argv, launch.env)
+        os.execvpe(argv[0], argv, env)
     except OSError as error:
-        _report(report_w, stage="exec", error=error.strerror, errno=error.errno)
+        report(report_w, stage="exec", error=error.strerror, errno=error.errno)
         os._exit(127 if error.errno == errno.ENOENT else 126)
 
 
@@ -257,7 +306,7 @@ def _reaper(launch: Launch, report_w: int) -> NoReturn:
     """--init: pid 1 forks the command, forwards every signal to it, reaps orphans, exits as it does."""
     command = os.fork()
     if command == 0:
-        _exec(launch, report_w)
+        exec_command(launch.argv, launch.env, report_w)
     os.close(report_w)
     for sig in set(range(1, signal.NSIG)) - {signal.SIGCHLD, signal.SIGKILL, signal.SIGSTOP}:
         with contextlib.suppress(OSError, ValueError):
@@ -265,4 +314,9 @@ def _reaper(launch: Launch, report_w: int) -> NoReturn:
     while True:
         pid, status = os.wait()
         if pid == command:
-            os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+            os._exit(exit_status(status))
+
+
+def exit_status(status: int) -> int:
+    """A wait status as docker reports it: the exit code, or 128+N when killed by signal N."""
+    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)

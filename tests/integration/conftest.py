@@ -17,6 +17,7 @@ import pytest
 
 if TYPE_CHECKING:
     from tests.integration.daemon import Daemon
+    from tests.integration.tmux import Tmux
 
 UNIFIED = Path("/sys/fs/cgroup")
 SKOPEO_CACHE = Path("/var/lib/containers/cache")
@@ -136,3 +137,13 @@ def private_skopeo_cache() -> Iterator[None]:
     tmpfs(SKOPEO_CACHE)
     yield
     subprocess.run(["umount", "--lazy", str(SKOPEO_CACHE)], check=True)
+
+
+@pytest.fixture
+def tmux(tmp_path: Path) -> Iterator[Tmux]:
+    """A real terminal (tests/integration/tmux.py), closed at the end with what runs in it."""
+    from tests.integration.tmux import Tmux
+
+    terminal = Tmux(tmp_path)
+    yield terminal
+    terminal.kill()

@@ -115,6 +115,7 @@ def test_version_and_help(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captur
         ),
         (["--host", "tcp://1.2.3.4", "ps"], "invalid value 'tcp://1.2.3.4' for --host"),
         (["events", "--since", "yesterday"], "invalid value 'yesterday' for --since"),
+        (["attach", "web"], "no running container named 'web'"),
     ],
 )
 def test_daemon_verbs_without_a_daemon(
@@ -122,6 +123,24 @@ def test_daemon_verbs_without_a_daemon(
 ) -> None:
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/nonexistent")  # no rootless daemon's socket either
     monkeypatch.setattr("cgctl.runtime.interface.SYSTEM_SOCKET", Path("/nonexistent/cgctl.sock"))
+    status, err = cgctl(monkeypatch, capsys, *args)
+    assert status == 125
+    assert expected in err
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["run", "-it", "--", "sh"], "-t: the input device is not a terminal (stdin is redirected): drop -t"),
+        (["run", "-t", "--", "sh"], "-t: the output device is not a terminal (stdout is redirected)"),
+        (["run", "-it", "--detach-keys", "ctrl-1", "--", "sh"], "invalid value 'ctrl-1' for --detach-keys"),
+        (["attach", "--detach-keys", "abc", "web"], "invalid value 'abc' for --detach-keys"),
+    ],
+)
+def test_terminal_options_refuse_what_cannot_work(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], args: list[str], expected: str
+) -> None:
+    """Under pytest, stdin and stdout are not terminals: -t is refused before anything is made."""
     status, err = cgctl(monkeypatch, capsys, *args)
     assert status == 125
     assert expected in err

@@ -7,6 +7,7 @@ here only; the values' effect is proven in tests/integration.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -15,6 +16,17 @@ from cgctl.cgroup.fs import Cgroup
 from cgctl.spec import CpuLimits, IoLimits, MemoryLimits, PidsLimits, SpecError
 
 MiB = 1 << 20
+GiB = 1 << 30
+
+
+@pytest.fixture(autouse=True)
+def host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host of 4 CPUs (cgctl may use them all) and 2 GiB of memory, whatever this one has."""
+    import psutil
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda _: {0, 1, 2, 3})
+    monkeypatch.setattr(psutil, "cpu_count", lambda: 4)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(total=2 * GiB))
 
 
 def test_memory_settings_in_write_order() -> None:
@@ -107,3 +119,29 @@ def test_io_settings_refuse_devices_they_cannot_limit(
 ) -> None:
     with pytest.raises(SpecError, match=message):
         io.settings(IoLimits.model_validate(limits), unified, block_devices)
+
+
+def test_cpus_above_the_host_are_refused_as_docker_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert cpu.settings(CpuLimits.model_validate({"cpus": "4"})) == [("cpu.max", "400000 100000")]
+    with pytest.raises(SpecError) as refused:
+        cpu.settings(CpuLimits.model_validate({"cpus": "4.5"}))
+    assert (refused.value.field, refused.value.value) == (("limits", "cpu", "cpus"), "4.5")
+    assert refused.value.reason == (
+        "range of CPUs is from 0.01 to 4.00, as there are only 4 CPUs available on this host"
+    )
+    with pytest.raises(SpecError, match=r"to 2.00, as there are only 2 CPUs available in its cpuset \(0,3\)"):
+        cpu.settings(CpuLimits.model_validate({"cpus": "3", "cpuset": "0,3"}))
+    monkeypatch.setattr("os.sched_getaffinity", lambda _: {1})
+    with pytest.raises(SpecError, match=r"to 1.00, .* only 1 CPUs available to cgctl, of this host's 4"):
+        cpu.settings(CpuLimits.model_validate({"cpus": "2"}))
+
+
+@pytest.mark.parametrize("field", ["max", "high", "low", "min"])
+def test_memory_above_the_host_is_refused(field: str) -> None:
+    assert memory.settings(MemoryLimits.model_validate({field: "2G", "swap_max": "64G"}))
+    with pytest.raises(SpecError) as refused:
+        memory.settings(MemoryLimits.model_validate({field: "256G"}))
+    assert (refused.value.field, refused.value.value) == (("limits", "memory", field), "256 GiB")
+    assert refused.value.reason.startswith(
+        f"this host has only 2 GiB of memory ({2 * GiB} bytes), so memory.{field} above it can never apply"
+    )

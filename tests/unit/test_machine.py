@@ -186,6 +186,29 @@ def test_token_gate_guards_tcp_and_lets_the_unix_socket_through() -> None:
     assert asyncio.run(_call(gate, scope(("/run/cgctl/cgctl.sock", None), None))) == 200  # a unix socket
 
 
+def test_token_gate_guards_websockets_too() -> None:
+    """Attach and exec streams over TCP: refused before the handshake without the token."""
+    import asyncio
+
+    async def inner(scope: object, receive: object, send: object) -> None:
+        await send({"type": "websocket.accept"})  # type: ignore[operator]
+
+    async def handshake(authorization: bytes | None) -> str:
+        sent: list[dict[str, object]] = []
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        headers = [(b"authorization", authorization)] if authorization is not None else []
+        scope = {"type": "websocket", "server": ("127.0.0.1", 9700), "headers": headers, "path": "/"}
+        await TokenGate(inner, "s3cret")(scope, None, send)  # type: ignore[arg-type]
+        return str(sent[0]["type"])
+
+    assert asyncio.run(handshake(b"Bearer s3cret")) == "websocket.accept"
+    assert asyncio.run(handshake(b"Bearer wrong")) == "websocket.close"
+    assert asyncio.run(handshake(None)) == "websocket.close"
+
+
 @pytest.mark.parametrize(
     ("mode", "text", "message"),
     [
