@@ -146,7 +146,11 @@ def claim(state_dir: Path, name: str, record: dict[str, object]) -> Claim:
 def live_records(
     state_dir: Path, proc_locks: Path = Path("/proc/locks")
 ) -> list[tuple[Path, os.stat_result]]:
-    """The records whose supervisor is alive, with their stat, seen in /proc/locks without taking locks."""
+    """The records whose supervisor is alive, with their stat: seen in /proc/locks without taking locks,
+    else (a record not listed there) asked of the kernel with a lock probe. /proc/locks names the
+    inode a lock is really on, which stat does not give on overlayfs (a state directory inside a
+    docker container, or on the VM's root): there it is another device, and every record would look
+    dead."""
     records = sorted(state_dir.glob("*.json")) if state_dir.exists() else []
     if not records:
         return []  # /proc/locks lists every lock of the host: not worth reading for nothing
@@ -162,9 +166,25 @@ def live_records(
             identity = path.stat()
         except FileNotFoundError:
             continue
-        if (identity.st_dev, identity.st_ino) in held:
+        if (identity.st_dev, identity.st_ino) in held or _locked(path):
             live.append((path, identity))
     return live
+
+
+def _locked(path: Path) -> bool:
+    """Whether another open file holds path's flock: a shared lock we cannot get now. The probe holds
+    one for an instant, which a claimer waits out (claim) and a cleaner takes for a live run."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def clean_stale(state_dir: Path) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -112,3 +113,27 @@ def test_unknown_names_and_signals_exit_125(
 ) -> None:
     status, _, err = cgctl_in_process(capfd, *args)
     assert status == 125 and message in err
+
+
+def test_a_state_directory_on_overlayfs(tmp_path: Path) -> None:
+    """The VM's /tmp is on its overlayfs root, as a state directory inside a docker container would
+    be: /proc/locks names another device there than stat does, and the run must still be seen."""
+    found = subprocess.run(
+        ["findmnt", "-n", "-o", "FSTYPE", "-T", str(tmp_path)], capture_output=True, text=True
+    )
+    assert found.stdout.strip() == "overlay", found
+    env = {**os.environ, "CGCTL_STATE_DIR": str(tmp_path / "runs")}
+    supervisor = subprocess.Popen(
+        [PYTHON, "-m", "cgctl", "run", "--name", "on-overlay", "--", "sleep", "300"], env=env
+    )
+    try:
+        wait_for(lambda: workload_pids("on-overlay"), "on-overlay to start")
+        listed = subprocess.run([PYTHON, "-m", "cgctl", "ps"], env=env, capture_output=True, text=True)
+        assert "on-overlay" in listed.stdout, listed
+        killed = subprocess.run([PYTHON, "-m", "cgctl", "kill", "on-overlay"], env=env, capture_output=True)
+        assert killed.returncode == 0, killed
+        assert supervisor.wait(timeout=120) == 137
+    finally:
+        if supervisor.poll() is None:  # killed through its cgroup: its supervisor still cleans up
+            (CGCTL_ROOT / "on-overlay" / "cgroup.kill").write_text("1")
+            supervisor.wait(timeout=120)

@@ -7,6 +7,7 @@ the cleanup of a dead run's cgroup is proven in tests/integration.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,21 @@ def test_live_records_are_the_locked_ones(tmp_path: Path) -> None:
     finally:
         held.release()
     assert state.live_records(tmp_path) == []
+
+
+def test_live_records_are_found_where_proc_locks_names_another_device(tmp_path: Path) -> None:
+    """On overlayfs /proc/locks lists the lock on the real (upper) inode's device, not stat's: such a
+    record is asked of the kernel with a lock probe instead of looking dead."""
+    held = state.claim(tmp_path, "live", {"cgroup": ""})
+    (tmp_path / "dead.json").write_text("{}")
+    inode = held.path.stat().st_ino
+    elsewhere = tmp_path / "locks"
+    elsewhere.write_text(f"1: FLOCK  ADVISORY  WRITE {os.getpid()} 00:99:{inode} 0 EOF\n")
+    try:
+        assert [path for path, _ in state.live_records(tmp_path, elsewhere)] == [held.path]
+    finally:
+        held.release()
+    assert state.live_records(tmp_path, elsewhere) == []
 
 
 def test_updates_keep_the_locked_inode_and_are_never_seen_half_written(tmp_path: Path) -> None:
