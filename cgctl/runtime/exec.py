@@ -161,25 +161,12 @@ def start(
     finally:
         for _, fd in fds:
             os.close(fd)
+    died = f"the process joining {target.name} died ({spawn.describe(joiner_status)})"
     try:
-        with os.fdopen(report_r, "rb") as reports:
-            first = spawn.read_report(reports)
-            if "pid" not in first:
-                if not first:
-                    why = spawn.describe(joiner_status)
-                    raise spawn.SpawnError(f"the process joining {target.name} died ({why})", 125)
-                raise spawn.failure(first, target.argv[0])
-            pid = int(first["pid"])
-            master = console.receive_master(ours) if ours is not None else None
-            second = spawn.read_report(reports)  # EOF (exec succeeded) or the reason it did not
+        pid, master = spawn.reported_start(report_r, ours, target.argv[0], died)
     finally:
         if ours is not None:
             ours.close()
-    if second:
-        os.waitpid(pid, 0)
-        if master is not None:
-            os.close(master)
-        raise spawn.failure(second, target.argv[0])
     return spawn.Started(pid, None, master)
 
 

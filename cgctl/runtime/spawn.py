@@ -94,37 +94,41 @@ def start(launch: Launch) -> Started:
         if theirs is not None:
             theirs.close()
         _, setup_status = os.waitpid(setup, 0)
+    why = f"the setup process died ({describe(setup_status)}) before starting the workload"
     try:
-        pid, master = _started(launch, report_r, alive_w, setup_status, ours)
+        pid, master = reported_start(report_r, ours, launch.argv[0], why, alive_w)
     finally:
         if ours is not None:
             ours.close()
     return Started(pid, alive_w, master)
 
 
-def _started(
-    launch: Launch, report_r: int, alive_w: int, setup_status: int, console_sock: socket.socket | None
+def reported_start(
+    report_r: int, console_sock: socket.socket | None, command: str, died: str, alive_w: int | None = None
 ) -> tuple[int, int | None]:
-    """Let the init go once the setup child reported its pid; its terminal's master once it sent it."""
+    """What the children report, as (pid, its terminal's master): the pid (then the init is let go
+    through alive_w, if given), the master once it was sent, and EOF once exec succeeded. Otherwise
+    a SpawnError: `died` if they reported nothing, else their reason; alive_w is then closed."""
     with os.fdopen(report_r, "rb") as reports:
         first = read_report(reports)
         if "pid" not in first:
-            os.close(alive_w)
+            if alive_w is not None:
+                os.close(alive_w)
             if not first:
-                raise SpawnError(
-                    f"the setup process died ({describe(setup_status)}) before starting the workload", 125
-                )
-            raise failure(first, launch.argv[0])
+                raise SpawnError(died, 125)
+            raise failure(first, command)
         pid = int(first["pid"])
-        os.write(alive_w, b"go")
+        if alive_w is not None:
+            os.write(alive_w, b"go")
         master = console.receive_master(console_sock) if console_sock is not None else None
         second = read_report(reports)  # EOF (exec succeeded) or the reason it did not
     if second:
         os.waitpid(pid, 0)
-        os.close(alive_w)
+        if alive_w is not None:
+            os.close(alive_w)
         if master is not None:
             os.close(master)
-        raise failure(second, launch.argv[0])
+        raise failure(second, command)
     return pid, master
 
 
