@@ -50,8 +50,8 @@ from cgroup2_host import require_cgroup2_root
 from spawn import OCI_RUNTIMES, build_bundle, check
 
 from cgctl import runtime
+from cgctl.runtime.api import CreateRequest
 from cgctl.runtime.interface import answers
-from cgctl.runtime.models import CreateRequest
 from cgctl.runtime.remote import RemoteRuntime
 from cgctl.spec import WorkloadSpec
 

@@ -43,7 +43,7 @@ from cgroup2_host import require_cgroup2_root
 from daemon import CLOCK_TICKS, PYTHON, Daemon, cpu_ticks
 
 from cgctl.cgroup import fs, pressure
-from cgctl.runtime.models import CreateRequest
+from cgctl.runtime.api import CreateRequest
 from cgctl.spec import WorkloadSpec
 
 HOW_TO_RUN = ".venv/bin/python tests/vm/microvm.py --memory 3G -- .venv/bin/python bench/policy.py"

@@ -3,7 +3,7 @@
 cgroup v2 has no devices.allow file; like runc and crun, cgctl attaches an eBPF program
 (BPF_PROG_TYPE_CGROUP_DEVICE) to the workload's cgroup, and the kernel runs it on every open and
 mknod of a device node there: default deny, each Rule allows some. bpf(2) goes through ctypes, as
-in cgctl.ns.libc; the encoding is little-endian (x86_64, aarch64, riscv64, ppc64le).
+in cgctl.syscalls; the encoding is little-endian (x86_64, aarch64, riscv64, ppc64le).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 
+from cgctl import syscalls
 from cgctl.cgroup.fs import Cgroup, CgroupError
-from cgctl.ns import libc
 
 SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361}
 
@@ -200,7 +200,7 @@ def _bpf(command: int, attr: ctypes.Array[ctypes.c_char], call: str) -> int:
     number = SYS_BPF.get(platform.machine())
     if number is None:
         raise OSError(errno.ENOSYS, f"{call}: cgctl knows no bpf() system call on {platform.machine()}")
-    result = libc.raw_syscall(
+    result = syscalls.raw_syscall(
         ctypes.c_long(number),
         ctypes.c_long(command),
         ctypes.c_void_p(ctypes.addressof(attr)),

@@ -96,8 +96,8 @@ def _checkpoint_through(
     hook: Path | None,
 ) -> Checkpoint:
     """The daemon dumps the container into a directory on its host (a machine's shared one)."""
+    from cgctl.runtime.api import CheckpointRequest
     from cgctl.runtime.checkpoint import Checkpoint
-    from cgctl.runtime.models import CheckpointRequest
 
     target = _on_machine_share(directory)
     request = CheckpointRequest(
@@ -138,7 +138,7 @@ def restore(
     from cgctl.cgroup.fs import CgroupError
     from cgctl.runtime.checkpoint import CheckpointError
     from cgctl.runtime.checkpoint import restore as undump
-    from cgctl.runtime.embedded import START_DAEMON
+    from cgctl.runtime.local import START_DAEMON
     from cgctl.runtime.remote import RemoteRuntime
     from cgctl.spec import SpecError
 
@@ -183,7 +183,7 @@ def _restore_through(
 ) -> NoReturn:
     """The daemon restores the checkpoint (a directory on its host) as a detached container."""
     from cgctl.cli.run import attach_to_end
-    from cgctl.runtime.models import RestoreRequest
+    from cgctl.runtime.api import RestoreRequest
 
     target = _on_machine_share(directory)
     request = RestoreRequest(dir=str(target), name=name, hook=str(hook.absolute()) if hook else None)

@@ -16,8 +16,8 @@ import typer
 
 if TYPE_CHECKING:
     from cgctl.machine.instance import Machine
+    from cgctl.runtime.api import Failure
     from cgctl.runtime.interface import Runtime
-    from cgctl.runtime.models import Failure
 
 host: str | None = None  # set by the root callback from --host
 machine: Machine | None = None  # the machine the verbs act through, once machine_runtime chose it
@@ -27,7 +27,7 @@ def __getattr__(name: str) -> Any:
     """`connection.Failure`, the runtime's error, imported when first looked up: in an except clause,
     that is once an exception reaches it, so a verb that catches it does not import the models."""
     if name == "Failure":
-        from cgctl.runtime.models import Failure
+        from cgctl.runtime.api import Failure
 
         return Failure
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,8 +18,8 @@ from cgctl.cli.errors import fail
 from cgctl.cli.table import render_table
 
 if TYPE_CHECKING:
+    from cgctl.runtime.api import Container, Event
     from cgctl.runtime.logs import LogLine
-    from cgctl.runtime.models import Container, Event
 
 Names = Annotated[list[str], typer.Argument(help="container names", show_default=False)]
 AsJson = Annotated[bool, typer.Option("--json", help="machine-readable output")]

@@ -51,7 +51,7 @@ def kill(
     state_dir: StateDir = None,
 ) -> None:
     """Send a signal to every process of the container (default SIGKILL, through cgroup.kill)."""
-    from cgctl.runtime.models import parse_signal
+    from cgctl.runtime.api import parse_signal
 
     try:
         sig = parse_signal(signal_name)

@@ -84,7 +84,7 @@ def daemon(
     from cgctl.daemon.server import listening_socket, serve
     from cgctl.daemon.service import Service, default_paths
     from cgctl.metrics import ContainerCollector
-    from cgctl.runtime.models import Failure
+    from cgctl.runtime.api import Failure
 
     logging.basicConfig(level=logging.INFO, format="cgctld: %(message)s", stream=sys.stderr)
     defaults = default_paths()

@@ -12,7 +12,7 @@ from cgctl.cli.errors import fail
 
 if TYPE_CHECKING:
     from cgctl.discovery import Selection
-    from cgctl.runtime.models import HostWide
+    from cgctl.runtime.api import HostWide
 
 ALL_HELP = (
     "every cgroup of the host, not only cgctl's containers: systemd units, other runtimes' containers, "
@@ -69,7 +69,7 @@ def hostwide(
     if not everything:
         refuse_without("--all", cgroup_root, max_depth, include, exclude)
         return None
-    from cgctl.runtime.models import HostWide
+    from cgctl.runtime.api import HostWide
 
     return HostWide(
         cgroup_root=None if cgroup_root is None else str(cgroup_root),

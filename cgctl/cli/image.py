@@ -42,7 +42,7 @@ def store_at(root: Path | None) -> Store:
 
 def daemon_for(store: Path | None) -> RemoteRuntime | None:
     """The daemon whose store the verbs act on, unless --store names a local one."""
-    from cgctl.runtime.embedded import LocalRuntime
+    from cgctl.runtime.local import LocalRuntime
 
     if store is not None:
         return None

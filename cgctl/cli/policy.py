@@ -15,7 +15,7 @@ from cgctl.cli import connection
 from cgctl.cli.table import render_table
 
 if TYPE_CHECKING:
-    from cgctl.runtime.models import PolicyPlan
+    from cgctl.runtime.api import PolicyPlan
 
 Json = Annotated[bool, typer.Option("--json", help="print JSON")]
 EXIT_INVALID = 1
@@ -130,7 +130,7 @@ def status(as_json: Json = False) -> None:
     chosen = connection.runtime()
     if not isinstance(chosen, RemoteRuntime):
         from cgctl.cli.errors import fail
-        from cgctl.runtime.embedded import START_DAEMON
+        from cgctl.runtime.local import START_DAEMON
 
         raise fail(f"the active policy set is the daemon's, and none answers: {START_DAEMON}")
     current = _call(lambda _: chosen.policy_status())
@@ -148,7 +148,7 @@ def status(as_json: Json = False) -> None:
 
 
 def _call(what: Any) -> Any:
-    from cgctl.runtime.models import Invalid
+    from cgctl.runtime.api import Invalid
 
     try:
         return what(connection.runtime())

@@ -22,7 +22,7 @@ from cgctl.cli.image import StoreDir, daemon_for, end_bar, progress_bar, store_a
 if TYPE_CHECKING:
     from cgctl.images.push import Pushed
     from cgctl.images.registry import Options
-    from cgctl.runtime.models import PushResult
+    from cgctl.runtime.api import PushResult
 
 TlsCa = Annotated[
     Path | None,
@@ -58,7 +58,7 @@ def pull(
     from cgctl.images import ImageError, LayerError
     from cgctl.images.pull import pull as pull_image
     from cgctl.images.registry import RegistryError
-    from cgctl.runtime.models import PullRequest
+    from cgctl.runtime.api import PullRequest
     from cgctl.spec import format_size
 
     started = time.monotonic()
@@ -102,7 +102,7 @@ def push(
     registry has them), then the manifest, byte for byte. Pushing again sends nothing."""
     from cgctl.images.push import push as push_image
     from cgctl.images.registry import RegistryError
-    from cgctl.runtime.models import PushRequest
+    from cgctl.runtime.api import PushRequest
 
     target = destination or source
     try:
@@ -206,7 +206,7 @@ def _through_daemon(tls_ca: Path | None, insecure: list[str] | None, text: str) 
     the daemon to use on their behalf."""
     from cgctl.images import auth
     from cgctl.images import reference as references
-    from cgctl.runtime.models import RegistryAuth
+    from cgctl.runtime.api import RegistryAuth
 
     try:
         found = auth.lookup(references.parse(text).registry)

@@ -18,8 +18,8 @@ from cgctl.cli.process import DetachKeys, environment
 
 if TYPE_CHECKING:
     from cgctl.machine.instance import Machine
+    from cgctl.runtime.api import Container
     from cgctl.runtime.interface import Runtime
-    from cgctl.runtime.models import Container
     from cgctl.runtime.report import RunReport
     from cgctl.spec import WorkloadSpec
 
@@ -199,7 +199,7 @@ def run(
     """
     from pydantic import ValidationError
 
-    from cgctl.runtime.embedded import LocalRuntime
+    from cgctl.runtime.local import LocalRuntime
     from cgctl.spec import WorkloadSpec
 
     keys = errors.detach_keys(detach_keys)
@@ -261,7 +261,7 @@ def run(
     if not isinstance(chosen, LocalRuntime):
         _through_daemon(chosen, spec, detach, service, report, keys)
     if detach or any(service.values()):
-        from cgctl.runtime.embedded import START_DAEMON
+        from cgctl.runtime.local import START_DAEMON
 
         given = "-d" if detach else "--" + next(k for k, v in service.items() if v).replace("_", "-")
         raise fail(f"{given} needs the cgctl daemon, and none answers: {START_DAEMON}")
@@ -317,7 +317,7 @@ def _through_daemon(
     is then removed)."""
     from pydantic import ValidationError
 
-    from cgctl.runtime.models import CreateRequest
+    from cgctl.runtime.api import CreateRequest
     from cgctl.runtime.terminal import size
 
     fields: dict[str, Any] = {"spec": spec, "auto_remove": service["rm"]}

@@ -16,7 +16,7 @@ from cgctl.cli import connection
 from cgctl.cli.table import render_table
 
 if TYPE_CHECKING:
-    from cgctl.runtime.models import ProcessRow
+    from cgctl.runtime.api import ProcessRow
 
 COLUMNS = ("PID", "NSPID", "USER", "CPU %", "RSS", "STARTED", "COMMAND")
 

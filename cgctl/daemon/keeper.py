@@ -43,7 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cgctl import state
+from cgctl import durable
 from cgctl.cgroup import fs
 from cgctl.ns import console
 from cgctl.runtime import spawn
@@ -364,7 +364,7 @@ class Keeper:
                 os.close(fd)
             return
         with contextlib.suppress(OSError):  # a full disk must not lose the event too
-            state.write_durably(child.exit_path, status)
+            durable.write_json(child.exit_path, status)
         del self.running[child.name]
         self.finished[child.name] = child
         event = json.dumps({"event": "exit", **status}).encode()

@@ -29,7 +29,7 @@ from cgctl.daemon.triggers import TriggerPoller
 from cgctl.policy.loader import Located
 from cgctl.policy.model import Action
 from cgctl.runtime import policies as on_records
-from cgctl.runtime.models import Explanation, Invalid, NotFound, PolicyPlan, PolicyStatus, ReloadResult
+from cgctl.runtime.api import Explanation, Invalid, NotFound, PolicyPlan, PolicyStatus, ReloadResult
 from cgctl.spec import Limits
 
 if TYPE_CHECKING:

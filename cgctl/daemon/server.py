@@ -1,4 +1,4 @@
-"""The HTTP/JSON API on the daemon's unix socket. The pydantic models of cgctl.runtime.models are its
+"""The HTTP/JSON API on the daemon's unix socket. The pydantic models of cgctl.runtime.api are its
 request and response schemas, so FastAPI serves an OpenAPI description made from them (/openapi.json;
 the copy in docs/openapi.json is checked against it by the tests).
 
@@ -45,7 +45,7 @@ from cgctl.daemon import keeper
 from cgctl.daemon.service import Service
 from cgctl.metrics import ContainerCollector
 from cgctl.runtime import terminal
-from cgctl.runtime.models import (
+from cgctl.runtime.api import (
     ApiError,
     CheckpointRequest,
     CheckpointResult,

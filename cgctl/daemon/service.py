@@ -30,16 +30,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cgctl import policy, state
+from cgctl import durable, policy, state
 from cgctl.cgroup import fs
 from cgctl.daemon.keeper import KeeperClient
 from cgctl.daemon.policies import PolicyEngine
 from cgctl.daemon.watch import CgroupWatcher
 from cgctl.metrics import render_processes
 from cgctl.ns import console
-from cgctl.runtime import local, logs
-from cgctl.runtime.embedded import LocalRuntime, has_labels, signal_cgroup
-from cgctl.runtime.models import (
+from cgctl.runtime import logs, supervisor
+from cgctl.runtime.api import (
     Attempt,
     BadGateway,
     CheckpointRequest,
@@ -68,6 +67,7 @@ from cgctl.runtime.models import (
     SaveRequest,
     parse_signal,
 )
+from cgctl.runtime.local import LocalRuntime, has_labels, signal_cgroup
 from cgctl.runtime.spawn import SpawnError
 from cgctl.spec import ExecSpec, Limits, SpecError
 
@@ -141,7 +141,7 @@ class Managed:
         return self.dir / "exit.json"
 
     def save(self) -> None:
-        state.write_durably(self.dir / "container.json", self.info.model_dump(mode="json"))
+        durable.write_json(self.dir / "container.json", self.info.model_dump(mode="json"))
 
 
 class Service:
@@ -599,12 +599,12 @@ class Service:
         else:
             spec, noted = policy.apply_to(spec, name, self.engine.active)
             record.update(noted)
-        confinement = None if restoring else local.plan_sandbox(spec)
+        confinement = None if restoring else supervisor.plan_sandbox(spec)
         root = contextlib.ExitStack()
         try:
-            plan = root.enter_context(local.prepared_root(spec))
+            plan = root.enter_context(supervisor.prepared_root(spec))
             with policy.blamed(record):
-                created = local.create(spec, self.paths.cgroup_root, self.paths.state_dir, record=record)
+                created = supervisor.create(spec, self.paths.cgroup_root, self.paths.state_dir, record=record)
         except BaseException:
             root.close()
             raise
@@ -615,7 +615,7 @@ class Service:
         else:
             env = {"PATH": DEFAULT_PATH, **spec.env}
             size = managed.request.console_size
-            launch = local.launch_for(spec, name, created.group, confinement, plan, env, size)
+            launch = supervisor.launch_for(spec, name, created.group, confinement, plan, env, size)
             how = {
                 "op": "start",
                 "launch": dataclasses.replace(launch, workdir=spec.workdir or "/"),
@@ -712,7 +712,7 @@ class Service:
             try:
                 if "unknown" not in status:
                     wall = time.monotonic() - managed.started
-                    report = local.final(
+                    report = supervisor.final(
                         managed.request.spec, name, managed.group, record, wait_status, wall, managed.written
                     )
             except (fs.CgroupError, OSError, ValueError) as error:
@@ -828,7 +828,7 @@ class Service:
     def _save_request(self, managed: Managed) -> None:
         """request.json keeps only what was given (exclude_unset): its explicit limits stay told apart
         from its policies' across daemon restarts."""
-        state.write_durably(
+        durable.write_json(
             managed.dir / "request.json", managed.request.model_dump(mode="json", exclude_unset=True)
         )
 

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cgctl import state
+from cgctl import durable
 
 DOCKER_HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io")
 
@@ -54,7 +54,7 @@ def save(registry: str, user: str, password: str) -> Path:
     document.setdefault("auths", {})[registry] = {
         "auth": base64.b64encode(f"{user}:{password}".encode()).decode()
     }
-    state.write_durably(path, document, mode=0o600)
+    durable.write_json(path, document, mode=0o600)
     os.chmod(path, 0o600)
     return path
 
@@ -66,7 +66,7 @@ def remove(registry: str) -> bool:
     if registry not in document.get("auths", {}):
         return False
     del document["auths"][registry]
-    state.write_durably(path, document, mode=0o600)
+    durable.write_json(path, document, mode=0o600)
     return True
 
 

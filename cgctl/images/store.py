@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cgctl import state
+from cgctl import durable
 from cgctl.images import reference as references
 from cgctl.images.source import sha256_digest
 
@@ -98,7 +98,7 @@ class Store:
     def save(self, record: dict[str, Any]) -> None:
         path = self.record(record["name"], record["tag"])
         path.parent.mkdir(parents=True, exist_ok=True)
-        state.write_durably(path, record, mode=0o644)
+        durable.write_json(path, record, mode=0o644)
 
     def put_blob(self, data: bytes) -> str:
         """Keep a small blob (a manifest, a config); returns its digest."""
@@ -132,7 +132,7 @@ class Store:
         with open(partial, "rb+") as file:
             os.fsync(file.fileno())
         partial.rename(final)
-        state.sync_directory(final.parent)
+        durable.sync_directory(final.parent)
         return final
 
     def new_layer_dir(self, diff_id: str) -> Path:
@@ -149,7 +149,7 @@ class Store:
         final = self.layer(diff_id)
         _syncfs(work)
         work.rename(final)
-        state.sync_directory(final.parent)
+        durable.sync_directory(final.parent)
         return final
 
     def remove_leftovers(self) -> None:

@@ -271,7 +271,7 @@ class Machine:
         ]
 
     def _wait_ready(self, running: Running, deadline: float) -> None:
-        from cgctl.runtime.models import Failure
+        from cgctl.runtime.api import Failure
         from cgctl.runtime.remote import RemoteRuntime
 
         remote = RemoteRuntime(running.url, timeout=5.0, token=self.token())

@@ -10,20 +10,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cgctl.ns import libc
+from cgctl import syscalls
 from cgctl.ns.context import Context
 
-FLAG = libc.CLONE_NEWCGROUP
+FLAG = syscalls.CLONE_NEWCGROUP
 UNSHARE_IN_INIT = True
 CGROUP_MOUNT = Path("/sys/fs/cgroup")
 in_child = None
 
 
 def in_init(context: Context) -> None:
-    libc.unshare(FLAG)
+    syscalls.unshare(FLAG)
     if "mnt" in context.private and CGROUP_MOUNT.is_dir():
         if (
             CGROUP_MOUNT.is_mount()
         ):  # the host's view (no fresh /sys under it): the kernel refuses a mount on top
-            libc.umount(str(CGROUP_MOUNT), libc.MNT_DETACH)
-        libc.mount("cgroup2", str(CGROUP_MOUNT), "cgroup2", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC)
+            syscalls.umount(str(CGROUP_MOUNT), syscalls.MNT_DETACH)
+        syscalls.mount(
+            "cgroup2",
+            str(CGROUP_MOUNT),
+            "cgroup2",
+            syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC,
+        )

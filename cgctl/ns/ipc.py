@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from cgctl.ns import libc
+from cgctl import syscalls
 
-FLAG = libc.CLONE_NEWIPC
+FLAG = syscalls.CLONE_NEWIPC
 in_child = None
 in_init = None

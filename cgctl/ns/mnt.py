@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from cgctl.ns import libc
+from cgctl import syscalls
 from cgctl.ns.context import Context
 
-FLAG = libc.CLONE_NEWNS
+FLAG = syscalls.CLONE_NEWNS
 
 
 def in_child(context: Context) -> None:
     # Stop mount events propagating back to the host before anything is mounted.
-    libc.mount("none", "/", None, libc.MS_REC | libc.MS_PRIVATE)
+    syscalls.mount("none", "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
 
 
 in_init = None

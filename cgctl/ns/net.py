@@ -6,10 +6,10 @@ import fcntl
 import socket
 import struct
 
-from cgctl.ns import libc
+from cgctl import syscalls
 from cgctl.ns.context import Context
 
-FLAG = libc.CLONE_NEWNET
+FLAG = syscalls.CLONE_NEWNET
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
@@ -24,5 +24,5 @@ def in_child(context: Context) -> None:
 
 def in_init(context: Context) -> None:
     if "mnt" in context.private:
-        flags = libc.MS_RDONLY | libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
-        libc.mount("sysfs", "/sys", "sysfs", flags)
+        flags = syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
+        syscalls.mount("sysfs", "/sys", "sysfs", flags)

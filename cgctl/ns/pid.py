@@ -6,13 +6,13 @@ mounts (--share mnt) leaves the host's /proc in place, as `unshare -p` does.
 
 from __future__ import annotations
 
-from cgctl.ns import libc
+from cgctl import syscalls
 from cgctl.ns.context import Context
 
-FLAG = libc.CLONE_NEWPID
+FLAG = syscalls.CLONE_NEWPID
 in_child = None
 
 
 def in_init(context: Context) -> None:
     if "mnt" in context.private:
-        libc.mount("proc", "/proc", "proc", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC)
+        syscalls.mount("proc", "/proc", "proc", syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC)

@@ -19,13 +19,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from cgctl.ns import libc
+from cgctl import syscalls
 from cgctl.spec import Volume
 
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
              "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}  # fmt: skip
-NOSUID_NODEV = libc.MS_NOSUID | libc.MS_NODEV
+NOSUID_NODEV = syscalls.MS_NOSUID | syscalls.MS_NODEV
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ def enter(plan: Plan) -> None:
         os.makedirs(os.path.dirname(inside), exist_ok=True)
         if not os.path.exists(inside):
             open(inside, "x").close()
-        libc.mount(node, inside, None, libc.MS_BIND)
-    libc.mount("tmpfs", f"{root}/tmp", "tmpfs", NOSUID_NODEV, "mode=1777")
+        syscalls.mount(node, inside, None, syscalls.MS_BIND)
+    syscalls.mount("tmpfs", f"{root}/tmp", "tmpfs", NOSUID_NODEV, "mode=1777")
     if "pid" not in plan.private:
         _bind("/proc", f"{root}/proc", read_only=False)
     if "net" not in plan.private:
@@ -59,17 +59,17 @@ def enter(plan: Plan) -> None:
     for volume in plan.volumes:
         _bind(volume.source, f"{root}/{volume.target.lstrip('/')}", volume.read_only)
     if plan.read_only:
-        libc.mount("none", root, None, libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY)
+        syscalls.mount("none", root, None, syscalls.MS_REMOUNT | syscalls.MS_BIND | syscalls.MS_RDONLY)
     os.chdir(root)
-    libc.pivot_root(".", ".")  # the old root ends up stacked under the new one...
-    libc.umount(".", libc.MNT_DETACH)  # ...and is detached from it
+    syscalls.pivot_root(".", ".")  # the old root ends up stacked under the new one...
+    syscalls.umount(".", syscalls.MNT_DETACH)  # ...and is detached from it
     os.chdir("/")
 
 
 def mount_layers(plan: Plan) -> str:
     """The overlay with its mount points, at <staging>/merged (returned): what `cgctl restore` gives
     CRIU as the root to restore the container's other mounts onto."""
-    libc.mount("tmpfs", plan.staging, "tmpfs", NOSUID_NODEV, "mode=0755")
+    syscalls.mount("tmpfs", plan.staging, "tmpfs", NOSUID_NODEV, "mode=0755")
     if plan.upper is None:
         upper, work = f"{plan.staging}/upper", f"{plan.staging}/work"
         os.mkdir(upper, 0o755)
@@ -79,7 +79,7 @@ def mount_layers(plan: Plan) -> str:
     root = f"{plan.staging}/merged"
     os.mkdir(root, 0o755)
     lowers = ":".join(reversed(plan.lowers))  # overlayfs lists the top layer first
-    libc.mount("overlay", root, "overlay", 0, f"lowerdir={lowers},upperdir={upper},workdir={work}")
+    syscalls.mount("overlay", root, "overlay", 0, f"lowerdir={lowers},upperdir={upper},workdir={work}")
     for directory in ("proc", "sys", "dev", "tmp"):  # mount points, made in the upper layer if missing
         os.makedirs(f"{root}/{directory}", exist_ok=True)
     for volume in plan.volumes:
@@ -95,25 +95,25 @@ def mount_layers(plan: Plan) -> str:
 def _dev(dev: str) -> None:
     """A minimal /dev: the harmless host nodes bound in (mknod needs privileges a user namespace
     lacks), a private devpts, /dev/shm, and the usual links."""
-    libc.mount("tmpfs", dev, "tmpfs", libc.MS_NOSUID | libc.MS_NOEXEC, "mode=0755")
+    syscalls.mount("tmpfs", dev, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NOEXEC, "mode=0755")
     for node in DEVICES:
         open(f"{dev}/{node}", "x").close()
-        libc.mount(f"/dev/{node}", f"{dev}/{node}", None, libc.MS_BIND)
+        syscalls.mount(f"/dev/{node}", f"{dev}/{node}", None, syscalls.MS_BIND)
     os.mkdir(f"{dev}/pts")
-    libc.mount(
+    syscalls.mount(
         "devpts",
         f"{dev}/pts",
         "devpts",
-        libc.MS_NOSUID | libc.MS_NOEXEC,
+        syscalls.MS_NOSUID | syscalls.MS_NOEXEC,
         "newinstance,ptmxmode=0666,mode=0620",
     )
     os.mkdir(f"{dev}/shm", 0o1777)
-    libc.mount("shm", f"{dev}/shm", "tmpfs", NOSUID_NODEV | libc.MS_NOEXEC, "mode=1777")
+    syscalls.mount("shm", f"{dev}/shm", "tmpfs", NOSUID_NODEV | syscalls.MS_NOEXEC, "mode=1777")
     for name, target in DEV_LINKS.items():
         os.symlink(target, f"{dev}/{name}")
 
 
 def _bind(source: str, target: str, read_only: bool) -> None:
-    libc.mount(source, target, None, libc.MS_BIND | libc.MS_REC)
+    syscalls.mount(source, target, None, syscalls.MS_BIND | syscalls.MS_REC)
     if read_only:
-        libc.mount("none", target, None, libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY)
+        syscalls.mount("none", target, None, syscalls.MS_REMOUNT | syscalls.MS_BIND | syscalls.MS_RDONLY)

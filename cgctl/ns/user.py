@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cgctl.ns import libc
+from cgctl import syscalls
 
-FLAG = libc.CLONE_NEWUSER
+FLAG = syscalls.CLONE_NEWUSER
 
 
 def enter(outer_uid: int, outer_gid: int) -> None:
-    libc.unshare(FLAG)
+    syscalls.unshare(FLAG)
     Path("/proc/self/setgroups").write_text("deny")
     Path("/proc/self/uid_map").write_text(f"0 {outer_uid} 1")
     Path("/proc/self/gid_map").write_text(f"0 {outer_gid} 1")

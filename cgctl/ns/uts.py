@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import socket
 
-from cgctl.ns import libc
+from cgctl import syscalls
 from cgctl.ns.context import Context
 
-FLAG = libc.CLONE_NEWUTS
+FLAG = syscalls.CLONE_NEWUTS
 
 
 def in_child(context: Context) -> None:

@@ -9,16 +9,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cgctl.runtime.local import run
     from cgctl.runtime.report import RunReport
     from cgctl.runtime.spawn import SpawnError
+    from cgctl.runtime.supervisor import run
 
 __all__ = ["RunReport", "SpawnError", "run"]
 
 
 def __getattr__(name: str) -> Any:
     if name == "run":
-        from cgctl.runtime.local import run
+        from cgctl.runtime.supervisor import run
 
         return run
     if name == "RunReport":

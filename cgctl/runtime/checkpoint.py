@@ -41,13 +41,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cgctl import state
+from cgctl import state, syscalls
 from cgctl.accounting import find_container
 from cgctl.cgroup import freezer, fs
-from cgctl.ns import libc, rootfs
+from cgctl.ns import rootfs
 from cgctl.runtime import spawn
-from cgctl.runtime.local import prepared_root, supervise
 from cgctl.runtime.report import RunReport
+from cgctl.runtime.supervisor import prepared_root, supervise
 from cgctl.spec import SpecError, WorkloadSpec
 
 CRIU_PATHS = ("/usr/sbin/criu", "/sbin/criu")  # where Debian puts it, if sbin is not on PATH
@@ -406,11 +406,11 @@ def _run_criu(
             with open(procs, "w") as file:
                 file.write("0")
         if root:
-            libc.unshare(libc.CLONE_NEWNS)
-            libc.mount("none", "/", None, libc.MS_REC | libc.MS_PRIVATE)
+            syscalls.unshare(syscalls.CLONE_NEWNS)
+            syscalls.mount("none", "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
             rootfs.mount_layers(root)
         if no_new_privs:
-            libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
+            syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
 
     command = [*args, "--action-script", str(ACTION_SCRIPT)]
     with open(log.with_suffix(".out"), "wb") as output, _reporting(measure, progress):

@@ -17,7 +17,7 @@ from typing import Any
 from cgctl.cgroup import freezer, fs
 from cgctl.images import Store, default_root
 from cgctl.images.commit import commit as commit_layer
-from cgctl.runtime.models import Conflict, Container, Invalid
+from cgctl.runtime.api import Conflict, Container, Invalid
 
 
 def commit(

@@ -28,12 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from cgctl import sandbox, state
+from cgctl import sandbox, state, syscalls
 from cgctl.accounting import find_container
 from cgctl.cgroup import freezer, fs
-from cgctl.ns import console, libc
+from cgctl.ns import console
 from cgctl.runtime import spawn, terminal
-from cgctl.runtime.local import SignalForwarder
+from cgctl.runtime.supervisor import SignalForwarder
 from cgctl.spec import ExecSpec, SpecError, WorkloadSpec
 
 # The order to join them in: the user namespace first (it owns the others), mnt before cgroup.
@@ -185,7 +185,7 @@ def _join(
             procs.write("0")
         for kind, fd in fds:
             stage = f"joining {target.name}'s {kind} namespace"
-            libc.setns(fd)
+            syscalls.setns(fd)
         stage = "forking the process"
         pid = os.fork()
         if pid == 0:

@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # the models are pydantic's, slow to import: a CLI with no daemon rarely needs them
     from cgctl.accounting import Usage
-    from cgctl.runtime.logs import LogLine
-    from cgctl.runtime.models import (
+    from cgctl.runtime.api import (
         Container,
         CreateRequest,
         Event,
@@ -24,6 +23,7 @@ if TYPE_CHECKING:  # the models are pydantic's, slow to import: a CLI with no da
         PolicyPlan,
         ProcessRow,
     )
+    from cgctl.runtime.logs import LogLine
     from cgctl.spec import ExecSpec
 
 SYSTEM_SOCKET = Path("/run/cgctl/cgctl.sock")
@@ -82,7 +82,7 @@ def answers(path: Path) -> bool:
 
 def connect(host: str | None = None, state_dir: Path | None = None) -> Runtime:
     """The remote runtime for --host/CGCTL_HOST (tcp:// with the token in $CGCTL_TOKEN_FILE), else
-    for a daemon answering at a default socket, else the local runtime (no daemon: the embedded
+    for a daemon answering at a default socket, else the local runtime (no daemon: the library on
     default)."""
     host = host or os.environ.get("CGCTL_HOST")
     if not host:
@@ -92,6 +92,6 @@ def connect(host: str | None = None, state_dir: Path | None = None) -> Runtime:
 
         token_file = os.environ.get("CGCTL_TOKEN_FILE")
         return RemoteRuntime(host, token=Path(token_file).read_text().strip() if token_file else None)
-    from cgctl.runtime.embedded import LocalRuntime
+    from cgctl.runtime.local import LocalRuntime
 
     return LocalRuntime(state_dir)

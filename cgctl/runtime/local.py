@@ -1,429 +1,319 @@
-"""Run a workload on this host, from spec to report.
+"""The local runtime: the library acting on this host's cgroup tree and run records, with no daemon.
 
-Order matters and is the whole point: check the host, validate everything the
-host must confirm (devices, CPUs, interface files), claim the name, create the
-cgroup, write every limit, and only then start the workload, which joins the
-cgroup before exec. When its main process ends, whatever it left is killed
-with cgroup.kill and the cgroup is removed after its final accounting is read.
-Any failure before the start removes what was made: never a half-applied run.
+It sees and controls every running container: foreground `cgctl run`s, and detached ones while the
+daemon's keeper holds their records. What needs a supervisor that outlives the CLI (detached
+runs, their logs, wait, events, removal) needs the daemon, and says how to start it.
 """
 
 from __future__ import annotations
 
-import contextlib
+import builtins
 import os
-import secrets
-import shutil
 import signal
-import sys
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from cgctl import ns, policy, sandbox, state
-from cgctl.cgroup import cpu, cpuset, devices, fs, io, memory, pids
-from cgctl.ns import console, rootfs
-from cgctl.policy import PolicySet
-from cgctl.runtime import spawn, terminal
-from cgctl.runtime.report import RunReport, final_report
-from cgctl.spec import Limits, SpecError, WorkloadSpec
+from cgctl import state
+from cgctl.cgroup import freezer, fs
 
-FORWARDED_SIGNALS = (
-    signal.SIGINT,
-    signal.SIGTERM,
-    signal.SIGHUP,
-    signal.SIGQUIT,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-)
-# Interface files --cgroup-set must not touch: they move or kill processes or reshape the tree.
-RESERVED_FILES = {
-    "cgroup.procs",
-    "cgroup.threads",
-    "cgroup.kill",
-    "cgroup.subtree_control",
-    "cgroup.type",
-    "cgroup.freeze",
-}
+if TYPE_CHECKING:  # the models are imported where used: `cgctl ps` with nothing running needs none
+    from cgctl.accounting import Usage
+    from cgctl.policy import PolicySet
+    from cgctl.runtime.api import (
+        Container,
+        CreateRequest,
+        Event,
+        Explanation,
+        HostWide,
+        PolicyPlan,
+        ProcessRow,
+    )
+    from cgctl.runtime.logs import LogLine
+    from cgctl.spec import ExecSpec
+
+START_DAEMON = "start the daemon first: `systemctl start cgctld`, or `cgctld &` as root"
 
 
-@dataclass(frozen=True)
-class Host:
-    """Where runs go on this host: cgctl's cgroup subtree, and the run records."""
+def record_container(path: Path) -> Container | None:
+    """A running container as its run record tells (None if it ended meanwhile)."""
+    from cgctl.runtime.api import Attempt, Container
 
-    root: fs.Cgroup
-    state_dir: Path
-
-
-def prepare_host(
-    spec: WorkloadSpec, cgroup_root: Path | None = None, state_dir: Path | None = None
-) -> tuple[Host, list[tuple[str, str]]]:
-    """Check the host and every value it must confirm, then open cgctl's subtree and clean up dead runs.
-
-    Returns the host and every (interface file, value) to write. A spec that does
-    not fit raises SpecError before anything is created (a cgctl root made only to
-    look at its interface files is removed again).
-    """
-    limits = spec.limits
-    unified = fs.open_unified_root(base_controllers(limits))
-    controllers = needed_controllers(limits, unified)
-    root_path = fs.choose_root(unified, cgroup_root)
-    settings = limit_settings(limits, unified, root_path)
-    root_existed = root_path.exists()
-    root = fs.open_cgctl_root(unified, controllers, root_path)
     try:
-        settings += interface_file_settings(limits.files, root)
-    except SpecError:
-        if not root_existed:
-            fs.remove(root)
-        raise
-    host = Host(root, state_dir or state.default_state_dir())
-    state.clean_stale(host.state_dir)
-    return host, settings
-
-
-def base_controllers(limits: Limits) -> set[str]:
-    """The controllers every run needs (for its limits and its accounting), and cpuset if asked for."""
-    return set(fs.SUPPORTED_CONTROLLERS) | ({cpuset.CONTROLLER} if limits.cpu.cpuset is not None else set())
-
-
-def needed_controllers(limits: Limits, unified: fs.Cgroup) -> set[str]:
-    """base_controllers, and those whose files --cgroup-set names (hugetlb, misc, ...)."""
-    return base_controllers(limits) | ({name.split(".")[0] for name in limits.files} & unified.controllers())
-
-
-def limit_settings(limits: Limits, unified: fs.Cgroup, parent: Path) -> list[tuple[str, str]]:
-    """Every (interface file, value) the controllers' limits ask for, checked against this host
-    (devices, CPUs the parent offers); --cgroup-set files are checked by interface_file_settings."""
-    nearest = [fs.Cgroup(path) for path in (parent, *parent.parents) if path.exists()]
-    return [
-        *cpuset.settings(limits.cpu, next((g for g in nearest if g.has("cpuset.cpus.effective")), unified)),
-        *memory.settings(limits.memory),
-        *cpu.settings(limits.cpu),
-        *io.settings(limits.io, unified),
-        *pids.settings(limits.pids),
-    ]
-
-
-def interface_file_settings(files: dict[str, str], root: fs.Cgroup) -> list[tuple[str, str]]:
-    """--cgroup-set: any writable interface file this kernel offers cgctl's workloads."""
-    for name, value in files.items():
-        field = ("limits", "files", name)
-        if name in RESERVED_FILES:
-            raise SpecError(field, f"{name}={value}", "cgctl manages this file itself")
-        if not root.has(name):
-            raise SpecError(
-                field,
-                f"{name}={value}",
-                f"this kernel has no such file for the enabled controllers ({root.path})",
-            )
-        if not os.stat(root.file(name)).st_mode & 0o200:
-            raise SpecError(field, f"{name}={value}", "a read-only file")
-    return list(files.items())
-
-
-# Starts the workload in its cgroup (given its name and the cgroup, every limit written).
-Starter = Callable[[str, fs.Cgroup], spawn.Started]
-
-
-def run(
-    spec: WorkloadSpec,
-    cgroup_root: Path | None = None,
-    state_dir: Path | None = None,
-    policies: PolicySet | None = None,
-) -> RunReport:
-    """Run spec to completion and return its report. The limits it gives go over those of the
-    policies that match it (None: the policy directory's, docs/policies.md).
-
-    Raises fs.CgroupError (host or kernel trouble), SpecError (the spec does not
-    fit this host), spawn.SpawnError (the command could not be started) or
-    policy.PolicyError (a policy file is bad); in every case nothing is left behind.
-    """
-    if policies is None:
-        policies = policy.load_directory(policy.default_directory())
-    if spec.name is None:
-        spec = spec.model_copy(update={"name": f"run-{secrets.token_hex(4)}"})
-    spec, noted = policy.apply_to(spec, str(spec.name), policies)
-    confinement = plan_sandbox(spec)
-    with prepared_root(spec) as root, policy.blamed(noted):
-        # The caller's environment is passed on, unless an image brings its own.
-        env = spec.env if spec.rootfs and spec.rootfs.image else {**os.environ, **spec.env}
-
-        def start(name: str, group: fs.Cgroup) -> spawn.Started:
-            size = terminal.size() if spec.tty else None
-            return spawn.start(launch_for(spec, name, group, confinement, root, env, size))
-
-        return supervise(spec, start, cgroup_root, state_dir, noted)
-
-
-def plan_sandbox(spec: WorkloadSpec) -> sandbox.Plan:
-    """The sandbox plan, after checking that the namespaces asked for can be made by this user."""
-    private = spec.namespaces.private()
-    if os.geteuid() != 0 and private and not spec.namespaces.user:
-        raise spawn.SpawnError(
-            f"creating the {', '.join(private)} namespaces needs root: run as root, or add --userns to run "
-            "rootless (in a delegated cgroup)",
-            125,
-        )
-    return sandbox.plan(spec.security)
-
-
-def launch_for(
-    spec: WorkloadSpec,
-    name: str,
-    group: fs.Cgroup,
-    confinement: sandbox.Plan,
-    root: rootfs.Plan | None,
-    env: dict[str, str],
-    terminal_size: tuple[int, int] | None = None,
-) -> spawn.Launch:
-    """The launch of spec's workload; with spec.tty its terminal starts at terminal_size (rows, columns)."""
-    return spawn.Launch(
-        argv=spec.command,
-        env=env,
-        workdir=spec.workdir,
-        cgroup_procs=str(group.file("cgroup.procs")),
-        namespaces=ns.Context(private=frozenset(spec.namespaces.private()), hostname=spec.hostname or name),
-        user_namespace=spec.namespaces.user,
-        init=spec.init,
-        sandbox=confinement,
-        root=root,
-        user=spec.user,
-        terminal=(terminal_size or console.UNKNOWN_SIZE) if spec.tty else None,
+        record = state.read(path)
+    except (OSError, ValueError):
+        return None
+    spec = record.get("spec", {})
+    frozen = "frozen 1" in (fs.Cgroup(Path(record["cgroup"])).read_optional("cgroup.events") or "")
+    started = float(record.get("started_at", 0.0))
+    return Container(
+        name=path.stem,
+        id=record.get("id", ""),
+        state="frozen" if frozen else "running",
+        detached=bool(record.get("detached")),
+        pid=record.get("pid"),
+        cgroup=record["cgroup"],
+        image=(spec.get("rootfs") or {}).get("image") or "",
+        command=spec.get("command", []),
+        labels=spec.get("labels", {}),
+        created_at=started,
+        attempts=[Attempt(started_at=started, pid=record.get("pid"))],
+        spec=spec,
+        policies=(record.get("policy") or {}).get("applied", []),
     )
 
 
-@contextlib.contextmanager
-def prepared_root(spec: WorkloadSpec) -> Iterator[rootfs.Plan | None]:
-    """The plan of the spec's own root (None for the host's), with what it needs on the host made
-    (a staging directory; --upper's upper/ and work/) and removed again at the end, unless
-    --keep-upper. Missing layers or volume sources raise SpecError before anything is made."""
-    if spec.rootfs is None:
-        yield None
-        return
-    for index, layer in enumerate(spec.rootfs.layers):
-        if not os.path.isdir(layer):
-            raise SpecError(("rootfs", "layers", index), layer, "not a directory")
-    for index, volume in enumerate(spec.volumes):
-        if not os.path.exists(volume.source):
-            raise SpecError(("volumes", index), volume.source, "no such file or directory on the host")
-    with tempfile.TemporaryDirectory(prefix="cgctl-root-") as staging, contextlib.ExitStack() as cleanup:
-        upper = spec.rootfs.upper
-        if upper is not None:
-            made = not os.path.exists(upper)
-            try:
-                for part in ("upper", "work"):
-                    os.makedirs(f"{upper}/{part}", mode=0o755, exist_ok=True)
-            except OSError as error:
-                reason = f"cannot make its upper/ and work/: {error.strerror}"
-                raise SpecError(("rootfs", "upper"), upper, reason) from None
-            if not spec.rootfs.keep_upper:
-                cleanup.callback(_remove_upper, upper, made)
-        yield rootfs.Plan(
-            lowers=tuple(spec.rootfs.layers),
-            upper=upper,
-            staging=staging,
-            read_only=spec.rootfs.read_only,
-            volumes=tuple(spec.volumes),
-            private=frozenset(spec.namespaces.private()),
-            devices=tuple((device.path, device.target or device.path) for device in spec.security.devices),
-        )
+def has_labels(container: Container, labels: dict[str, str] | None) -> bool:
+    return all(container.labels.get(key) == value for key, value in (labels or {}).items())
 
 
-def _remove_upper(upper: str, made: bool) -> None:
-    for part in ("upper", "work"):
-        shutil.rmtree(f"{upper}/{part}", ignore_errors=True)
-    if made:
-        with contextlib.suppress(OSError):
-            os.rmdir(upper)
-
-
-@dataclass
-class Created:
-    """A workload's claimed name and its cgroup with every limit written, not yet started."""
-
-    spec: WorkloadSpec
-    name: str
-    group: fs.Cgroup
-    claim: state.Claim
-    written: list[str]  # the interface files written, read back into the report at the end
-
-
-def create(
-    spec: WorkloadSpec,
-    cgroup_root: Path | None = None,
-    state_dir: Path | None = None,
-    record: dict[str, object] | None = None,
-) -> Created:
-    """Claim the name and make the cgroup with every limit and the device program; on any failure
-    nothing is left. `record` adds fields to the run record (`cgctl restore` notes where it came from)."""
-    # Rootless, the kernel itself refuses device nodes (user namespaces cannot create or reach them):
-    # only root may, and must, attach a device program.
-    rules = sandbox.device_rules(spec.security) if os.geteuid() == 0 else None
-    host, settings = prepare_host(spec, cgroup_root, state_dir)
-    name = spec.name or f"run-{secrets.token_hex(4)}"
-    group = host.root.child(name)
-    claim = state.claim(
-        host.state_dir,
-        name,
-        {
-            "id": secrets.token_hex(6),
-            "cgroup": str(group.path),
-            "supervisor": os.getpid(),
-            "started_at": time.time(),
-            "spec": spec.model_dump(mode="json", exclude={"env"}),
-            **(record or {}),
-        },
-    )
-    try:
-        fs.create(host.root, name)
+def signal_cgroup(group: fs.Cgroup, sig: signal.Signals) -> int:
+    """Send sig to every process of the group and its sub-cgroups (SIGKILL through cgroup.kill, which
+    no fork escapes); returns how many processes there were."""
+    pids = group.pids()
+    if sig == signal.SIGKILL:
+        group.write("cgroup.kill", "1")
+        return len(pids)
+    signalled = 0
+    for pid in pids:
         try:
-            for file, value in settings:
-                group.write(file, value)
-            if rules is not None:
-                devices.attach(group, rules)
-        except BaseException:
-            fs.remove(group)
-            raise
-    except BaseException:
-        claim.release()
-        raise
-    return Created(spec, name, group, claim, [file for file, _ in settings])
+            os.kill(pid, sig)
+            signalled += 1
+        except ProcessLookupError:
+            pass  # exited meanwhile
+    return signalled
 
 
-def final(
-    spec: WorkloadSpec,
-    name: str,
-    group: fs.Cgroup,
-    record_path: Path,
-    status: int,
-    wall: float,
-    written: list[str],
-) -> RunReport:
-    """Kill what the workload left behind and read its final report from the cgroup (which stays)."""
-    fs.kill_all(group)
-    record = state.read(record_path)
-    written = written + record.get("written", [])  # what `cgctl update` changed
-    applied = {file: group.read(file).strip() for file in dict.fromkeys(written)}
-    report = final_report(name, group, status, wall, applied, spec)
-    checkpoint = record.get("checkpoint") or {}
-    if checkpoint.get("complete") and not checkpoint.get("leave_running"):
-        report.checkpointed_to = checkpoint["dir"]
-    return report
+class LocalRuntime:
+    """The runtime interface (see cgctl.runtime.connect) over this host's run records."""
 
+    def __init__(self, state_dir: Path | None = None) -> None:
+        self.state_dir = state_dir or state.default_state_dir()
 
-def supervise(
-    spec: WorkloadSpec,
-    start: Starter,
-    cgroup_root: Path | None = None,
-    state_dir: Path | None = None,
-    record: dict[str, object] | None = None,
-) -> RunReport:
-    """Create the workload (see create), start it with `start`, wait for it, and return its report;
-    whatever happens, the cgroup and the claim are gone at the end."""
-    created = create(spec, cgroup_root, state_dir, record)
-    try:
-        return _wait(created, start)
-    finally:
+    def list(self, all: bool = False, labels: dict[str, str] | None = None) -> list[Container]:
+        found = (record_container(path) for path, _ in state.live_records(self.state_dir))
+        return [c for c in found if c is not None and has_labels(c, labels)]
+
+    def inspect(self, name: str) -> Container:
+        from cgctl.runtime.api import NotFound
+
+        container = record_container(state.record_path(self.state_dir, name))
+        if container is None or not any(path.stem == name for path, _ in state.live_records(self.state_dir)):
+            raise NotFound(f"no running container named {name!r}")
+        return container
+
+    def group(self, name: str) -> fs.Cgroup:
+        return fs.Cgroup(Path(self.inspect(name).cgroup))
+
+    def freeze(self, name: str, timeout: float = 10.0) -> bool:
+        """Freeze every process; False if it already was."""
+        return self._set_frozen(name, True, timeout)
+
+    def thaw(self, name: str, timeout: float = 10.0) -> bool:
+        return self._set_frozen(name, False, timeout)
+
+    def _set_frozen(self, name: str, frozen: bool, timeout: float) -> bool:
+        from cgctl.runtime.api import Failure
+
         try:
-            fs.remove(created.group)
-        finally:
-            created.claim.release()
+            return freezer.set_frozen(self.group(name), frozen, timeout)
+        except fs.CgroupError as error:
+            raise Failure(str(error)) from None
 
+    def kill(self, name: str, signal_name: str = "KILL") -> int:
+        from cgctl.runtime.api import Failure, Invalid, parse_signal
 
-def _wait(created: Created, start: Starter) -> RunReport:
-    spec, name, group, claim = created.spec, created.name, created.group, created.claim
-    started = time.monotonic()
-    with SignalForwarder(name, group, namespace_init="pid" in spec.namespaces.private()) as forwarder:
-        pid, alive_fd, master = start(name, group)
-        state.update(claim.path, pid=pid)  # what `cgctl checkpoint` dumps
-        forwarder.start(pid, hang_up=(lambda: terminal.hang_up(master)) if master is not None else None)
         try:
-            status = (
-                _wait_for(pid)
-                if master is None
-                else terminal.relay_until_exit(master, spec.interactive, lambda: _wait_for(pid))
-            )
-        finally:
-            if alive_fd is not None:
-                os.close(alive_fd)
-    wall = time.monotonic() - started
-    state.wait_for_checkpoint(claim.path)  # a checkpoint that ended the workload finishes its record first
-    return final(spec, name, group, claim.path, status, wall, created.written)
+            sig = parse_signal(signal_name)
+        except ValueError as error:
+            raise Invalid(f"invalid value {signal_name!r} for signal: {error}") from None
+        try:
+            return signal_cgroup(self.group(name), sig)
+        except fs.CgroupError as error:
+            raise Failure(str(error)) from None
 
+    def update(self, name: str, limits: dict[str, dict[str, Any]]) -> dict[str, str]:
+        """Change limits live (see runtime.update); raises pydantic's ValidationError or SpecError for
+        bad values, which the CLI and the API name by their option or field."""
+        from cgctl.runtime.api import Failure, NotFound
+        from cgctl.runtime.update import update
 
-def _wait_for(pid: int) -> int:
-    return os.waitpid(pid, 0)[1]
+        try:
+            return update(name, limits, self.state_dir)
+        except LookupError as error:
+            raise NotFound(str(error)) from None
+        except fs.CgroupError as error:
+            raise Failure(str(error)) from None
 
+    def stats(
+        self,
+        names: builtins.list[str] | None = None,
+        interval: float = 1.0,
+        stream: bool = False,
+        hostwide: HostWide | None = None,
+    ) -> Iterator[builtins.list[Usage]]:
+        """Usage of the running containers (or those named; host-wide, of every selected cgroup) over
+        each interval, as `cgctl stats` shows it: one list per interval, forever if stream."""
+        from cgctl.accounting import read_snapshot, running_containers, usage
 
-class SignalForwarder:
-    """Passes the supervisor's signals on to the workload (or to a process `cgctl exec` started).
+        if hostwide is not None:
+            if names:
+                from cgctl.runtime.api import Invalid
 
-    The kernel drops a signal sent to the init of a pid namespace that has no
-    handler for it (docker has the same trap; --init avoids it). Rather than let
-    Ctrl-C do nothing, cgctl says so and kills the workload on a second SIGINT
-    or SIGTERM. With a terminal (-t), SIGHUP says the caller's terminal is gone:
-    the workload's is hung up as the kernel hangs up a terminal (its reads end, its
-    session gets SIGHUP), and an init that would drop that SIGHUP is killed.
-    """
+                raise Invalid("name a container or ask for every cgroup (all), not both")
+            yield from self._hostwide_stats(hostwide, interval, stream)
+            return
 
-    def __init__(self, name: str, group: fs.Cgroup, namespace_init: bool) -> None:
-        self.name, self.group, self.namespace_init = name, group, namespace_init
-        self.pid: int | None = None
-        self.hang_up: Callable[[], None] | None = None
-        self.pending: list[int] = []
-        self.warned = False
-        self.previous: dict[int, object] = {}
+        wanted = set(names or [])
+        before = {
+            c.name: snap
+            for c in running_containers(self.state_dir)
+            if (not wanted or c.name in wanted) and (snap := read_snapshot(c))
+        }
+        missing = wanted - set(before)
+        if missing:
+            from cgctl.runtime.api import NotFound
 
-    def __enter__(self) -> SignalForwarder:
-        if threading.current_thread() is threading.main_thread():  # only it can handle signals
-            self.previous = {sig: signal.signal(sig, self.forward) for sig in FORWARDED_SIGNALS}
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
-
-    def start(self, pid: int, hang_up: Callable[[], None] | None = None) -> None:
-        """Forward to pid from now on; hang_up hangs up its terminal (-t)."""
-        self.pid, self.hang_up = pid, hang_up
-        for received in self.pending:
-            self.forward(received, None)
-
-    def forward(self, received: int, _frame: object) -> None:
-        if self.pid is None:
-            self.pending.append(received)
-        elif received == signal.SIGHUP and self.hang_up is not None:
-            self.hang_up()
-            if self.namespace_init and not _catches(self.pid, received):
-                self.group.write("cgroup.kill", "1")
-        elif (
-            received in (signal.SIGINT, signal.SIGTERM)
-            and self.namespace_init
-            and not _catches(self.pid, received)
-        ):
-            if self.warned:
-                self.group.write("cgroup.kill", "1")
+            raise NotFound(f"no running container named {', '.join(sorted(missing))}")
+        if not before and not stream:
+            yield []  # nothing to sample: no interval to wait for
+            return
+        while True:
+            time.sleep(interval)
+            after = {name: now for name, then in before.items() if (now := read_snapshot(then.container))}
+            yield [usage(before[name], after[name]) for name in sorted(after)]
+            if not stream:
                 return
-            self.warned = True
-            ignored = signal.Signals(received).name
-            print(
-                f"cgctl: {self.name} runs as pid 1 of its namespace and ignores {ignored}; "
-                "send it again to kill it (--init avoids this)",
-                file=sys.stderr,
+            before = after
+
+    def _hostwide_stats(
+        self, hostwide: HostWide, interval: float, stream: bool
+    ) -> Iterator[builtins.list[Usage]]:
+        """Every cgroup the selection covers, walked anew each interval: a cgroup shows from the first
+        interval it lived through whole, and goes when it is gone."""
+        from cgctl import discovery
+        from cgctl.accounting import Snapshot, host_cgroups, read_snapshot, usage
+        from cgctl.runtime.api import Failure, Invalid
+
+        try:
+            mount, selection = discovery.select_on_host(
+                None if hostwide.cgroup_root is None else Path(hostwide.cgroup_root),
+                hostwide.max_depth,
+                tuple(hostwide.include),
+                tuple(hostwide.exclude),
             )
-        else:
-            os.kill(self.pid, received)
+        except discovery.SelectionError as error:
+            raise Invalid(str(error)) from None
+        except fs.HostNotSupported as error:
+            raise Failure(str(error)) from None
 
+        def sample() -> dict[Path, Snapshot]:
+            snaps = {}
+            for cgroup in host_cgroups(selection, mount, self.state_dir):
+                try:
+                    if snap := read_snapshot(cgroup):
+                        snaps[cgroup.cgroup] = snap
+                except fs.CgroupError:
+                    continue  # unreadable to this user
+            return snaps
 
-def _catches(pid: int, sig: int) -> bool:
-    """Whether the process has a handler for sig (SigCgt in /proc/PID/status)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return True  # gone: nothing to warn about
-    caught = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
-    return bool(int(caught, 16) >> (sig - 1) & 1)
+        before = sample()
+        while True:
+            time.sleep(interval)
+            after = sample()
+            yield [usage(before[key], snap) for key, snap in after.items() if key in before]
+            if not stream:
+                return
+            before = after
+
+    def policy_diff(self, directory: str | None = None) -> builtins.list[PolicyPlan]:
+        """What the policy files in `directory` (default: the policy directory) would change on each
+        running container; nothing is written."""
+        from cgctl.runtime import policies
+
+        return policies.diff(self._policies(Path(directory) if directory else None), self.state_dir)
+
+    def policy_apply(self) -> builtins.list[PolicyPlan]:
+        """The policy directory applied once to every running container (the daemon keeps it applied)."""
+        from cgctl.runtime import policies
+
+        active = self._policies()
+        return [policies.apply(name, active, self.state_dir) for name in policies.running(self.state_dir)]
+
+    def explain(self, name: str) -> Explanation:
+        from cgctl.runtime import policies
+        from cgctl.runtime.api import NotFound
+
+        try:
+            return policies.explain(name, self._policies(), self.state_dir)
+        except LookupError as error:
+            raise NotFound(str(error)) from None
+
+    def _policies(self, directory: Path | None = None) -> PolicySet:
+        from cgctl import policy
+        from cgctl.runtime.api import Invalid
+
+        try:
+            return policy.load_directory(
+                directory or policy.default_directory(), must_exist=directory is not None
+            )
+        except policy.PolicyError as error:
+            raise Invalid(f"{directory or policy.default_directory()} has errors:\n{error}") from None
+
+    def commit(self, name: str, reference: str, message: str = "") -> dict[str, Any]:
+        """A new image in this host's store: the running container's image plus its writes."""
+        from cgctl.runtime.commit import commit
+
+        return commit(self.inspect(name), reference, message)
+
+    def top(self, name: str) -> builtins.list[ProcessRow]:
+        """The running container's processes, those of the cgroups it made below its own included."""
+        from cgctl import processes
+        from cgctl.runtime.api import Failure, ProcessRow
+
+        try:
+            return [ProcessRow.model_validate(row) for row in processes.sample(self.group(name).pids())]
+        except (OSError, fs.CgroupError) as error:
+            raise Failure(str(error)) from None
+
+    def exec(self, name: str, spec: ExecSpec, detach_keys: bytes = b"") -> int:
+        """Run spec's process in the running container, attached to this process's stdio or terminal
+        (runtime/exec.py), and return its exit status. Detaching needs a daemon to leave it with, so
+        detach_keys are not looked for here."""
+        from cgctl.runtime import exec as execution
+        from cgctl.runtime.api import Failure, NotFound
+        from cgctl.runtime.spawn import SpawnError
+
+        try:
+            return execution.run_attached(execution.prepare(self.state_dir, name, spec))
+        except LookupError as error:
+            raise NotFound(str(error)) from None
+        except SpawnError as error:
+            raise Failure(str(error), error.exit_code) from None
+
+    def create(self, request: CreateRequest) -> Container:
+        self._daemon_only("detached runs (run -d)")
+
+    def remove(self, name: str, force: bool = False) -> None:
+        self._daemon_only("removing containers")
+
+    def wait(self, name: str, timeout: float | None = None) -> Container:
+        self._daemon_only("wait")
+
+    def attach(self, name: str, detach_keys: bytes = b"", replay: bool = False) -> bool:
+        self._daemon_only("attach (a foreground run's terminal is its own cgctl run's)")
+
+    def logs(
+        self, name: str, tail: int | None = None, since: datetime | None = None, follow: bool = False
+    ) -> Iterator[LogLine]:
+        self._daemon_only("logs")
+
+    def events(self, since: float | None = None, until: float | None = None) -> Iterator[Event]:
+        self._daemon_only("events")
+
+    def _daemon_only(self, what: str) -> NoReturn:
+        from cgctl.runtime.api import NeedsDaemon
+
+        raise NeedsDaemon(f"{what} need the cgctl daemon, and none answers: {START_DAEMON}")

@@ -13,7 +13,7 @@ from cgctl.accounting import running_containers
 from cgctl.cgroup import fs
 from cgctl.policy import PolicySet, Resolution, Subject, leaf_name, resolve
 from cgctl.policy.resolve import leaves
-from cgctl.runtime.models import ExplainedLimit, Explanation, LimitChange, Overridden, PolicyPlan
+from cgctl.runtime.api import ExplainedLimit, Explanation, LimitChange, Overridden, PolicyPlan
 from cgctl.spec import Limits, SpecError
 
 

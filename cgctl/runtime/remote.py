@@ -23,8 +23,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from cgctl.runtime.logs import LogLine
-from cgctl.runtime.models import (
+from cgctl.runtime.api import (
     BadGateway,
     CheckpointRequest,
     CheckpointResult,
@@ -50,10 +49,11 @@ from cgctl.runtime.models import (
     RestoreRequest,
     SaveRequest,
 )
+from cgctl.runtime.logs import LogLine
 
 if TYPE_CHECKING:
     from cgctl.accounting import Usage
-    from cgctl.runtime.models import HostWide
+    from cgctl.runtime.api import HostWide
     from cgctl.spec import ExecSpec
 
 FAILURES: dict[int, type[Failure]] = {

@@ -33,8 +33,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NamedTuple, NoReturn
 
-from cgctl import ns, sandbox
-from cgctl.ns import console, libc, rootfs, user
+from cgctl import ns, sandbox, syscalls
+from cgctl.ns import console, rootfs, user
 from cgctl.sandbox import paths
 
 # Serialises the moment the supervisor is a child subreaper, for callers that run workloads from threads.
@@ -137,12 +137,12 @@ def subreaper() -> Iterator[None]:
     """Be a child subreaper while an intermediate child exits (spawn's setup child, exec's joining
     child), so that its child (the workload, the exec'd process) becomes ours."""
     with _SUBREAPER_LOCK:
-        was = libc.get_child_subreaper()
-        libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)
+        was = syscalls.get_child_subreaper()
+        syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
         try:
             yield
         finally:
-            libc.prctl(libc.PR_SET_CHILD_SUBREAPER, int(was))
+            syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, int(was))
 
 
 def read_report(reports: BinaryIO) -> dict[str, Any]:
@@ -190,7 +190,7 @@ def default_signals() -> None:
 
 
 def _die_with(parent: int) -> None:
-    libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before the death signal was armed
         os._exit(1)
 
@@ -206,7 +206,7 @@ def _setup_child(
             stage = "creating the user namespace"
             user.enter(os.geteuid(), os.getegid())
         stage = "creating namespaces"
-        libc.unshare(ns.unshare_flags(launch.namespaces))
+        syscalls.unshare(ns.unshare_flags(launch.namespaces))
         ns.child_steps(launch.namespaces)
         stage = "forking the workload"
         pid = os.fork()
@@ -223,7 +223,7 @@ def _workload_init(launch: Launch, report_w: int, alive_r: int, console_fd: int 
     try:
         if os.read(alive_r, 2) != b"go":
             os._exit(1)
-        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)  # now relative to the supervisor
+        syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)  # now relative to the supervisor
         if select.select([alive_r], [], [], 0)[0]:  # readable = EOF: the supervisor already died
             os._exit(1)
         if launch.stdio:

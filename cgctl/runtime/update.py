@@ -15,7 +15,12 @@ from cgctl import state
 from cgctl.accounting import find_container
 from cgctl.cgroup import fs
 from cgctl.policy.resolve import leaf_name, leaves
-from cgctl.runtime.local import base_controllers, interface_file_settings, limit_settings, needed_controllers
+from cgctl.runtime.supervisor import (
+    base_controllers,
+    interface_file_settings,
+    limit_settings,
+    needed_controllers,
+)
 from cgctl.spec import Limits
 
 # Multi-line files keyed by their first word (a device); the rest hold one value.

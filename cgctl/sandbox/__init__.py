@@ -23,8 +23,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cgctl import syscalls
 from cgctl.cgroup import devices
-from cgctl.ns import libc
 from cgctl.sandbox import seccomp
 from cgctl.spec import CAPABILITIES, Security, SpecError
 
@@ -93,20 +93,20 @@ def enter(plan: Plan, identity: tuple[int, int] | None) -> None:
     CAP_SYS_ADMIN, so the filter goes in first (then the profile must allow what follows: capset,
     setuid, prctl; the default one does)."""
     if plan.no_new_privileges:
-        libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
+        syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
     elif plan.seccomp:
         seccomp.install(plan.seccomp)
     for cap in plan.bounding_drop:
-        libc.prctl(libc.PR_CAPBSET_DROP, cap)
-    libc.prctl(libc.PR_CAP_AMBIENT, libc.PR_CAP_AMBIENT_CLEAR_ALL)
+        syscalls.prctl(syscalls.PR_CAPBSET_DROP, cap)
+    syscalls.prctl(syscalls.PR_CAP_AMBIENT, syscalls.PR_CAP_AMBIENT_CLEAR_ALL)
     if identity is not None:
         uid, gid = identity
         os.setgroups([])
         os.setgid(gid)
         os.setuid(uid)  # to a non-root uid: the kernel empties the permitted and effective sets
     if os.geteuid() == 0:
-        libc.capset(plan.capabilities, plan.capabilities, plan.capabilities)
+        syscalls.capset(plan.capabilities, plan.capabilities, plan.capabilities)
     else:
-        libc.capset(0, 0, 0)
+        syscalls.capset(0, 0, 0)
     if plan.no_new_privileges and plan.seccomp:
         seccomp.install(plan.seccomp)

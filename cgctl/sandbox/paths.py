@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import os
 
-from cgctl.ns import libc
+from cgctl import syscalls
 
 MASKED = (
     "/proc/acpi",
@@ -30,12 +30,12 @@ MASKED = (
 READ_ONLY = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger", "/sys")
 # Per-mount flags a remount must keep (in a user namespace the kernel refuses to clear locked ones).
 _KEPT_FLAGS = {
-    "nosuid": libc.MS_NOSUID,
-    "nodev": libc.MS_NODEV,
-    "noexec": libc.MS_NOEXEC,
-    "noatime": libc.MS_NOATIME,
-    "nodiratime": libc.MS_NODIRATIME,
-    "relatime": libc.MS_RELATIME,
+    "nosuid": syscalls.MS_NOSUID,
+    "nodev": syscalls.MS_NODEV,
+    "noexec": syscalls.MS_NOEXEC,
+    "noatime": syscalls.MS_NOATIME,
+    "nodiratime": syscalls.MS_NODIRATIME,
+    "relatime": syscalls.MS_RELATIME,
 }
 
 
@@ -52,9 +52,9 @@ def read_only(path: str) -> None:
     """Make path and every mount under it read-only: bound onto itself (so that it is a mount of its
     own: /proc/sys is not) and made read-only recursively in one call, or, on kernels before 5.12,
     mount by mount as /proc/self/mountinfo lists them."""
-    libc.mount(path, path, None, libc.MS_BIND | libc.MS_REC)
+    syscalls.mount(path, path, None, syscalls.MS_BIND | syscalls.MS_REC)
     try:
-        libc.make_read_only_recursively(path)
+        syscalls.make_read_only_recursively(path)
     except OSError as error:
         if error.errno != errno.ENOSYS:
             raise
@@ -65,7 +65,9 @@ def remount_each_read_only(path: str) -> None:
     """read_only without mount_setattr(2): remount path (a mount point) and every mount below it."""
     for point, flags in _mounts().items():
         if _under(point, path):
-            libc.mount("none", point, None, libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY | flags)
+            syscalls.mount(
+                "none", point, None, syscalls.MS_REMOUNT | syscalls.MS_BIND | syscalls.MS_RDONLY | flags
+            )
 
 
 def _under(path: str, top: str) -> bool:
@@ -76,9 +78,14 @@ def _under(path: str, top: str) -> bool:
 def mask(path: str) -> None:
     """Hide path: /dev/null over a file, an empty read-only tmpfs over a directory; nothing if missing."""
     if os.path.isdir(path):
-        libc.mount("tmpfs", path, "tmpfs", libc.MS_RDONLY | libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC)
+        syscalls.mount(
+            "tmpfs",
+            path,
+            "tmpfs",
+            syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC,
+        )
     elif os.path.exists(path):
-        libc.mount("/dev/null", path, None, libc.MS_BIND)
+        syscalls.mount("/dev/null", path, None, syscalls.MS_BIND)
 
 
 def _mounts() -> dict[str, int]:

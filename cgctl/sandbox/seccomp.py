@@ -38,7 +38,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from cgctl.ns import libc
+from cgctl import syscalls
 from cgctl.spec import CAPABILITIES, SpecError
 
 DEFAULT = "default"
@@ -445,7 +445,7 @@ def problem() -> str | None:
         )
     # The classic probe: with filters built in, a NULL program is refused with EFAULT (and nothing is set).
     if (
-        libc.raw_prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, None, 0, 0) != -1
+        syscalls.raw_prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, None, 0, 0) != -1
         or ctypes.get_errno() != errno.EFAULT
     ):
         return "this kernel has no seccomp filters (CONFIG_SECCOMP_FILTER): rebuild it with them"
@@ -824,7 +824,7 @@ def install(filter: Filter) -> None:
         raise OSError(errno.ENOSYS, f"seccomp(2): cgctl does not know its number on {platform.machine()}")
     program = ctypes.create_string_buffer(filter.program, len(filter.program))
     fprog = _SockFprog(count, ctypes.cast(program, ctypes.c_void_p))
-    result = libc.raw_syscall(
+    result = syscalls.raw_syscall(
         ctypes.c_long(_SYS_SECCOMP_HERE),
         ctypes.c_long(SECCOMP_SET_MODE_FILTER),
         ctypes.c_long(filter.flags),

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from cgctl.images import auth
-from cgctl.runtime.models import Invalid, PullRequest, RegistryAuth
+from cgctl.runtime.api import Invalid, PullRequest, RegistryAuth
 from tests import oci
 from tests.integration.daemon import Daemon
 from tests.integration.workloads import tmpfs, wait_for

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from cgctl.runtime.models import CreateRequest, Event, Failure, Invalid
+from cgctl.runtime.api import CreateRequest, Event, Failure, Invalid
 from cgctl.runtime.remote import RemoteRuntime, UnixConnection
 from tests import oci
 from tests.integration.daemon import Daemon

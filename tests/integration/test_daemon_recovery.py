@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cgctl.runtime.models import CreateRequest
+from cgctl.runtime.api import CreateRequest
 from cgctl.runtime.remote import UnixConnection
 from tests.integration.daemon import Daemon
 from tests.integration.workloads import CGCTL_ROOT, spec, wait_for

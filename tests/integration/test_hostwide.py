@@ -503,7 +503,7 @@ def get_over_unix(path: Path, target: str) -> str:
 def test_the_daemon_accounts_every_cgroup(
     tree: HostTree, tmp_path_factory: pytest.TempPathFactory, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    from cgctl.runtime.models import HostWide, Invalid
+    from cgctl.runtime.api import HostWide, Invalid
 
     daemon = Daemon(tmp_path_factory.mktemp("hostwide-daemon"))
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from cgctl import policy, runtime
-from cgctl.runtime.models import CreateRequest, RestartPolicy
+from cgctl.runtime.api import CreateRequest, RestartPolicy
 from tests.integration.daemon import Daemon
 from tests.integration.workloads import (
     CGCTL_ROOT,

@@ -35,7 +35,7 @@ HEAVY = {
     "uvicorn",
     "rich",
     "http.client",
-    "cgctl.runtime.models",
+    "cgctl.runtime.api",
     "cgctl.runtime.remote",
 }
 VERB_MODULES = {f"cgctl.cli.{module}" for module in VERBS.values()}

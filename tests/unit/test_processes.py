@@ -21,8 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from cgctl import metrics, processes, state
 from cgctl.cgroup.fs import Cgroup
 from cgctl.cli import main
-from cgctl.runtime.embedded import LocalRuntime
-from cgctl.runtime.models import NotFound, ProcessRow
+from cgctl.runtime.api import NotFound, ProcessRow
+from cgctl.runtime.local import LocalRuntime
 
 SLEEP = [sys.executable, "-c", "import time; time.sleep(600)", "sleeper"]
 SPIN = [sys.executable, "-c", "while True: pass", "spinner"]

@@ -28,7 +28,7 @@ from cgctl.images.push import push
 from cgctl.images.registry import Options, RegistryError
 from cgctl.images.save import save
 from cgctl.images.source import DOCKER_MANIFEST
-from cgctl.runtime.models import PullRequest, PushRequest, RegistryAuth, RegistryRequest
+from cgctl.runtime.api import PullRequest, PushRequest, RegistryAuth, RegistryRequest
 from cgctl.runtime.remote import _with_secret
 from tests import oci
 from tests.registry import BlobProxy, Registry, running_registry, skopeo

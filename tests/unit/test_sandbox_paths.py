@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cgctl.ns import libc, user
+from cgctl import syscalls
+from cgctl.ns import user
 from cgctl.sandbox import paths
 
 
@@ -31,8 +32,8 @@ def in_namespaces(check: Callable[[], None]) -> None:
         os.close(read_end)
         try:
             user.enter(os.geteuid(), os.getegid())
-            libc.unshare(libc.CLONE_NEWNS)
-            libc.mount("none", "/", None, libc.MS_REC | libc.MS_PRIVATE)
+            syscalls.unshare(syscalls.CLONE_NEWNS)
+            syscalls.mount("none", "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
             check()
         except BaseException as error:
             os.write(write_end, repr(error).encode())
@@ -56,7 +57,7 @@ def expect_errno(code: int, action: Callable[[], object]) -> None:
 
 def without_mount_setattr(path: str) -> None:
     """read_only as on kernels before 5.12."""
-    libc.mount(path, path, None, libc.MS_BIND | libc.MS_REC)
+    syscalls.mount(path, path, None, syscalls.MS_BIND | syscalls.MS_REC)
     paths.remount_each_read_only(path)
 
 
@@ -68,10 +69,10 @@ def test_read_only_covers_the_path_and_every_mount_under_it(
 
     def check() -> None:
         top.mkdir()
-        libc.mount("tmpfs", str(top), "tmpfs", libc.MS_NOSUID | libc.MS_NODEV)
+        syscalls.mount("tmpfs", str(top), "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV)
         (top / "file").write_text("before")
         inner.mkdir()
-        libc.mount("tmpfs", str(inner), "tmpfs", libc.MS_NOEXEC)
+        syscalls.mount("tmpfs", str(inner), "tmpfs", syscalls.MS_NOEXEC)
         read_only(str(top))
         expect_errno(errno.EROFS, lambda: (top / "file").write_text("after"))
         expect_errno(errno.EROFS, lambda: (inner / "new").write_text("x"))
@@ -112,7 +113,7 @@ def test_mount_points_with_odd_names_are_found(tmp_path: Path, name: str) -> Non
 
     def check() -> None:
         odd.mkdir()
-        libc.mount("tmpfs", str(odd), "tmpfs", libc.MS_NOSUID)
+        syscalls.mount("tmpfs", str(odd), "tmpfs", syscalls.MS_NOSUID)
         assert str(odd) in paths._mounts()
         paths.remount_each_read_only(str(odd))
         expect_errno(errno.EROFS, lambda: (odd / "x").write_text("x"))
@@ -126,10 +127,10 @@ def test_mounts_hidden_by_a_later_mount_are_not_touched(tmp_path: Path) -> None:
 
     def check() -> None:
         top.mkdir()
-        libc.mount("tmpfs", str(top), "tmpfs", 0)
+        syscalls.mount("tmpfs", str(top), "tmpfs", 0)
         (top / "cgroup").mkdir()
-        libc.mount("tmpfs", str(top / "cgroup"), "tmpfs", 0)
-        libc.mount("tmpfs", str(top), "tmpfs", 0)  # the fresh one, with a plain directory of that name
+        syscalls.mount("tmpfs", str(top / "cgroup"), "tmpfs", 0)
+        syscalls.mount("tmpfs", str(top), "tmpfs", 0)  # the fresh one, with a plain directory of that name
         (top / "cgroup").mkdir()
         assert str(top / "cgroup") not in paths._mounts()
         paths.remount_each_read_only(str(top))

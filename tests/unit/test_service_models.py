@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from cgctl.daemon.server import make_app
-from cgctl.runtime.models import CreateRequest, KillRequest, LogOptions, RestartPolicy
+from cgctl.runtime.api import CreateRequest, KillRequest, LogOptions, RestartPolicy
 
 OPENAPI = Path(__file__).parents[2] / "docs" / "openapi.json"
 
