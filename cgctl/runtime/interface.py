@@ -83,7 +83,7 @@ def answers(path: Path) -> bool:
 def connect(host: str | None = None, state_dir: Path | None = None) -> Runtime:
     """The remote runtime for --host/CGCTL_HOST (tcp:// with the token in $CGCTL_TOKEN_FILE), else
     for a daemon answering at a default socket, else the local runtime (no daemon: the library on
-    default)."""
+    this host)."""
     host = host or os.environ.get("CGCTL_HOST")
     if not host:
         host = next((f"unix://{path}" for path in default_sockets() if answers(path)), None)
