@@ -25,21 +25,21 @@ def check(
     whether the default sandbox's seccomp filter and device program work here."""
     from cgctl.cgroup import devices
     from cgctl.cgroup.fs import HostNotSupported, check_host
-    from cgctl.sandbox import seccomp
+    from cgctl.sandbox import libseccomp
 
     try:
         unified, root = check_host(cgroup_root)
     except HostNotSupported as error:
         raise fail(str(error)) from None
     controllers = sorted(unified.controllers())
-    seccomp_problem, devices_problem = seccomp.problem(), devices.problem()
+    seccomp_problem, devices_problem = libseccomp.problem(), devices.problem()
     if as_json:
         report = {
             "cgroup2_mount": str(unified.path),
             "controllers": controllers,
             "cgctl_root": str(root),
             "cgctl_root_exists": root.exists(),
-            "seccomp": {"usable": seccomp_problem is None, "libseccomp": seccomp.version(),
+            "seccomp": {"usable": seccomp_problem is None, "libseccomp": libseccomp.version(),
                         "problem": seccomp_problem},
             "device_program": {"usable": devices_problem is None, "problem": devices_problem},
         }  # fmt: skip
@@ -48,7 +48,7 @@ def check(
         print(f"cgroup v2 mount: {unified.path}")
         print(f"controllers:     {' '.join(controllers)}")
         print(f"cgctl root:      {root} ({'exists' if root.exists() else 'created on first run'})")
-        print(f"seccomp:         {seccomp_problem or f'usable (libseccomp {seccomp.version()})'}")
+        print(f"seccomp:         {seccomp_problem or f'usable (libseccomp {libseccomp.version()})'}")
         print(f"devices:         {devices_problem or 'usable (cgroup BPF device program)'}")
     if seccomp_problem:
         raise fail(f"the default sandbox needs seccomp: {seccomp_problem} (or run with --seccomp unconfined)")

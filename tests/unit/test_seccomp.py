@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from cgctl.sandbox import seccomp
+from cgctl.sandbox import libseccomp, seccomp
 from cgctl.spec import CAPABILITIES, DEFAULT_CAPABILITIES, SpecError
 
 PR_SET_NO_NEW_PRIVS = 38
@@ -103,10 +103,10 @@ def deny(name: str, **entry: Any) -> dict[str, Any]:
 
 
 def test_version_and_host() -> None:
-    found = seccomp.version()
+    found = libseccomp.version()
     assert found is not None
     assert tuple(map(int, found.split("."))) >= (2, 4, 0)
-    assert seccomp.problem() is None
+    assert libseccomp.problem() is None
 
 
 # The default profile
