@@ -3,8 +3,9 @@
 Every cgctl error, usage errors included, exits 125 (as docker does) so that
 the workload's own exit codes stay unambiguous.
 
-A verb's module is imported, and its command built, only when the verb runs or help lists it:
-`cgctl ps` does not pay for `run`'s options or the daemon's imports (bench/startup.py times it).
+A verb's module is imported, and its command built, only when the verb runs (or a typo is matched):
+`cgctl --help` lists the verbs from a table, and `cgctl ps` does not pay for `run`'s options or the
+daemon's imports (bench/startup.py times it).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ HELP_GROUPS: dict[str, dict[str, str]] = {
 
 class LazyVerbs(TyperGroup):
     """The root command. A verb's module is imported, and its commands built (by typer, from its
-    register() as ever), when one of them is first looked up: to run it, or to list it in help."""
+    register() as ever), when one of them is first looked up: to run it, or to match a typo against it."""
 
     def format_help(self, ctx: Context, formatter: HelpFormatter) -> None:
         """Plain text in docker's layout: the verbs by group, then the options."""
