@@ -3,8 +3,9 @@
 Every cgctl error, usage errors included, exits 125 (as docker does) so that
 the workload's own exit codes stay unambiguous.
 
-A verb's module is imported, and its command built, only when the verb runs or help lists it:
-`cgctl ps` does not pay for `run`'s options or the daemon's imports (bench/startup.py times it).
+A verb's module is imported, and its command built, only when the verb runs (or a typo is matched):
+`cgctl --help` lists the verbs from a table, and `cgctl ps` does not pay for `run`'s options or the
+daemon's imports (bench/startup.py times it).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from cgctl.cli import connection
 from cgctl.cli.errors import EXIT_CGCTL_ERROR
 
 if TYPE_CHECKING:  # the click that typer vendors, whose types TyperGroup's methods take and return
-    from typer._click import Command, Context
+    from typer._click import Command, Context, HelpFormatter
 
 # Each verb, in `cgctl --help`'s order, and the module of cgctl.cli whose register() defines it.
 VERBS: dict[str, str] = {
@@ -42,10 +43,74 @@ VERBS: dict[str, str] = {
     "policy": "policy",
 }
 
+# `cgctl --help`: every verb (dial-stdio, hidden, aside) in one group, as docker's help groups them, with
+# one line each; the detail is in `cgctl VERB --help`. Kept here, not read from the verbs' modules, so
+# that `cgctl --help` imports none of them (tests/unit/test_cli_help.py keeps it true to VERBS).
+HELP_GROUPS: dict[str, dict[str, str]] = {
+    "Containers": {
+        "run": "Run a command in its own cgroup and namespaces, under limits",
+        "exec": "Run one more command in a running container",
+        "attach": "Attach your terminal to a running container",
+        "ps": "List containers",
+        "inspect": "Show everything known of containers",
+        "logs": "Print a detached container's output",
+        "wait": "Wait for containers to end; print their exit statuses",
+        "top": "List a container's processes",
+        "update": "Change a running container's limits",
+        "freeze": "Freeze every process of a container",
+        "thaw": "Let a frozen container run again",
+        "pause": "Alias of freeze",
+        "unpause": "Alias of thaw",
+        "kill": "Signal every process of a container (default SIGKILL)",
+        "rm": "Remove containers: their state and logs",
+        "checkpoint": "Dump a container's process tree with CRIU",
+        "restore": "Restore a checkpoint as a new container",
+    },
+    "Images and registries": {
+        "image": "Import, save, list, inspect and remove images",
+        "pull": "Pull an image from a registry",
+        "push": "Push an image to a registry",
+        "commit": "Make a container's writes a new image",
+        "login": "Keep credentials for a registry",
+        "logout": "Forget the credentials kept for a registry",
+    },
+    "Daemon and machine": {
+        "daemon": "Run the daemon: detached containers and the API",
+        "events": "Stream the daemon's events",
+        "machine": "A cgroup v2 VM running the daemon, for hosts without cgroup v2",
+        "check": "Check that this host can run cgctl, and say what is missing",
+    },
+    "Policies and metrics": {
+        "policy": "Validate, preview, apply and explain policy files",
+        "stats": "Show live CPU, memory, IO, pids and pressure of containers",
+        "exporter": "Serve Prometheus metrics of containers or of every cgroup",
+    },
+}
+
 
 class LazyVerbs(TyperGroup):
     """The root command. A verb's module is imported, and its commands built (by typer, from its
-    register() as ever), when one of them is first looked up: to run it, or to list it in help."""
+    register() as ever), when one of them is first looked up: to run it, or to match a typo against it."""
+
+    def format_help(self, ctx: Context, formatter: HelpFormatter) -> None:
+        """Plain text in docker's layout: the verbs by group, then the options."""
+        self.format_usage(ctx, formatter)
+        self.format_help_text(ctx, formatter)
+        self.format_commands(ctx, formatter)
+        self.format_options(ctx, formatter)
+        formatter.write_paragraph()
+        formatter.write_text("Run 'cgctl COMMAND --help' for more information on a command.")
+
+    def format_commands(self, ctx: Context, formatter: HelpFormatter) -> None:
+        width = max(len(verb) for verbs in HELP_GROUPS.values() for verb in verbs)
+        for group, verbs in HELP_GROUPS.items():
+            with formatter.section(group):  # the one-line helps in one column across the groups
+                formatter.write_dl(list(verbs.items()), col_spacing=2 + width - max(map(len, verbs)))
+
+    def format_options(self, ctx: Context, formatter: HelpFormatter) -> None:
+        records = [param.get_help_record(ctx) for param in self.get_params(ctx)]
+        with formatter.section("Options"):
+            formatter.write_dl([record for record in records if record])
 
     def list_commands(self, ctx: Context) -> list[str]:
         return list(VERBS)
