@@ -12,11 +12,11 @@ import typer
 
 from cgctl.cli import connection
 from cgctl.cli.errors import fail, invalid_value
-from cgctl.cli.run import CgroupRoot, Report, explain_end, write_report
+from cgctl.cli.run import CgroupRoot, Report, end_as
 
 if TYPE_CHECKING:
-    from cgctl.runtime.checkpoint import Checkpoint, Progress
-    from cgctl.runtime.remote import RemoteRuntime
+    from cgctl.runtime.checkpoint import Progress
+    from cgctl.runtime.interface import Runtime
 
 Directory = Annotated[Path, typer.Option("--dir", help="the checkpoint directory (images, logs, manifest)")]
 Hook = Annotated[
@@ -51,68 +51,34 @@ def checkpoint(
     The container ends once its images are complete (its `cgctl run` says where it
     went), unless --leave-running. If anything fails it keeps running, thawed.
     """
-    from cgctl.runtime.checkpoint import CheckpointError
-    from cgctl.runtime.checkpoint import checkpoint as dump
-    from cgctl.runtime.remote import RemoteRuntime
+    from cgctl.runtime.api import CheckpointRequest
     from cgctl.spec import SpecError, format_size
 
     chosen = connection.runtime(state_dir)
-    if isinstance(chosen, RemoteRuntime):
-        result = _checkpoint_through(chosen, name, directory, leave_running, tcp_established, hook)
-    else:
-        try:
-            result = dump(
-                name,
-                directory,
-                leave_running=leave_running,
-                tcp_established=tcp_established,
-                hook=hook,
-                state_dir=state_dir,
-                progress=_progress(f"checkpointing {name}"),
-            )
-        except SpecError as error:
-            raise invalid_value(error, OPTION_FOR_FIELD) from None
-        except (LookupError, CheckpointError) as error:
-            raise fail(str(error)) from None
-        _end_progress()
-    for note in result.notes:
-        print(f"cgctl: note: {note}", file=sys.stderr)
-    if json_output:
-        print(json.dumps({**vars(result), "directory": str(result.directory)}))
-        return
-    after = "left running" if leave_running else "stopped"
-    print(
-        f"{name}: checkpointed to {result.directory} "
-        f"({format_size(result.image_bytes)} of memory images in {result.seconds:.1f} s; {after})"
-    )
-
-
-def _checkpoint_through(
-    daemon: RemoteRuntime,
-    name: str,
-    directory: Path,
-    leave_running: bool,
-    tcp_established: bool,
-    hook: Path | None,
-) -> Checkpoint:
-    """The daemon dumps the container into a directory on its host (a machine's shared one)."""
-    from cgctl.runtime.api import CheckpointRequest
-    from cgctl.runtime.checkpoint import Checkpoint
-
-    target = _on_machine_share(directory)
     request = CheckpointRequest(
-        dir=str(target),
+        dir=str(_on_machine_share(directory)),
         leave_running=leave_running,
         tcp_established=tcp_established,
         hook=str(hook.absolute()) if hook else None,
     )
-    print(f"cgctl: checkpointing {name} through the daemon at {daemon.host}", file=sys.stderr)
+    if chosen.host:
+        print(f"cgctl: checkpointing {name} through the daemon at {chosen.host}", file=sys.stderr)
     try:
-        done = daemon.checkpoint(name, request)
+        result = chosen.checkpoint(name, request, _progress(f"checkpointing {name}"))
+    except SpecError as error:
+        raise invalid_value(error, OPTION_FOR_FIELD) from None
     except connection.Failure as error:
         raise connection.failed(error) from None
-    return Checkpoint(
-        name, Path(done.dir), done.seconds, done.image_bytes, done.left_running, tuple(done.notes)
+    _end_progress()
+    for note in result.notes:
+        print(f"cgctl: note: {note}", file=sys.stderr)
+    if json_output:
+        print(json.dumps({"name": name, "directory": result.dir, **result.model_dump(exclude={"dir"})}))
+        return
+    after = "left running" if leave_running else "stopped"
+    print(
+        f"{name}: checkpointed to {result.dir} "
+        f"({format_size(result.image_bytes)} of memory images in {result.seconds:.1f} s; {after})"
     )
 
 
@@ -138,15 +104,11 @@ def restore(
     from cgctl.cgroup.fs import CgroupError
     from cgctl.runtime.checkpoint import CheckpointError
     from cgctl.runtime.checkpoint import restore as undump
-    from cgctl.runtime.local import START_DAEMON
-    from cgctl.runtime.remote import RemoteRuntime
     from cgctl.spec import SpecError
 
     chosen = connection.runtime(state_dir)
-    if isinstance(chosen, RemoteRuntime) and (detach or not chosen.host.startswith("unix://")):
+    if detach or not chosen.paths_are_here:
         _restore_through(chosen, directory, name, hook, detach, report)
-    if detach:
-        raise fail(f"-d needs the cgctl daemon, and none answers: {START_DAEMON}")
 
     def restored(name: str, seconds: float) -> None:
         _end_progress()
@@ -167,21 +129,19 @@ def restore(
     except (CheckpointError, CgroupError) as error:
         _end_progress()
         raise fail(str(error)) from None
-    if report:
-        write_report(report, result.model_dump_json(indent=2))
-    explain_end(result)
-    raise typer.Exit(result.exit_status)
+    end_as(result, report)
 
 
 def _restore_through(
-    daemon: RemoteRuntime,
+    daemon: Runtime,
     directory: Path,
     name: str | None,
     hook: Path | None,
     detach: bool,
     report: str | None,
 ) -> NoReturn:
-    """The daemon restores the checkpoint (a directory on its host) as a detached container."""
+    """The daemon restores the checkpoint (a directory on its host) as a detached container (without
+    one, the local runtime says how to start one)."""
     from cgctl.cli.run import attach_to_end
     from cgctl.runtime.api import RestoreRequest
 

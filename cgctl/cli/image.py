@@ -18,7 +18,7 @@ from cgctl.cli.table import render_table
 if TYPE_CHECKING:  # the verbs import what they use: `cgctl --help` stays light
     from cgctl.images import Store
     from cgctl.images.importer import Progress
-    from cgctl.runtime.remote import RemoteRuntime
+    from cgctl.runtime.interface import Runtime
 
 StoreDir = Annotated[
     Path | None, typer.Option("--store", envvar="CGCTL_IMAGE_STORE", help="the image store directory")
@@ -40,18 +40,13 @@ def store_at(root: Path | None) -> Store:
     return Store(root or default_root())
 
 
-def daemon_for(store: Path | None) -> RemoteRuntime | None:
-    """The daemon whose store the verbs act on, unless --store names a local one."""
-    from cgctl.runtime.local import LocalRuntime
-
+def daemon_for(store: Path | None) -> Runtime | None:
+    """The runtime of the daemon whose store the verbs act on; None for this host's store (--store
+    names one, or no daemon answers)."""
     if store is not None:
         return None
     chosen = connection.runtime()
-    if isinstance(chosen, LocalRuntime):  # no daemon: no need for the remote client either
-        return None
-    from cgctl.runtime.remote import RemoteRuntime
-
-    return chosen if isinstance(chosen, RemoteRuntime) else None
+    return chosen if chosen.host else None
 
 
 @app.command("import")

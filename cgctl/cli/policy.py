@@ -125,15 +125,7 @@ def explain(name: Annotated[str, typer.Argument(help="a running container")], as
 @app.command()
 def status(as_json: Json = False) -> None:
     """Show the daemon's active policies and its last reload."""
-    from cgctl.runtime.remote import RemoteRuntime
-
-    chosen = connection.runtime()
-    if not isinstance(chosen, RemoteRuntime):
-        from cgctl.cli.errors import fail
-        from cgctl.runtime.local import START_DAEMON
-
-        raise fail(f"the active policy set is the daemon's, and none answers: {START_DAEMON}")
-    current = _call(lambda _: chosen.policy_status())
+    current = _call(lambda runtime: runtime.policy_status())
     if as_json:
         print(current.model_dump_json(indent=2))
         return

@@ -199,7 +199,6 @@ def run(
     """
     from pydantic import ValidationError
 
-    from cgctl.runtime.local import LocalRuntime
     from cgctl.spec import WorkloadSpec
 
     keys = errors.detach_keys(detach_keys)
@@ -258,13 +257,13 @@ def run(
     if connection.machine is not None:
         _check_shared(spec, connection.machine)
     service = {"restart": restart, "log_max_size": log_max_size, "log_max_files": log_max_files, "rm": rm}
-    if not isinstance(chosen, LocalRuntime):
+    if chosen.host:
         _through_daemon(chosen, spec, detach, service, report, keys)
     if detach or any(service.values()):
-        from cgctl.runtime.local import START_DAEMON
+        from cgctl.runtime.local import needs_daemon
 
         given = "-d" if detach else "--" + next(k for k, v in service.items() if v).replace("_", "-")
-        raise fail(f"{given} needs the cgctl daemon, and none answers: {START_DAEMON}")
+        raise connection.failed(needs_daemon(f"`cgctl run {given}`"))
     _run_here(spec, cgroup_root, report)
 
 
@@ -298,6 +297,12 @@ def _run_here(spec: WorkloadSpec, cgroup_root: Path | None, report: str | None) 
     except runtime.SpawnError as error:
         print(f"cgctl: {error}", file=sys.stderr)
         raise typer.Exit(error.exit_code) from None
+    end_as(result, report)
+
+
+def end_as(result: RunReport, report: str | None) -> NoReturn:
+    """End as the run supervised here did (run, restore): its report written if asked for, why it
+    ended said, and its exit status ours."""
     if report:
         write_report(report, result.model_dump_json(indent=2))
     explain_end(result)
@@ -434,12 +439,11 @@ def _image_defaults(image: str, rootfs: Path | None, root: dict[str, Any], chose
     (--layer adds layers over an image; --upper and --read-only apply), and return its config:
     Env, Cmd, Entrypoint, WorkingDir, User."""
     from cgctl.images import Store, default_root, parse_reference
-    from cgctl.runtime.remote import RemoteRuntime
 
     if rootfs:
         raise fail("--image and --rootfs both name the bottom layer: add layers over an image with --layer")
     try:
-        if isinstance(chosen, RemoteRuntime):
+        if chosen.host:
             name, tag = parse_reference(image)
             digest = image.partition("@")[2]
             found = [

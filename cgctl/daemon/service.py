@@ -439,35 +439,18 @@ class Service:
     def checkpoint(self, name: str, request: CheckpointRequest) -> CheckpointResult:
         """Dump the container with CRIU (docs/checkpoint.md); unless left running, it then ends, and its
         attempt says where it went (it is not restarted)."""
-        from cgctl.runtime.checkpoint import CheckpointError, checkpoint
-
         self.inspect(name)
         managed = self.containers.get(name)
         if managed is not None and not request.leave_running:
             managed.stopping = True
         try:
-            done = checkpoint(
-                name,
-                Path(request.dir),
-                leave_running=request.leave_running,
-                tcp_established=request.tcp_established,
-                hook=Path(request.hook) if request.hook else None,
-                state_dir=self.paths.state_dir,
-            )
-        except (CheckpointError, SpecError) as error:
+            done = self.local.checkpoint(name, request)
+        except (Failure, SpecError):
             if managed is not None:
                 managed.stopping = False
-            if isinstance(error, SpecError):
-                raise
-            raise Failure(str(error)) from None
+            raise
         self.emit("checkpoint", name, {"dir": request.dir, "left_running": str(done.left_running).lower()})
-        return CheckpointResult(
-            dir=str(done.directory),
-            seconds=done.seconds,
-            image_bytes=done.image_bytes,
-            left_running=done.left_running,
-            notes=list(done.notes),
-        )
+        return done
 
     def restore(self, request: RestoreRequest) -> Container:
         """Restore a checkpoint as a new detached container (restart policy "no"): CRIU runs in the

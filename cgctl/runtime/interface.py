@@ -15,14 +15,22 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:  # the models are pydantic's, slow to import: a CLI with no daemon rarely needs them
     from cgctl.accounting import Usage
     from cgctl.runtime.api import (
+        CheckpointRequest,
+        CheckpointResult,
         Container,
         CreateRequest,
         Event,
         Explanation,
         HostWide,
         PolicyPlan,
+        PolicyStatus,
         ProcessRow,
+        PullRequest,
+        PushRequest,
+        PushResult,
+        RestoreRequest,
     )
+    from cgctl.runtime.checkpoint import Progress
     from cgctl.runtime.logs import LogLine
     from cgctl.spec import ExecSpec
 
@@ -30,6 +38,20 @@ SYSTEM_SOCKET = Path("/run/cgctl/cgctl.sock")
 
 
 class Runtime(Protocol):
+    """What every verb acts through. What only a daemon can do, the local runtime refuses with one
+    error (cgctl.runtime.local.needs_daemon) that says how to start one."""
+
+    @property
+    def host(self) -> str | None:
+        """The daemon's address (unix://, tcp://, ssh://), or None: no daemon, this host's records."""
+        ...
+
+    @property
+    def paths_are_here(self) -> bool:
+        """Whether the paths a call names are this host's own (no daemon, or one on this host's
+        socket), so that what they name can also be done here, under the calling command."""
+        ...
+
     def list(self, all: bool = False, labels: dict[str, str] | None = None) -> list[Container]: ...
     def inspect(self, name: str) -> Container: ...
     def create(self, request: CreateRequest) -> Container: ...
@@ -57,6 +79,17 @@ class Runtime(Protocol):
     def commit(self, name: str, reference: str, message: str = "") -> dict[str, Any]: ...
     def top(self, name: str) -> builtins.list[ProcessRow]: ...
     def exec(self, name: str, spec: ExecSpec, detach_keys: bytes = b"") -> int: ...
+    def checkpoint(
+        self, name: str, request: CheckpointRequest, progress: Progress | None = None
+    ) -> CheckpointResult: ...
+    def restore(self, request: RestoreRequest) -> Container: ...
+    def policy_status(self) -> PolicyStatus: ...
+    def images(self) -> builtins.list[dict[str, Any]]: ...
+    def import_image(self, path: str, reference: str) -> dict[str, Any]: ...
+    def pull(self, request: PullRequest) -> dict[str, Any]: ...
+    def push(self, request: PushRequest) -> PushResult: ...
+    def save_image(self, reference: str, path: str) -> dict[str, Any]: ...
+    def remove_image(self, reference: str) -> builtins.list[str]: ...
 
 
 def default_sockets() -> list[Path]:

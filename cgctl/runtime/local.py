@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from cgctl import state
 from cgctl.cgroup import freezer, fs
@@ -23,18 +23,39 @@ if TYPE_CHECKING:  # the models are imported where used: `cgctl ps` with nothing
     from cgctl.accounting import Usage
     from cgctl.policy import PolicySet
     from cgctl.runtime.api import (
+        CheckpointRequest,
+        CheckpointResult,
         Container,
         CreateRequest,
         Event,
         Explanation,
         HostWide,
+        NeedsDaemon,
         PolicyPlan,
+        PolicyStatus,
         ProcessRow,
+        PullRequest,
+        PushRequest,
+        PushResult,
+        RestoreRequest,
     )
+    from cgctl.runtime.checkpoint import Progress
     from cgctl.runtime.logs import LogLine
     from cgctl.spec import ExecSpec
 
 START_DAEMON = "start the daemon first: `systemctl start cgctld`, or `cgctld &` as root"
+
+# Without a daemon, `cgctl image`, pull and push act on this host's store (cgctl.images) themselves.
+IMAGES_HERE = ("an image verb through the runtime", "without one, cgctl.images acts on this host's store")
+
+
+def needs_daemon(what: str, why: str = "") -> NeedsDaemon:
+    """The one error of what cannot be done without a daemon when none answers: what it was (a verb,
+    an option), why if it is not plain, and how to start one."""
+    from cgctl.runtime.api import NeedsDaemon
+
+    because = f" ({why})" if why else ""
+    return NeedsDaemon(f"{what} needs the cgctl daemon{because}, and none answers: {START_DAEMON}")
 
 
 def record_container(path: Path) -> Container | None:
@@ -88,6 +109,9 @@ def signal_cgroup(group: fs.Cgroup, sig: signal.Signals) -> int:
 
 class LocalRuntime:
     """The runtime interface (see cgctl.runtime.connect) over this host's run records."""
+
+    host = None  # no daemon
+    paths_are_here = True
 
     def __init__(self, state_dir: Path | None = None) -> None:
         self.state_dir = state_dir or state.default_state_dir()
@@ -293,27 +317,76 @@ class LocalRuntime:
         except SpawnError as error:
             raise Failure(str(error), error.exit_code) from None
 
+    def checkpoint(
+        self, name: str, request: CheckpointRequest, progress: Progress | None = None
+    ) -> CheckpointResult:
+        """Dump the running container with CRIU into request.dir (runtime/checkpoint.py); raises
+        SpecError for a bad directory or hook, which the CLI and the API name by their option or field."""
+        from cgctl.runtime.api import CheckpointResult, Failure, NotFound
+        from cgctl.runtime.checkpoint import CheckpointError, checkpoint
+
+        try:
+            done = checkpoint(
+                name,
+                Path(request.dir),
+                leave_running=request.leave_running,
+                tcp_established=request.tcp_established,
+                hook=Path(request.hook) if request.hook else None,
+                state_dir=self.state_dir,
+                progress=progress,
+            )
+        except LookupError as error:
+            raise NotFound(str(error)) from None
+        except CheckpointError as error:
+            raise Failure(str(error)) from None
+        return CheckpointResult(
+            dir=str(done.directory),
+            seconds=done.seconds,
+            image_bytes=done.image_bytes,
+            left_running=done.left_running,
+            notes=list(done.notes),
+        )
+
     def create(self, request: CreateRequest) -> Container:
-        self._daemon_only("detached runs (run -d)")
+        raise needs_daemon("`cgctl run -d`")
+
+    def restore(self, request: RestoreRequest) -> Container:
+        raise needs_daemon("`cgctl restore -d`")
 
     def remove(self, name: str, force: bool = False) -> None:
-        self._daemon_only("removing containers")
+        raise needs_daemon("`cgctl rm`")
 
     def wait(self, name: str, timeout: float | None = None) -> Container:
-        self._daemon_only("wait")
+        raise needs_daemon("`cgctl wait`")
 
     def attach(self, name: str, detach_keys: bytes = b"", replay: bool = False) -> bool:
-        self._daemon_only("attach (a foreground run's terminal is its own cgctl run's)")
+        raise needs_daemon("`cgctl attach`", "a foreground run's terminal is its own `cgctl run`'s")
 
     def logs(
         self, name: str, tail: int | None = None, since: datetime | None = None, follow: bool = False
     ) -> Iterator[LogLine]:
-        self._daemon_only("logs")
+        raise needs_daemon("`cgctl logs`")
 
     def events(self, since: float | None = None, until: float | None = None) -> Iterator[Event]:
-        self._daemon_only("events")
+        raise needs_daemon("`cgctl events`")
 
-    def _daemon_only(self, what: str) -> NoReturn:
-        from cgctl.runtime.api import NeedsDaemon
+    def policy_status(self) -> PolicyStatus:
+        raise needs_daemon("`cgctl policy status`", "the active policy set is the daemon's")
 
-        raise NeedsDaemon(f"{what} need the cgctl daemon, and none answers: {START_DAEMON}")
+    def images(self) -> builtins.list[dict[str, Any]]:
+        raise needs_daemon(*IMAGES_HERE)
+
+    def import_image(self, path: str, reference: str) -> dict[str, Any]:
+        raise needs_daemon(*IMAGES_HERE)
+
+    def pull(self, request: PullRequest) -> dict[str, Any]:
+        raise needs_daemon(*IMAGES_HERE)
+
+    def push(self, request: PushRequest) -> PushResult:
+        raise needs_daemon(*IMAGES_HERE)
+
+    def save_image(self, reference: str, path: str) -> dict[str, Any]:
+        raise needs_daemon(*IMAGES_HERE)
+
+    def remove_image(self, reference: str) -> builtins.list[str]:
+        raise needs_daemon(*IMAGES_HERE)

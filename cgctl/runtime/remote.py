@@ -54,6 +54,7 @@ from cgctl.runtime.logs import LogLine
 if TYPE_CHECKING:
     from cgctl.accounting import Usage
     from cgctl.runtime.api import HostWide
+    from cgctl.runtime.checkpoint import Progress
     from cgctl.spec import ExecSpec
 
 FAILURES: dict[int, type[Failure]] = {
@@ -127,6 +128,11 @@ class RemoteRuntime:
         self.timeout = timeout
         self.token = token
         _connection(host, timeout)  # a malformed host fails now, not at the first call
+
+    @property
+    def paths_are_here(self) -> bool:
+        """A daemon on this host's socket sees this host's files; one over TCP or ssh, its own."""
+        return self.host.startswith("unix://")
 
     def _call(
         self,
@@ -318,8 +324,11 @@ class RemoteRuntime:
             ProcessRow.model_validate(row) for row in self._json("GET", f"/v1/containers/{_quoted(name)}/top")
         ]
 
-    def checkpoint(self, name: str, request: CheckpointRequest) -> CheckpointResult:
-        """Dump the container with CRIU into request.dir, a directory on the daemon's host."""
+    def checkpoint(
+        self, name: str, request: CheckpointRequest, progress: Progress | None = None
+    ) -> CheckpointResult:
+        """Dump the container with CRIU into request.dir, a directory on the daemon's host (which
+        reports no progress)."""
         body = request.model_dump(mode="json")
         return CheckpointResult.model_validate(
             self._json("POST", f"/v1/containers/{_quoted(name)}/checkpoint", body, patient=True)

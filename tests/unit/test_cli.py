@@ -106,9 +106,15 @@ def test_version_and_help(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captur
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["run", "-d", "--", "true"], "-d needs the cgctl daemon, and none answers: start the daemon first"),
-        (["run", "--restart", "always", "--", "true"], "--restart needs the cgctl daemon"),
-        (["logs", "web"], "logs need the cgctl daemon"),
+        (
+            ["run", "-d", "--", "true"],
+            "`cgctl run -d` needs the cgctl daemon, and none answers: start the daemon",
+        ),
+        (["run", "--restart", "always", "--", "true"], "`cgctl run --restart` needs the cgctl daemon"),
+        (["logs", "web"], "`cgctl logs` needs the cgctl daemon, and none answers: start the daemon first"),
+        (["wait", "web"], "`cgctl wait` needs the cgctl daemon, and none answers"),
+        (["restore", "-d", "--dir", "/nonexistent"], "`cgctl restore -d` needs the cgctl daemon"),
+        (["policy", "status"], "`cgctl policy status` needs the cgctl daemon (the active policy set is"),
         (
             ["--host", "unix:///nonexistent/cgctl.sock", "ps"],
             "cannot reach the cgctl daemon at unix:///nonexistent",
