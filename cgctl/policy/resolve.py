@@ -15,6 +15,7 @@ import fnmatch
 import os
 from typing import Any
 
+from cgctl.limits import is_map
 from cgctl.policy.loader import Located, PolicySet
 from cgctl.spec import Limits
 
@@ -164,9 +165,10 @@ def unleaf(found: dict[Leaf, Any]) -> dict[str, Any]:
 
 
 def leaf_name(leaf: Leaf) -> str:
-    """memory.max, io.max[/dev/vda], files[memory.swap.high]: how explain and records name a limit."""
+    """memory.max, io.max[/dev/vda], hugetlb[2MB], files[memory.swap.high]: how explain and records
+    name a limit (cgctl.limits.leaf_file reads these names)."""
     if leaf[0] == "io":
         return f"io.{leaf[1]}[{leaf[2]}]"
-    if leaf[0] == "files":
-        return f"files[{leaf[1]}]"
+    if len(leaf) == 2 and is_map(leaf[0]):
+        return f"{leaf[0]}[{leaf[1]}]"
     return ".".join(leaf)
