@@ -107,6 +107,7 @@ class Limit:
     default: str | None
     help: str
     metavar: str = ""  # what docs/run.md shows after the option
+    note: str = ""  # what docs/run.md adds to the help
     kind: Kind = "value"
     parse: Callable[[list[str]], dict[str, str]] | None = None  # a map's values to its dict
     write: Callable[[Any], str | None] = str  # the spec's value as the file takes it (None: not written)
@@ -157,6 +158,7 @@ LIMITS: tuple[Limit, ...] = (
         MAX,
         "memory.zswap.max: compressed swap (zswap) it may use",
         "SIZE",
+        note="Linux 5.19+ with zswap, else refused",
     ),
     Limit(
         "--oom-group/--no-oom-group",
@@ -174,11 +176,18 @@ LIMITS: tuple[Limit, ...] = (
         f"max {PERIOD_USEC}",
         "CPU time in CPUs, e.g. 0.5 or 2 (cpu.max, 100 ms period)",
         "N",
+        note="`N*100000 100000`, at least 0.01, at most the CPUs it can run on",
         write=_cpu_max,
     ),
-    Limit("--cpu-weight", ("cpu", "weight"), "cpu.weight", "100", "cpu.weight: 1..10000 (default 100)", "W"),
+    Limit("--cpu-weight", ("cpu", "weight"), "cpu.weight", "100", "cpu.weight: 1..10000", "W"),
     Limit(
-        "--cpuset", ("cpu", "cpuset"), "cpuset.cpus", "\n", "cpuset.cpus: CPUs it may use, e.g. 0-3,6", "LIST"
+        "--cpuset",
+        ("cpu", "cpuset"),
+        "cpuset.cpus",
+        "\n",
+        "cpuset.cpus: CPUs it may use, e.g. 0-3,6",
+        "LIST",
+        note="checked against the CPUs the parent offers",
     ),  # empty: the parent's CPUs
     Limit(
         "--cpu-idle/--no-cpu-idle",
@@ -197,6 +206,7 @@ LIMITS: tuple[Limit, ...] = (
         "io.max: DEV:rbps=N,wbps=N,riops=N,wiops=N; DEV a path or MAJ:MIN",
         "DEV:KEY=N,...",
         kind="list",
+        note="whole disks only; sizes accepted for bps",
     ),
     Limit(
         "--io-weight",
@@ -206,6 +216,7 @@ LIMITS: tuple[Limit, ...] = (
         "io.weight: W for all devices, or DEV:W",
         "[DEV:]W",
         kind="list",
+        note="per device it needs io.cost enabled on it (the error says how)",
     ),
     Limit("--pids", ("pids", "max"), "pids.max", MAX, "pids.max: most processes and threads at once", "N"),
     Limit(
@@ -216,6 +227,7 @@ LIMITS: tuple[Limit, ...] = (
         "hugetlb.<size>.max: huge pages of a size it may use, SIZE:LIMIT (e.g. 2MB:64M)",
         "SIZE:LIMIT",
         kind="map",
+        note="the hugetlb controller is enabled for it; a size this host lacks is refused",
         parse=key_values(":", "PAGE_SIZE:LIMIT (e.g. 2MB:64M)"),
     ),
     Limit(
@@ -226,6 +238,7 @@ LIMITS: tuple[Limit, ...] = (
         "any other cgroup interface file, as FILE=VALUE",
         "FILE=VALUE",
         kind="map",
+        note="writable, offered by this kernel for the enabled controllers, not one cgctl manages",
         parse=key_values("=", "KEY=VALUE"),
     ),
 )
@@ -285,6 +298,7 @@ def markdown_rows() -> list[str]:
         file = limit.file.replace("{key}", re.split("[:=]", limit.metavar)[0])
         effect = re.sub(r"^[a-z]+\.[\w.<>]+: ", "", limit.help)  # the file, shown already
         repeat = " (repeatable)" if limit.kind in ("list", "map") else ""
-        default = f"; `update` resets it to `{limit.default}`" if limit.default not in (None, "\n") else ""
-        rows.append(f"| {given} | `{file}`: {effect}{repeat}{default} |")
+        note = f"; {limit.note}" if limit.note else ""
+        default = f"; default `{limit.default}`" if limit.default not in (None, "\n") else ""
+        rows.append(f"| {given} | `{file}`: {effect}{repeat}{note}{default} |")
     return rows

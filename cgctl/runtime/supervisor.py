@@ -93,9 +93,9 @@ def base_controllers(limits: Limits) -> set[str]:
 
 
 def needed_controllers(limits: Limits, unified: fs.Cgroup) -> set[str]:
-    """base_controllers, hugetlb if asked for (limit_settings checks the host has it), and those whose
-    files --cgroup-set names (hugetlb, misc, ...)."""
-    asked = {hugetlb.CONTROLLER} if limits.hugetlb else set()
+    """base_controllers, hugetlb if asked for and there (limit_settings refuses it by name if not),
+    and those whose files --cgroup-set names (hugetlb, misc, ...)."""
+    asked = {hugetlb.CONTROLLER} & unified.controllers() if limits.hugetlb else set()
     return (
         base_controllers(limits)
         | asked
