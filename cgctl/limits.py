@@ -281,6 +281,51 @@ def file_row(file: str) -> tuple[Limit, str] | None:
     return None
 
 
+# One limit as policies resolve it: (section, field) as memory.max, (section, field, device) for a
+# list's entry as io.max of one device, (section, key) for a map's entry as one page size of hugetlb.
+Leaf = tuple[str, ...]
+
+
+def _is_list(section: str, field: str) -> bool:
+    found = _BY_FIELD.get((section, field))
+    return found is not None and found.kind == "list"
+
+
+def leaves(fields: Mapping[str, Any]) -> dict[Leaf, Any]:
+    """Limits as JSON (all, or only those given) flattened to one entry per limit: a list's entries
+    per device (io), a map's per key (hugetlb, files)."""
+    found: dict[Leaf, Any] = {}
+    for section, values in fields.items():
+        for key, value in values.items():
+            if _is_list(section, key):
+                for entry in value:
+                    found[(section, key, entry.get("device") or "default")] = entry
+            else:
+                found[(section, key)] = value
+    return found
+
+
+def unleaf(found: Mapping[Leaf, Any]) -> dict[str, Any]:
+    """Leaves back to limits as JSON."""
+    fields: dict[str, Any] = {}
+    for leaf, value in found.items():
+        if len(leaf) == 3:
+            fields.setdefault(leaf[0], {}).setdefault(leaf[1], []).append(value)
+        else:
+            fields.setdefault(leaf[0], {})[leaf[1]] = value
+    return fields
+
+
+def leaf_name(leaf: Leaf) -> str:
+    """memory.max, io.max[/dev/vda], hugetlb[2MB], files[memory.swap.high]: how explain and records
+    name a limit (leaf_file reads these names)."""
+    if len(leaf) == 3:
+        return f"{leaf[0]}.{leaf[1]}[{leaf[2]}]"
+    if is_map(leaf[0]):
+        return f"{leaf[0]}[{leaf[1]}]"
+    return ".".join(leaf)
+
+
 def leaf_file(leaf: str) -> str:
     """The interface file behind a limit as explain and run records name it (memory.max,
     io.max[/dev/vda], hugetlb[2MB], files[memory.swap.high])."""
