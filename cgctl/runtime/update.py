@@ -92,11 +92,11 @@ def file_settings(group: fs.Cgroup, limits: Limits) -> list[tuple[str, str]]:
 
 
 def _prepare(group: fs.Cgroup, *limits: Limits) -> tuple[fs.Cgroup, fs.Cgroup]:
-    """The cgroup v2 root and the group's parent, with the controllers `limits` need enabled there."""
+    """The cgroup v2 root and the group's parent, with the controllers `limits` need enabled along the
+    way to it (one no container asked for before, hugetlb or cpuset, may be on nowhere yet)."""
     unified = fs.open_unified_root(set().union(*map(base_controllers, limits)))
-    parent = fs.Cgroup(group.path.parent)
-    fs.enable_controllers(parent, set().union(*(needed_controllers(each, unified) for each in limits)))
-    return unified, parent
+    controllers = set().union(*(needed_controllers(each, unified) for each in limits))
+    return unified, fs.open_cgctl_root(unified, controllers, group.path.parent)
 
 
 def _settings(limits: Limits, unified: fs.Cgroup, parent: fs.Cgroup) -> list[tuple[str, str]]:
