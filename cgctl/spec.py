@@ -24,12 +24,10 @@ from pydantic import (
     model_validator,
 )
 
-MAX: Literal["max"] = "max"
+from cgctl.limits import MAX, parse_count, parse_page_size, parse_size
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 NAMESPACES = ("cgroup", "ipc", "mnt", "net", "pid", "uts")
-NOT_A_SIZE = "not a size: use bytes or K/M/G/T with an optional iB (256M, 256MiB, 1.5G), or max"
-_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?$", re.IGNORECASE)
-_UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
 _CPU_LIST = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LABEL_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_./-]{0,62}$")
@@ -59,27 +57,6 @@ class SpecError(ValueError):
         self.field, self.value, self.reason = field, value, reason
 
 
-def parse_size(value: object) -> int | Literal["max"]:
-    """Bytes from '256M', '256MiB', '1.5G', '4096' or 'max' (binary units, as docker and systemd)."""
-    if isinstance(value, bool):
-        raise ValueError(NOT_A_SIZE)
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(NOT_A_SIZE)
-        return value
-    text = str(value).strip()
-    if text.lower() in ("max", "infinity"):
-        return MAX
-    match = _SIZE.match(text)
-    if not match or (match.group(3) and not match.group(2)):
-        raise ValueError(NOT_A_SIZE)
-    number, unit, _ = match.groups()
-    size = Decimal(number) * 1024 ** _UNITS[unit.upper()]
-    if not unit and size != size.to_integral_value():
-        raise ValueError("a size in bytes must be a whole number")
-    return int(size)
-
-
 def format_size(size: int | Literal["max"]) -> str:
     """'64 MiB', '1.5 GiB', '512 B', 'max': what humans read in messages and tables."""
     if size == MAX:
@@ -90,17 +67,9 @@ def format_size(size: int | Literal["max"]) -> str:
     return f"{size} B"
 
 
-def _parse_count(value: object) -> int | Literal["max"]:
-    """A whole number of things (IOPS, pids), or max."""
-    if isinstance(value, str) and value.strip().lower() == "max":
-        return MAX
-    if isinstance(value, bool) or not str(value).strip().isdigit():
-        raise ValueError("not a whole number, or max")
-    return int(str(value).strip())
-
-
 Size = Annotated[int | Literal["max"], BeforeValidator(parse_size)]
-Count = Annotated[int | Literal["max"], BeforeValidator(_parse_count)]
+PageSize = Annotated[str, BeforeValidator(lambda value: parse_page_size(str(value)))]
+Count = Annotated[int | Literal["max"], BeforeValidator(parse_count)]
 
 
 class _Model(BaseModel):
@@ -115,6 +84,7 @@ class MemoryLimits(_Model):
     low: Size | None = Field(None, description="memory.low: best-effort protection from reclaim")
     min: Size | None = Field(None, description="memory.min: hard protection from reclaim")
     swap_max: Size | None = Field(None, description="memory.swap.max: swap the workload may use")
+    zswap_max: Size | None = Field(None, description="memory.zswap.max: compressed swap it may use")
     oom_group: bool = Field(True, description="memory.oom.group: an OOM kills the whole workload")
 
 
@@ -225,6 +195,9 @@ class Limits(_Model):
     cpu: CpuLimits = Field(default_factory=CpuLimits)
     io: IoLimits = Field(default_factory=IoLimits)
     pids: PidsLimits = Field(default_factory=PidsLimits)
+    hugetlb: dict[PageSize, Size] = Field(
+        default_factory=dict, description="hugetlb.<size>.max: page size (2MB, 1GB) -> huge pages' bytes"
+    )
     files: dict[str, str] = Field(
         default_factory=dict, description="any other interface file: name -> value (the escape hatch)"
     )

@@ -5,24 +5,18 @@ from __future__ import annotations
 import os
 from decimal import Decimal
 
+from cgctl import limits as table
 from cgctl.cgroup.cpuset import parse_cpu_list
 from cgctl.spec import CpuLimits, SpecError
 
 CONTROLLER = "cpu"
-PERIOD_USEC = 100_000  # cpu.max's period: 100 ms, as docker and systemd use
 
 
 def settings(limits: CpuLimits) -> list[tuple[str, str]]:
     """(interface file, value) pairs, after checking that the host has the CPUs asked for."""
-    files = []
     if limits.cpus is not None:
         check_cpus(limits.cpus, limits.cpuset)
-        files.append(("cpu.max", f"{int(limits.cpus * PERIOD_USEC)} {PERIOD_USEC}"))
-    if limits.weight is not None:
-        files.append(("cpu.weight", str(limits.weight)))
-    if limits.idle:
-        files.append(("cpu.idle", "1"))
-    return files
+    return table.settings(CONTROLLER, dict(limits))
 
 
 def check_cpus(cpus: Decimal, cpuset: str | None) -> None:

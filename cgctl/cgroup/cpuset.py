@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from cgctl import limits as table
 from cgctl.cgroup.fs import Cgroup
 from cgctl.spec import CpuLimits, SpecError
 
@@ -30,4 +31,4 @@ def settings(limits: CpuLimits, parent: Cgroup) -> list[tuple[str, str]]:
             limits.cpuset,
             f"CPU(s) {','.join(map(str, sorted(outside)))} are not available (this host offers {available})",
         )
-    return [("cpuset.cpus", limits.cpuset)]
+    return table.settings(CONTROLLER, dict(limits))

@@ -8,12 +8,14 @@ import stat as stat_mode
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cgctl import limits as limits_table
 from cgctl.cgroup.fs import Cgroup
 
 if TYPE_CHECKING:  # accounting reads device names through here, and `cgctl stats` needs no pydantic
     from cgctl.spec import IoLimits
 
 CONTROLLER = "io"
+IO_MAX, IO_WEIGHT = limits_table.row("io", "max").file, limits_table.row("io", "weight").file
 SYS_DEV_BLOCK = Path("/sys/dev/block")
 _MAJOR_MINOR = re.compile(r"^\d+:\d+$")
 
@@ -49,7 +51,7 @@ def settings(limits: IoLimits, unified: Cgroup, sys_dev_block: Path = SYS_DEV_BL
     for index, cap in enumerate(limits.max):
         number = device_number(cap.device, ("limits", "io", "max", index), sys_dev_block)
         keys = {"rbps": cap.rbps, "wbps": cap.wbps, "riops": cap.riops, "wiops": cap.wiops}
-        lines.append(("io.max", " ".join([number, *(f"{k}={v}" for k, v in keys.items() if v is not None)])))
+        lines.append((IO_MAX, " ".join([number, *(f"{k}={v}" for k, v in keys.items() if v is not None)])))
     for index, weight in enumerate(limits.weight):
         target = "default"
         if weight.device is not None:
@@ -63,7 +65,7 @@ def settings(limits: IoLimits, unified: Cgroup, sys_dev_block: Path = SYS_DEV_BL
                     f"echo '{target} enable=1' > {unified.file('io.cost.qos')} (with the BFQ scheduler, "
                     "use --cgroup-set io.bfq.weight=...)",
                 )
-        lines.append(("io.weight", f"{target} {weight.weight}"))
+        lines.append((IO_WEIGHT, f"{target} {weight.weight}"))
     return lines
 
 

@@ -1,7 +1,8 @@
-"""The memory controller: memory.max/high/low/min, swap and OOM grouping."""
+"""The memory controller: memory.max/high/low/min, swap, zswap and OOM grouping (cgctl.limits's rows)."""
 
 from __future__ import annotations
 
+from cgctl import limits as table
 from cgctl.spec import MAX, MemoryLimits, SpecError, format_size
 
 CONTROLLER = "memory"
@@ -10,16 +11,8 @@ CONTROLLER = "memory"
 def settings(limits: MemoryLimits) -> list[tuple[str, str]]:
     """(interface file, value) pairs that enforce limits, in the order they are written, after
     checking that none is above the host's memory."""
-    files = {
-        "memory.min": limits.min,
-        "memory.low": limits.low,
-        "memory.high": limits.high,
-        "memory.max": limits.max,
-        "memory.swap.max": limits.swap_max,
-    }
     check_sizes(limits)
-    written = [(name, str(value)) for name, value in files.items() if value is not None]
-    return [*written, ("memory.oom.group", "1" if limits.oom_group else "0")]
+    return table.settings(CONTROLLER, dict(limits))
 
 
 def check_sizes(limits: MemoryLimits) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from cgctl import limits as table
 from cgctl.spec import PidsLimits
 
 CONTROLLER = "pids"
 
 
 def settings(limits: PidsLimits) -> list[tuple[str, str]]:
-    return [] if limits.max is None else [("pids.max", str(limits.max))]
+    return table.settings(CONTROLLER, dict(limits))

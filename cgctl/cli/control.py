@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
     app.command("pause", help="Alias of freeze.")(freeze)
     app.command("unpause", help="Alias of thaw.")(thaw)
     app.command()(kill)
-    app.command()(update)
+    app.command()(limits.limit_options(update))
 
 
 def freeze(name: Name, timeout: Timeout = 10.0, state_dir: StateDir = None) -> None:
@@ -69,20 +69,7 @@ def kill(
 
 def update(
     name: Name,
-    mem: limits.Mem = None,
-    mem_high: limits.MemHigh = None,
-    mem_low: limits.MemLow = None,
-    mem_min: limits.MemMin = None,
-    swap: limits.Swap = None,
-    oom_group: limits.OomGroup = None,
-    cpus: limits.Cpus = None,
-    cpu_weight: limits.CpuWeight = None,
-    cpuset: limits.Cpuset = None,
-    cpu_idle: limits.CpuIdle = None,
-    io_max: limits.IoMax = None,
-    io_weight: limits.IoWeight = None,
-    pids: limits.Pids = None,
-    cgroup_set: limits.CgroupSet = None,
+    limit_fields: dict[str, dict[str, Any]] | None = None,
     state_dir: StateDir = None,
 ) -> None:
     """Change a running container's limits, with the options of run: every value is checked before
@@ -91,22 +78,7 @@ def update(
 
     from cgctl.spec import SpecError
 
-    changes = limits.limit_fields(
-        mem,
-        mem_high,
-        mem_low,
-        mem_min,
-        swap,
-        oom_group,
-        cpus,
-        cpu_weight,
-        cpuset,
-        cpu_idle,
-        io_max,
-        io_weight,
-        pids,
-        cgroup_set,
-    )
+    changes = limit_fields or {}
     if not any(changes.values()):
         raise fail("nothing to update: give at least one limit option (see cgctl update --help)")
     # Values are checked alone first (fields as in Limits), then against the host (fields under "limits").

@@ -178,12 +178,12 @@ def _show_plans(plans: list[PolicyPlan], as_json: bool, verb: str) -> None:
 
 
 def _value(value: Any, limit: str) -> str:
-    """A limit as humans read it: sizes of memory in MiB and GiB, io lines as KEY=VALUE."""
+    """A limit as humans read it: sizes of memory and huge pages in MiB and GiB, io lines as KEY=VALUE."""
     if value is None:
         return "-"
     if isinstance(value, dict):
         return ",".join(f"{k}={v}" for k, v in value.items() if v is not None and k != "device") or "-"
-    if limit.startswith("memory.") and isinstance(value, int) and not isinstance(value, bool):
+    if limit.startswith(("memory.", "hugetlb[")) and isinstance(value, int) and not isinstance(value, bool):
         from cgctl.spec import format_size
 
         return format_size(value)

@@ -53,7 +53,7 @@ CgroupRoot = Annotated[Path | None, typer.Option(envvar="CGCTL_CGROUP_ROOT", hel
 
 
 def register(app: typer.Typer) -> None:
-    app.command(context_settings={"allow_interspersed_args": False})(run)
+    app.command(context_settings={"allow_interspersed_args": False})(limits.limit_options(run))
     app.command()(attach)
 
 
@@ -82,20 +82,7 @@ def run(
     name: Annotated[
         str | None, typer.Option(help="unique name (default: generated); also the cgroup's name")
     ] = None,
-    mem: limits.Mem = None,
-    mem_high: limits.MemHigh = None,
-    mem_low: limits.MemLow = None,
-    mem_min: limits.MemMin = None,
-    swap: limits.Swap = None,
-    oom_group: limits.OomGroup = None,
-    cpus: limits.Cpus = None,
-    cpu_weight: limits.CpuWeight = None,
-    cpuset: limits.Cpuset = None,
-    cpu_idle: limits.CpuIdle = None,
-    io_max: limits.IoMax = None,
-    io_weight: limits.IoWeight = None,
-    pids: limits.Pids = None,
-    cgroup_set: limits.CgroupSet = None,
+    limit_fields: dict[str, dict[str, Any]] | None = None,
     share: Annotated[
         list[str] | None, limits.repeated("keep the host's NS: cgroup, ipc, mnt, net, pid or uts")
     ] = None,
@@ -214,22 +201,7 @@ def run(
     fields = {
         "name": name,
         "command": command,
-        "limits": limits.limit_fields(
-            mem,
-            mem_high,
-            mem_low,
-            mem_min,
-            swap,
-            oom_group,
-            cpus,
-            cpu_weight,
-            cpuset,
-            cpu_idle,
-            io_max,
-            io_weight,
-            pids,
-            cgroup_set,
-        ),
+        "limits": limit_fields,
         "namespaces": {"share": share or [], "user": userns},
         "hostname": hostname,
         "env": {**image_env, **_env_files(env_file or []), **environment(env or [])},

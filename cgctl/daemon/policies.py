@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from inotify_simple import INotify, flags
 
+from cgctl import limits as limits_table
 from cgctl import policy, state
 from cgctl.cgroup import fs, pressure
 from cgctl.daemon.triggers import TriggerPoller
@@ -41,28 +42,6 @@ RUN_TIMEOUT = 60.0  # seconds a `run` action's command may take
 DIRECTORY_EVENTS = (
     flags.CLOSE_WRITE | flags.MOVED_TO | flags.MOVED_FROM | flags.DELETE | flags.CREATE | flags.DELETE_SELF
 )
-# The interface file behind each limit a policy can set (io and files: by prefix).
-LEAF_FILES = {
-    "memory.max": "memory.max",
-    "memory.high": "memory.high",
-    "memory.low": "memory.low",
-    "memory.min": "memory.min",
-    "memory.swap_max": "memory.swap.max",
-    "memory.oom_group": "memory.oom.group",
-    "cpu.cpus": "cpu.max",
-    "cpu.weight": "cpu.weight",
-    "cpu.idle": "cpu.idle",
-    "cpu.cpuset": "cpuset.cpus",
-    "pids.max": "pids.max",
-}
-
-
-def leaf_file(leaf: str) -> str:
-    if leaf.startswith(("io.max[", "io.weight[")):
-        return leaf.partition("[")[0]
-    if leaf.startswith("files["):
-        return leaf[len("files[") : -1]
-    return LEAF_FILES[leaf]
 
 
 @dataclasses.dataclass
@@ -206,7 +185,7 @@ class PolicyEngine:
         previous = self.armed.get(name)
         armed = Armed(self.last_fired.setdefault(name, {}), memory_high=_high(group))
         for leaf, source in sources.items():
-            file = leaf_file(leaf)
+            file = limits_table.leaf_file(leaf)
             with contextlib.suppress(fs.CgroupError):
                 armed.guarded[file] = (group.read(file), source.partition(" (")[0])
         self.service.watcher.add(name, group, tuple(armed.guarded))

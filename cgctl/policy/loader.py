@@ -4,6 +4,7 @@ directory checked as one set (names unique, classes known) before any of it is u
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import typing
 from collections.abc import Iterable
@@ -13,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from cgctl.limits import Leaf, leaves
 from cgctl.policy.model import DEFAULT_CLASSES, Policy, PolicyFile, PriorityClass
 
 SUFFIXES = (".yaml", ".yml")
@@ -66,6 +68,11 @@ class Located:
     @property
     def source(self) -> str:
         return f"{Path(self.file).name}:{self.policy.name}"
+
+    @functools.cached_property
+    def limits(self) -> dict[Leaf, Any]:
+        """The limits it gives, as leaves: flattened once, read by every resolution."""
+        return leaves(self.policy.limits.model_dump(mode="json", exclude_unset=True))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,12 +15,12 @@ import fnmatch
 import os
 from typing import Any
 
+from cgctl.limits import Leaf, leaf_name, leaves, unleaf
 from cgctl.policy.loader import Located, PolicySet
 from cgctl.spec import Limits
 
 EXPLICIT = "explicit"  # the source of a limit given at run or by `cgctl update`
 ACTION = "action"  # the source of a limit a policy's action set (until the container's next attempt)
-Leaf = tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,8 +117,8 @@ def resolve(
     winners: dict[Leaf, Setting] = {}
     overridden: dict[Leaf, list[Setting]] = {}
 
-    def apply(fields: dict[str, Any], source: str) -> None:
-        for leaf, value in leaves(fields).items():
+    def apply(found: dict[Leaf, Any], source: str) -> None:
+        for leaf, value in found.items():
             if leaf in winners:
                 overridden.setdefault(leaf, []).insert(0, winners[leaf])
             winners[leaf] = Setting(value, source)
@@ -127,46 +127,11 @@ def resolve(
         policy = located.policy
         if policy.priority is not None:
             apply(
-                policies.classes[policy.priority].limits(), f"{located.source} (priority {policy.priority})"
+                leaves(policies.classes[policy.priority].limits()),
+                f"{located.source} (priority {policy.priority})",
             )
-        apply(policy.limits.model_dump(mode="json", exclude_unset=True), located.source)
-    apply(explicit, EXPLICIT)
-    apply(actions or {}, ACTION)
+        apply(located.limits, located.source)
+    apply(leaves(explicit), EXPLICIT)
+    apply(leaves(actions or {}), ACTION)
     limits = Limits.model_validate(unleaf({leaf: setting.value for leaf, setting in winners.items()}))
     return Resolution(limits, winners, overridden, matching)
-
-
-def leaves(fields: dict[str, Any]) -> dict[Leaf, Any]:
-    """Limits as JSON flattened to one entry per limit: io lists per device, files per file."""
-    found: dict[Leaf, Any] = {}
-    for section, values in fields.items():
-        if section == "io":
-            for key, entries in values.items():
-                for entry in entries:
-                    found[("io", key, entry.get("device") or "default")] = entry
-        elif section == "files":
-            for file, value in values.items():
-                found[("files", file)] = value
-        else:
-            for key, value in values.items():
-                found[(section, key)] = value
-    return found
-
-
-def unleaf(found: dict[Leaf, Any]) -> dict[str, Any]:
-    fields: dict[str, Any] = {}
-    for leaf, value in found.items():
-        if leaf[0] == "io":
-            fields.setdefault("io", {}).setdefault(leaf[1], []).append(value)
-        else:
-            fields.setdefault(leaf[0], {})[leaf[1]] = value
-    return fields
-
-
-def leaf_name(leaf: Leaf) -> str:
-    """memory.max, io.max[/dev/vda], files[memory.swap.high]: how explain and records name a limit."""
-    if leaf[0] == "io":
-        return f"io.{leaf[1]}[{leaf[2]}]"
-    if leaf[0] == "files":
-        return f"files[{leaf[1]}]"
-    return ".".join(leaf)

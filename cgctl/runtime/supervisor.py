@@ -23,8 +23,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from cgctl import limits as table
 from cgctl import ns, policy, sandbox, state
-from cgctl.cgroup import cpu, cpuset, devices, fs, io, memory, pids
+from cgctl.cgroup import cpu, cpuset, devices, fs, hugetlb, io, memory, pids
 from cgctl.ns import console, rootfs
 from cgctl.policy import PolicySet
 from cgctl.runtime import spawn, terminal
@@ -75,6 +76,7 @@ def prepare_host(
     root_existed = root_path.exists()
     root = fs.open_cgctl_root(unified, controllers, root_path)
     try:
+        check_files(settings, root)
         settings += interface_file_settings(limits.files, root)
     except SpecError:
         if not root_existed:
@@ -91,8 +93,14 @@ def base_controllers(limits: Limits) -> set[str]:
 
 
 def needed_controllers(limits: Limits, unified: fs.Cgroup) -> set[str]:
-    """base_controllers, and those whose files --cgroup-set names (hugetlb, misc, ...)."""
-    return base_controllers(limits) | ({name.split(".")[0] for name in limits.files} & unified.controllers())
+    """base_controllers, hugetlb if asked for and there (limit_settings refuses it by name if not),
+    and those whose files --cgroup-set names (hugetlb, misc, ...)."""
+    asked = {hugetlb.CONTROLLER} & unified.controllers() if limits.hugetlb else set()
+    return (
+        base_controllers(limits)
+        | asked
+        | ({name.split(".")[0] for name in limits.files} & unified.controllers())
+    )
 
 
 def limit_settings(limits: Limits, unified: fs.Cgroup, parent: Path) -> list[tuple[str, str]]:
@@ -105,7 +113,23 @@ def limit_settings(limits: Limits, unified: fs.Cgroup, parent: Path) -> list[tup
         *cpu.settings(limits.cpu),
         *io.settings(limits.io, unified),
         *pids.settings(limits.pids),
+        *hugetlb.settings(limits.hugetlb, unified),
     ]
+
+
+def check_files(settings: list[tuple[str, str]], group: fs.Cgroup) -> None:
+    """Refuse, by its option, a limit whose interface file this kernel lacks where the workload's
+    cgroup goes (an older kernel, or one built without it: memory.zswap.max, cpu.idle)."""
+    for file, value in settings:
+        found = table.file_row(file)
+        if found is not None and not group.has(file):
+            limit, key = found
+            raise SpecError(
+                ("limits", *limit.field, *([key] if key else [])),
+                value,
+                f"this kernel has no {file} ({group.path}): it is older than that file or built without "
+                f"it; leave {limit.name} out",
+            )
 
 
 def interface_file_settings(files: dict[str, str], root: fs.Cgroup) -> list[tuple[str, str]]:

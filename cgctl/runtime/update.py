@@ -11,12 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cgctl import limits as table
 from cgctl import state
 from cgctl.accounting import find_container
 from cgctl.cgroup import fs
 from cgctl.policy.resolve import leaf_name, leaves
 from cgctl.runtime.supervisor import (
     base_controllers,
+    check_files,
     interface_file_settings,
     limit_settings,
     needed_controllers,
@@ -28,20 +30,6 @@ KEYED_BY_DEVICE = ("io.max", "io.weight")
 IO_KEYS = ("rbps", "wbps", "riops", "wiops")
 IO_MAX_UNLIMITED = " ".join(f"{key}=max" for key in IO_KEYS)
 DEFAULT_WEIGHT = 100
-# What a new cgroup's files hold: a limit no longer given goes back to this. --cgroup-set files
-# (no known default) stay as they are.
-DEFAULTS = {
-    "memory.min": "0",
-    "memory.low": "0",
-    "memory.high": "max",
-    "memory.max": "max",
-    "memory.swap.max": "max",
-    "cpu.max": "max 100000",
-    "cpu.weight": str(DEFAULT_WEIGHT),
-    "cpu.idle": "0",
-    "cpuset.cpus": "\n",  # empty: the parent's CPUs
-    "pids.max": "max",
-}
 
 
 def update(name: str, changes: dict[str, dict[str, Any]], state_dir: Path | None = None) -> dict[str, str]:
@@ -104,15 +92,17 @@ def file_settings(group: fs.Cgroup, limits: Limits) -> list[tuple[str, str]]:
 
 
 def _prepare(group: fs.Cgroup, *limits: Limits) -> tuple[fs.Cgroup, fs.Cgroup]:
-    """The cgroup v2 root and the group's parent, with the controllers `limits` need enabled there."""
+    """The cgroup v2 root and the group's parent, with the controllers `limits` need enabled along the
+    way to it (one no container asked for before, hugetlb or cpuset, may be on nowhere yet)."""
     unified = fs.open_unified_root(set().union(*map(base_controllers, limits)))
-    parent = fs.Cgroup(group.path.parent)
-    fs.enable_controllers(parent, set().union(*(needed_controllers(each, unified) for each in limits)))
-    return unified, parent
+    controllers = set().union(*(needed_controllers(each, unified) for each in limits))
+    return unified, fs.open_cgctl_root(unified, controllers, group.path.parent)
 
 
 def _settings(limits: Limits, unified: fs.Cgroup, parent: fs.Cgroup) -> list[tuple[str, str]]:
-    return limit_settings(limits, unified, parent.path) + interface_file_settings(limits.files, parent)
+    settings = limit_settings(limits, unified, parent.path)
+    check_files(settings, parent)
+    return settings + interface_file_settings(limits.files, parent)
 
 
 def _resets(before: list[tuple[str, str]], after: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -127,8 +117,8 @@ def _resets(before: list[tuple[str, str]], after: list[tuple[str, str]]) -> list
             resets.append((file, f"{device} {IO_MAX_UNLIMITED if file == 'io.max' else 'default'}"))
             if file == "io.weight" and device == "default":
                 resets[-1] = (file, f"default {DEFAULT_WEIGHT}")
-        elif file in DEFAULTS:
-            resets.append((file, DEFAULTS[file]))
+        elif (found := table.file_row(file)) is not None and found[0].default is not None:
+            resets.append((file, found[0].default))  # what a new cgroup's file holds
     return resets
 
 

@@ -344,3 +344,25 @@ def test_a_policy_directory_made_after_the_daemon_started_is_loaded(tmp_path: Pa
         wait_for(lambda: limit("late", "pids.max") == "max", "the policy to go with its directory")
     finally:
         daemon.clean_up()
+
+
+def test_a_policy_sets_huge_pages_and_zswap_per_leaf_and_they_reset_when_it_goes(
+    clean_dir: tuple[Daemon, Path],
+) -> None:
+    daemon, directory = clean_dir
+    start(daemon, "huge-1", SLEEP, labels={"tier": "huge"}, limits={"hugetlb": {"2MB": "8M"}})
+    assert limit("huge-1", "hugetlb.2MB.max") == str(8 * MiB)
+    huge = "policies:\n  - name: huge\n    match: {labels: {tier: huge}}\n    limits: %s\n"
+    write(directory, "10-huge.yaml", huge % "{hugetlb: {2MB: 16M}, memory: {zswap_max: 4M}}")
+    wait_for(lambda: limit("huge-1", "memory.zswap.max") == str(4 * MiB), "the policy's zswap limit")
+    explained = {item.limit: item for item in daemon.api.explain("huge-1").limits}
+    assert explained["hugetlb[2MB]"].source == "explicit" and explained["hugetlb[2MB]"].value == 8 * MiB
+    assert [o.source for o in explained["hugetlb[2MB]"].overridden] == ["10-huge.yaml:huge"]
+    assert explained["memory.zswap_max"].source == "10-huge.yaml:huge"
+    start(daemon, "huge-2", SLEEP, labels={"tier": "huge"})
+    assert (limit("huge-2", "hugetlb.2MB.max"), limit("huge-2", "memory.zswap.max")) == (
+        str(16 * MiB), str(4 * MiB)
+    )  # fmt: skip
+    (directory / "10-huge.yaml").unlink()
+    wait_for(lambda: limit("huge-2", "hugetlb.2MB.max") == "max", "the removed policy's limits to go")
+    assert limit("huge-2", "memory.zswap.max") == "max" and limit("huge-1", "hugetlb.2MB.max") == str(8 * MiB)

@@ -156,7 +156,7 @@ def test_a_valid_file_loads_with_its_policies_in_order(tmp_path: Path) -> None:
             5,
             9,
             "policies[0].limits.memory.maxx",
-            "unknown field 'maxx'; allowed here: max, high, low, min, swap_max, oom_group",
+            "unknown field 'maxx'; allowed here: max, high, low, min, swap_max, zswap_max, oom_group",
             id="unknown field of the reused Limits",
         ),
         pytest.param(
