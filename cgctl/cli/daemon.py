@@ -81,8 +81,9 @@ def daemon(
     """
     from cgctl.cgroup.fs import CgroupError
     from cgctl.cli.exporter import parse_compat, parse_listen
+    from cgctl.daemon.paths import default_paths
     from cgctl.daemon.server import listening_socket, serve
-    from cgctl.daemon.service import Service, default_paths
+    from cgctl.daemon.service import Service
     from cgctl.metrics import ContainerCollector
     from cgctl.runtime.api import Failure
 

@@ -18,6 +18,7 @@ import threading
 import time
 import typing
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,11 +31,19 @@ from cgctl.daemon.triggers import TriggerPoller
 from cgctl.policy.loader import Located
 from cgctl.policy.model import Action
 from cgctl.runtime import policies as on_records
-from cgctl.runtime.api import Explanation, Invalid, NotFound, PolicyPlan, PolicyStatus, ReloadResult
+from cgctl.runtime.api import (
+    EventType,
+    Explanation,
+    Invalid,
+    NotFound,
+    PolicyPlan,
+    PolicyStatus,
+    ReloadResult,
+)
 from cgctl.spec import Limits
 
 if TYPE_CHECKING:
-    from cgctl.daemon.service import Managed, Service
+    from cgctl.daemon.managed import Managed
 
 log = logging.getLogger("cgctld")
 SETTLE = 0.2  # seconds of quiet in the directory before a reload: an editor writes in several steps
@@ -55,11 +64,25 @@ class Armed:
     triggers: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)  # poller keys
 
 
+@dataclasses.dataclass(frozen=True)
+class Hooks:
+    """What the engine needs of the daemon's service: its event feed, its containers (by name), the
+    watcher of their files, and what a policy's actions do to a container."""
+
+    emit: Callable[[EventType, str, dict[str, str]], None]
+    find: Callable[[str], Managed | None]
+    watch: Callable[[str, fs.Cgroup, tuple[str, ...]], None]
+    freeze: Callable[[str, float], bool]
+    thaw: Callable[[str, float], bool]
+    kill: Callable[[str, str], int]
+    restart: Callable[[Managed], None]
+
+
 class PolicyEngine:
     """The active set and what keeps it in force (see the module's docstring); one per Service."""
 
-    def __init__(self, service: Service, directory: Path) -> None:
-        self.service = service
+    def __init__(self, hooks: Hooks, state_dir: Path, directory: Path) -> None:
+        self.hooks, self.state_dir = hooks, state_dir
         self.directory = directory
         self.lock = threading.RLock()
         self.active = policy.PolicySet()
@@ -109,7 +132,7 @@ class PolicyEngine:
             except policy.PolicyError as error:
                 self._loaded(error)
                 log.error("policy reload refused, the active policies stay: %s", error)
-                self.service.emit("policy-reload", "", {"result": "refused", "error": str(error.problems[0])})
+                self.hooks.emit("policy-reload", "", {"result": "refused", "error": str(error.problems[0])})
                 raise Invalid(f"policies not reloaded, the active ones stay in force:\n{error}") from None
             self.active = loaded
             self._loaded(None)
@@ -117,7 +140,7 @@ class PolicyEngine:
         changed = [plan for plan in plans if plan.changes or plan.error]
         log.info("policies reloaded: %d files, %d policies, %d containers changed",
                  len(loaded.files), len(loaded.policies), len(changed))  # fmt: skip
-        self.service.emit(
+        self.hooks.emit(
             "policy-reload",
             "",
             {
@@ -131,7 +154,7 @@ class PolicyEngine:
     def apply_all(self) -> list[PolicyPlan]:
         """The active set on every running container (at start-up: on those found again)."""
         with self.lock:
-            return [self._apply(name) for name in on_records.running(self.service.paths.state_dir)]
+            return [self._apply(name) for name in on_records.running(self.state_dir)]
 
     def diff(self, directory: Path | None = None) -> list[PolicyPlan]:
         """What the policies of `directory` (default: the policy directory as it is now) would change
@@ -140,7 +163,7 @@ class PolicyEngine:
             candidate = policy.load_directory(directory or self.directory, must_exist=directory is not None)
         except policy.PolicyError as error:
             raise Invalid(f"{directory or self.directory} has errors:\n{error}") from None
-        return on_records.diff(candidate, self.service.paths.state_dir)
+        return on_records.diff(candidate, self.state_dir)
 
     def explain(self, name: str) -> Explanation:
         armed = self.armed.get(name)
@@ -149,18 +172,18 @@ class PolicyEngine:
             actions = [f"{located.source}: {action.when.kind()} -> {action.do.kind()} (at most every "
                        f"{action.at_most_every:g} s)" for located, _, action in armed.actions]  # fmt: skip
         try:
-            return on_records.explain(name, self.active, self.service.paths.state_dir, actions)
+            return on_records.explain(name, self.active, self.state_dir, actions)
         except LookupError as error:
             raise NotFound(str(error)) from None
 
     def _apply(self, name: str) -> PolicyPlan:
-        managed = self.service.containers.get(name)
+        managed = self.hooks.find(name)
         if managed is None:  # a foreground run: its limits follow the set; no guards, no actions
-            return on_records.apply(name, self.active, self.service.paths.state_dir)
+            return on_records.apply(name, self.active, self.state_dir)
         with managed.lock:
-            plan = on_records.apply(name, self.active, self.service.paths.state_dir)
+            plan = on_records.apply(name, self.active, self.state_dir)
             if plan.changes:
-                self.service.emit("update", name, {c.limit: str(c.new) for c in plan.changes})
+                self.hooks.emit("update", name, {c.limit: str(c.new) for c in plan.changes})
             if managed.info.state in ("running", "frozen") and managed.group is not None:
                 self.arm(managed)
             return plan
@@ -178,7 +201,7 @@ class PolicyEngine:
     def _arm(self, managed: Managed) -> None:
         name, group = managed.info.name, managed.group
         assert group is not None
-        record = state.read(state.record_path(self.service.paths.state_dir, name))
+        record = state.read(state.record_path(self.state_dir, name))
         sources = (record.get("policy") or {}).get("sources", {})
         applied = set((record.get("policy") or {}).get("applied", []))
         managed.info.policies = sorted(applied)
@@ -188,7 +211,7 @@ class PolicyEngine:
             file = limits_table.leaf_file(leaf)
             with contextlib.suppress(fs.CgroupError):
                 armed.guarded[file] = (group.read(file), source.partition(" (")[0])
-        self.service.watcher.add(name, group, tuple(armed.guarded))
+        self.hooks.watch(name, group, tuple(armed.guarded))
         for located in self.active.policies:
             if located.source in applied:
                 armed.actions += [
@@ -260,7 +283,7 @@ class PolicyEngine:
                 found = group.read(file)
                 if found == expected:
                     return
-                record = state.read(state.record_path(self.service.paths.state_dir, managed.info.name))
+                record = state.read(state.record_path(self.state_dir, managed.info.name))
                 limits = Limits.model_validate(record["spec"]["limits"])
                 from cgctl.runtime.update import file_settings
 
@@ -272,7 +295,7 @@ class PolicyEngine:
                 log.warning("%s: %s changed by hand and not put back: %s", managed.info.name, file, error)
                 return
         self.drift_corrected[source] += 1
-        self.service.emit(
+        self.hooks.emit(
             "policy-drift",
             managed.info.name,
             {"file": file, "found": found.strip()[:80], "restored": restored.strip()[:80], "policy": source},
@@ -280,7 +303,7 @@ class PolicyEngine:
 
     def _pressure(self, key: object) -> None:
         name, order, number = typing.cast(tuple[str, int, int], key)
-        managed = self.service.containers.get(name)
+        managed = self.hooks.find(name)
         armed = self.armed.get(name)
         if managed is None or armed is None:
             return
@@ -331,15 +354,15 @@ class PolicyEngine:
                 self._set(managed, do.set.model_dump(mode="json", exclude_unset=True))
                 result = "set " + " ".join(_flat(do.set.model_dump(mode="json", exclude_unset=True)))
             elif do.freeze:
-                self.service.freeze(name, 10.0)
+                self.hooks.freeze(name, 10.0)
                 result = "frozen"
             elif do.thaw:
-                self.service.thaw(name, 10.0)
+                self.hooks.thaw(name, 10.0)
                 result = "thawed"
             elif do.kill is not None:
-                result = f"{self.service.local.kill(name, do.kill)} processes sent {do.kill}"
+                result = f"{self.hooks.kill(name, do.kill)} processes sent {do.kill}"
             else:
-                self.service.restart_now(managed)
+                self.hooks.restart(managed)
                 result = "restarting"
         except Exception as error:  # an action must never take the daemon's threads down
             result = f"failed: {error}"
@@ -348,7 +371,7 @@ class PolicyEngine:
     def _set(self, managed: Managed, fields: dict[str, Any]) -> None:
         from cgctl.runtime.update import merge, set_limits
 
-        state_dir = self.service.paths.state_dir
+        state_dir = self.state_dir
         with managed.lock:
             record = state.read(state.record_path(state_dir, managed.info.name))
             overrides = merge(record.get("action_limits") or {}, fields)
@@ -384,7 +407,7 @@ class PolicyEngine:
         self, managed: Managed, located: Located, action: Action, event: dict[str, Any], result: str
     ) -> None:
         self.actions_taken[(located.source, action.do.kind())] += 1
-        self.service.emit(
+        self.hooks.emit(
             "policy-action",
             managed.info.name,
             {"policy": located.source, "when": event["when"], "do": event["do"], "result": result,

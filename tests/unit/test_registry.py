@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from cgctl.daemon.server import _validation_message
+from cgctl.daemon.errors import validation_message
 from cgctl.images import Store, auth, import_image
 from cgctl.images import layer as layers
 from cgctl.images import reference as references
@@ -610,7 +610,7 @@ def api_message(model: type[RegistryRequest], body: dict[str, Any]) -> str:
     """The daemon's 400 message for a body, as its RequestValidationError handler makes it."""
     with pytest.raises(ValidationError) as error:
         model.model_validate(body)
-    return _validation_message([{**e, "loc": ("body", *e["loc"])} for e in error.value.errors()])
+    return validation_message([{**e, "loc": ("body", *e["loc"])} for e in error.value.errors()])
 
 
 @pytest.mark.parametrize(

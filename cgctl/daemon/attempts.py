@@ -1,0 +1,157 @@
+"""One attempt of a detached container: its cgroup and run record made and the keeper asked to start
+it (or to restore a checkpoint as it), and at its end its final accounting and how it ended."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import signal as signals
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cgctl import policy, state
+from cgctl.cgroup import fs
+from cgctl.daemon.keeper import KeeperClient
+from cgctl.daemon.managed import Managed
+from cgctl.runtime import supervisor
+from cgctl.runtime.api import Attempt
+from cgctl.runtime.report import RunReport
+from cgctl.runtime.spawn import SpawnError
+
+if TYPE_CHECKING:
+    from cgctl.runtime.checkpoint import Restoring
+
+log = logging.getLogger("cgctld")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def start(
+    keeper: KeeperClient,
+    managed: Managed,
+    cgroup_root: Path | None,
+    state_dir: Path,
+    active: policy.PolicySet,
+    restoring: Restoring | None,
+) -> tuple[int, supervisor.Created, contextlib.ExitStack]:
+    """Have the keeper start the next attempt, with the `active` policies, or restore a checkpoint as
+    it. Returns its pid, its cgroup and run record, and what its own root holds on the host. Raises
+    SpecError, SpawnError, Failure, fs.CgroupError; nothing is left of a start that failed."""
+    name = managed.info.name
+    spec = managed.request.spec.model_copy(update={"name": name})
+    record: dict[str, Any] = {"detached": True}
+    if restoring:  # its limits are the dumped container's, policies and all
+        record["restored_from"] = str(restoring.directory)
+    else:
+        spec, noted = policy.apply_to(spec, name, active)
+        record.update(noted)
+    confinement = None if restoring else supervisor.plan_sandbox(spec)
+    root = contextlib.ExitStack()
+    try:
+        plan = root.enter_context(supervisor.prepared_root(spec))
+        with policy.blamed(record):
+            created = supervisor.create(spec, cgroup_root, state_dir, record=record)
+    except BaseException:
+        root.close()
+        raise
+    how: dict[str, Any]
+    if confinement is None:
+        how = {"op": "restore", "restoring": restoring, "root": plan, "cgroup": str(created.group.path)}
+    else:
+        env = {"PATH": DEFAULT_PATH, **spec.env}
+        size = managed.request.console_size
+        launch = supervisor.launch_for(spec, name, created.group, confinement, plan, env, size)
+        how = {
+            "op": "start",
+            "launch": dataclasses.replace(launch, workdir=spec.workdir or "/"),
+            "tty": spec.tty,
+            "interactive": spec.interactive,
+        }
+    try:
+        reply = keeper.request(
+            {
+                **how,
+                "name": name,
+                "attempt": len(managed.info.attempts) + 1,
+                "exit_path": str(managed.exit_path),
+                "log": {
+                    "path": str(managed.log_path),
+                    "max_bytes": managed.request.log.max_size,
+                    "max_files": managed.request.log.max_files,
+                },
+            },
+            fds=(created.claim.fd,),
+        )
+    except BaseException:
+        reply = {"ok": False, "error": "the keeper is gone", "exit_code": 125}
+    if not reply["ok"]:
+        try:
+            fs.remove(created.group)
+        finally:
+            created.claim.release()
+            root.close()
+        raise SpawnError(reply["error"], reply.get("exit_code", 125))
+    os.close(created.claim.fd)  # the keeper holds the record's lock now
+    pid = int(reply["pid"])
+    state.update(created.claim.path, pid=pid, written=created.written)
+    return pid, created, root
+
+
+def final_report(managed: Managed, status: dict[str, Any], state_dir: Path) -> RunReport | None:
+    """The ended attempt's final accounting (none if its status is unknown); its cgroup and run
+    record are removed."""
+    name = managed.info.name
+    code, signal_number = status.get("exit_code"), status.get("signal")
+    wait_status = signal_number if signal_number is not None else (code or 0) << 8
+    report = None
+    record = state.record_path(state_dir, name)
+    state.wait_for_checkpoint(record)  # a dump that ended it finishes its record first
+    if managed.group is not None and managed.group.path.exists():
+        try:
+            if "unknown" not in status:
+                wall = time.monotonic() - managed.started
+                report = supervisor.final(
+                    managed.request.spec, name, managed.group, record, wait_status, wall, managed.written
+                )
+        except (fs.CgroupError, OSError, ValueError) as error:
+            log.warning("%s: no final accounting: %s", name, error)
+        try:
+            fs.remove(managed.group)
+        except fs.CgroupError as error:
+            log.error("%s: %s", name, error)
+    record.unlink(missing_ok=True)
+    return report
+
+
+def record_end(attempt: Attempt, status: dict[str, Any], report: RunReport | None) -> None:
+    """Note in the attempt how it ended: the keeper's status (or why it is unknown) and its report."""
+    attempt.finished_at = status.get("exited_at", time.time())
+    attempt.exit_code, attempt.signal = status.get("exit_code"), status.get("signal")
+    attempt.oom_killed = bool(report and report.oom_killed)
+    attempt.status_known = "unknown" not in status
+    attempt.ended = _ended(attempt, status.get("unknown"))
+    if report is not None and report.checkpointed_to:  # by the API or by `cgctl checkpoint` alike
+        attempt.ended = f"checkpointed to {report.checkpointed_to}"
+
+
+def exit_attributes(attempt: Attempt) -> dict[str, str]:
+    attributes = {"reason": attempt.ended, "status_known": str(attempt.status_known).lower()}
+    if attempt.exit_code is not None:
+        attributes["exit_code"] = str(attempt.exit_code)
+    if attempt.signal is not None:
+        attributes["signal"] = str(attempt.signal)
+    if attempt.oom_killed:
+        attributes["oom_killed"] = "true"
+    return attributes
+
+
+def _ended(attempt: Attempt, unknown: str | None) -> str:
+    if unknown:
+        return f"exit status unknown: {unknown}"
+    if attempt.oom_killed:
+        return "OOM killed" + (f" (exit status {attempt.exit_status})" if attempt.exit_status else "")
+    if attempt.signal is not None:
+        return f"killed by {signals.Signals(attempt.signal).name}"
+    return f"exited with {attempt.exit_code}"
