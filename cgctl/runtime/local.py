@@ -443,7 +443,7 @@ class LocalRuntime:
     def push(self, request: PushRequest, progress: ImageProgress | None = None) -> PushResult:
         from cgctl.images.push import push
         from cgctl.images.registry import RegistryError
-        from cgctl.runtime.api import BadGateway, Failure, Invalid, NotFound, PushResult
+        from cgctl.runtime.api import BadGateway, Failure, Invalid, PushResult
 
         source, target = request.source, request.destination or request.source
         try:
@@ -452,26 +452,19 @@ class LocalRuntime:
             raise Invalid(f"invalid value {target!r} for the image: {error}") from None
         except RegistryError as error:
             raise BadGateway(f"not pushed: {error}") from None
-        except LookupError as error:
-            raise NotFound(f"{source}: not pushed: {error}") from None
-        except OSError as error:
+        except (LookupError, OSError) as error:
             raise Failure(f"{source}: not pushed: {error}") from None
         return PushResult(**dataclasses.asdict(pushed))
 
     def save_image(self, reference: str, path: str, progress: ImageProgress | None = None) -> dict[str, Any]:
         """Write the image as an OCI layout tar at `path`."""
         from cgctl.images.save import save
-        from cgctl.runtime.api import Failure, Invalid, NotFound
+        from cgctl.runtime.api import Failure
 
-        because = f"{reference}: not saved to {path}"
         try:
             return {"path": path, "size": save(reference, self._store(), Path(path), progress)}
-        except ValueError as error:
-            raise Invalid(f"{because}: {error}") from None
-        except LookupError as error:
-            raise NotFound(f"{because}: {error}") from None
-        except OSError as error:
-            raise Failure(f"{because}: {error}") from None
+        except (LookupError, ValueError, OSError) as error:
+            raise Failure(f"{reference}: not saved to {path}: {error}") from None
 
     def remove_image(self, reference: str) -> builtins.list[str]:
         """Remove an image and the layers no other image uses; refused while a container runs it."""
