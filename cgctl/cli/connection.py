@@ -33,13 +33,20 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def runtime(state_dir: Path | None = None) -> Runtime:
+def runtime(state_dir: Path | None = None, store: Path | None = None) -> Runtime:
+    """The runtime the verbs act through; with a store (`--store DIR`), this host's on that image
+    store, whatever daemon or machine answers."""
     from cgctl.runtime.interface import connect
 
     try:
-        if host is None and not os.environ.get("CGCTL_HOST") and (through_machine := machine_runtime()):
+        if (
+            store is None
+            and host is None
+            and not os.environ.get("CGCTL_HOST")
+            and (through_machine := machine_runtime())
+        ):
             return through_machine
-        return connect(host, state_dir)
+        return connect(host, state_dir, store)
     except __getattr__("Failure") as error:
         raise failed(error) from None
 

@@ -3,9 +3,11 @@ act through one (--host, a `cgctl machine`, a local daemon) and no --store is gi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -16,9 +18,7 @@ from cgctl.cli.errors import fail
 from cgctl.cli.table import render_table
 
 if TYPE_CHECKING:  # the verbs import what they use: `cgctl --help` stays light
-    from cgctl.images import Store
     from cgctl.images.importer import Progress
-    from cgctl.runtime.interface import Runtime
 
 StoreDir = Annotated[
     Path | None, typer.Option("--store", envvar="CGCTL_IMAGE_STORE", help="the image store directory")
@@ -34,21 +34,6 @@ def register(parent: typer.Typer) -> None:
     parent.command()(commit)
 
 
-def store_at(root: Path | None) -> Store:
-    from cgctl.images import Store, default_root
-
-    return Store(root or default_root())
-
-
-def daemon_for(store: Path | None) -> Runtime | None:
-    """The runtime of the daemon whose store the verbs act on; None for this host's store (--store
-    names one, or no daemon answers)."""
-    if store is not None:
-        return None
-    chosen = connection.runtime()
-    return chosen if chosen.host else None
-
-
 @app.command("import")
 def import_(
     archive: Annotated[
@@ -58,25 +43,17 @@ def import_(
     store: StoreDir = None,
 ) -> None:
     """Verify and unpack an image's layers into the store (each layer once), and record it as NAME[:TAG]."""
-    from cgctl.images import ImageError, LayerError, import_image
     from cgctl.spec import format_size
 
     started = time.monotonic()
-    if daemon := daemon_for(store):
-        print(f"cgctl: importing {archive} through the daemon at {daemon.host}", file=sys.stderr)
-        try:
-            record = daemon.import_image(str(archive.absolute()), reference)
-        except connection.Failure as error:
-            raise connection.failed(error) from None
-    else:
-        try:
-            record = import_image(archive, reference, store_at(store), progress_bar())
-        except ValueError as error:
-            raise fail(f"invalid value for NAME[:TAG]: {error}") from None
-        except (ImageError, LayerError, OSError) as error:
-            end_bar()
-            raise fail(f"{archive}: not imported: {error}") from None
-        end_bar()
+    chosen = connection.runtime(store=store)
+    if chosen.host:
+        print(f"cgctl: importing {archive} through the daemon at {chosen.host}", file=sys.stderr)
+    try:
+        with progress_bar() as progress:
+            record = chosen.import_image(str(archive), reference, progress)
+    except connection.Failure as error:
+        raise connection.failed(error) from None
     seconds = time.monotonic() - started
     print(
         f"{record['name']}:{record['tag']}: imported {len(record['layers'])} layer(s), "
@@ -93,7 +70,7 @@ def list_(
     from cgctl.spec import format_size
 
     try:
-        images = daemon.images() if (daemon := daemon_for(store)) else list(store_at(store).images())
+        images = connection.runtime(store=store).images()
     except connection.Failure as error:
         raise connection.failed(error) from None
     if json_output:
@@ -111,19 +88,8 @@ def list_(
 @app.command()
 def inspect(reference: Reference, store: StoreDir = None) -> None:
     """Print an image's record: its layers and its config (Env, Cmd, Entrypoint, WorkingDir, User)."""
-    from cgctl.images import parse_reference
-
     try:
-        if daemon := daemon_for(store):
-            name, tag = parse_reference(reference)
-            found = [i for i in daemon.images() if (i["name"], i["tag"]) == (name, tag)]
-            if not found:
-                raise LookupError(f"no image {name}:{tag} in the daemon's store at {daemon.host}")
-            record = found[0]
-        else:
-            record = store_at(store).load(reference)
-    except (LookupError, ValueError) as error:
-        raise fail(str(error)) from None
+        record = connection.runtime(store=store).inspect_image(reference)
     except connection.Failure as error:
         raise connection.failed(error) from None
     print(json.dumps(record, indent=2))
@@ -132,26 +98,17 @@ def inspect(reference: Reference, store: StoreDir = None) -> None:
 @app.command()
 def rm(reference: Reference, store: StoreDir = None, state_dir: StateDir = None) -> None:
     """Remove an image, and the layers no other image uses; refused while a container runs it."""
-    from cgctl import state
     from cgctl.images import parse_reference
 
     try:
         name, tag = parse_reference(reference)
-        wanted = f"{name}:{tag}"
-        if daemon := daemon_for(store):
-            removed = daemon.remove_image(reference)
-            print(f"{wanted}: removed, with {len(removed)} layer(s) no other image uses")
-            return
-        for path, _ in state.live_records(state_dir or state.default_state_dir()):
-            with_image = ((state.read(path).get("spec") or {}).get("rootfs") or {}).get("image")
-            if with_image == wanted:
-                raise fail(f"{wanted} is in use by the running container {path.stem}: stop it first")
-        removed = store_at(store).remove(reference)
-    except (LookupError, ValueError) as error:
+    except ValueError as error:
         raise fail(str(error)) from None
+    try:
+        removed = connection.runtime(state_dir, store).remove_image(reference)
     except connection.Failure as error:
         raise connection.failed(error) from None
-    print(f"{wanted}: removed, with {len(removed)} layer(s) no other image uses")
+    print(f"{name}:{tag}: removed, with {len(removed)} layer(s) no other image uses")
 
 
 @app.command()
@@ -162,20 +119,14 @@ def save(
 ) -> None:
     """Write an image as an OCI image layout tar (`image import`, `skopeo copy oci-archive:`, `podman load`
     read it back): its blobs as stored, so its digest stays."""
-    from cgctl.images.save import save as save_image
     from cgctl.spec import format_size
 
+    chosen = connection.runtime(store=store)
     try:
-        if daemon := daemon_for(store):
-            size = int(daemon.save_image(reference, str(archive.absolute()))["size"])
-        else:
-            size = save_image(reference, store_at(store), archive, progress_bar())
+        with progress_bar() as progress:
+            size = int(chosen.save_image(reference, str(archive), progress)["size"])
     except connection.Failure as error:
         raise connection.failed(error) from None
-    except (LookupError, ValueError, OSError) as error:
-        end_bar()
-        raise fail(f"{reference}: not saved to {archive}: {error}") from None
-    end_bar()
     print(f"{reference}: saved to {archive} ({format_size(size)})")
 
 
@@ -200,10 +151,13 @@ def commit(
     )
 
 
-def progress_bar() -> Progress | None:
-    """A bar redrawn on stderr if it is a terminal; nothing otherwise."""
+@contextlib.contextmanager
+def progress_bar() -> Iterator[Progress | None]:
+    """A bar redrawn on stderr while the block runs if it is a terminal (nothing otherwise), cleared
+    when the block ends, before an error is told."""
     if not sys.stderr.isatty():
-        return None
+        yield None
+        return
 
     def show(done: int, total: int) -> None:
         from cgctl.spec import format_size
@@ -212,9 +166,7 @@ def progress_bar() -> Progress | None:
         bar = "#" * int(share * 30)
         print(f"\r[{bar:<30}] {share:4.0%} {format_size(done)}\033[K", end="", file=sys.stderr, flush=True)
 
-    return show
-
-
-def end_bar() -> None:
-    if sys.stderr.isatty():
+    try:
+        yield show
+    finally:
         print("\r\033[K", end="", file=sys.stderr, flush=True)

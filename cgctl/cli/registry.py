@@ -1,8 +1,8 @@
 """`cgctl pull`, `push`, `login`, `logout`: images from and to registries (the OCI distribution API).
 
-Like `image import`, they act on the daemon's store when the verbs go through a
-daemon (then the client's credentials for that registry travel in the request,
-and the daemon's host does the fetching) and on this host's otherwise.
+Like `image import`, they act on the store of the runtime the verbs go through: a
+daemon's (then the client's credentials for that registry travel in the request,
+and the daemon's host does the fetching), or this host's.
 """
 
 from __future__ import annotations
@@ -17,12 +17,10 @@ import typer
 
 from cgctl.cli import connection
 from cgctl.cli.errors import fail
-from cgctl.cli.image import StoreDir, daemon_for, end_bar, progress_bar, store_at
+from cgctl.cli.image import StoreDir, progress_bar
 
 if TYPE_CHECKING:
-    from cgctl.images.push import Pushed
     from cgctl.images.registry import Options
-    from cgctl.runtime.api import PushResult
 
 TlsCa = Annotated[
     Path | None,
@@ -55,32 +53,21 @@ def pull(
 ) -> None:
     """Pull an image from a registry: this machine's platform, layers verified as they stream in, the ones
     the store has not fetched again, an interrupted pull resumed."""
-    from cgctl.images import ImageError, LayerError
-    from cgctl.images.pull import pull as pull_image
-    from cgctl.images.registry import RegistryError
     from cgctl.runtime.api import PullRequest
     from cgctl.spec import format_size
 
     started = time.monotonic()
+    chosen = connection.runtime(store=store)
+    if chosen.host:
+        print(f"cgctl: pulling {reference} through the daemon at {chosen.host}", file=sys.stderr)
     try:
-        if daemon := daemon_for(store):
-            print(f"cgctl: pulling {reference} through the daemon at {daemon.host}", file=sys.stderr)
-            record = daemon.pull(
-                PullRequest(reference=reference, **_through_daemon(tls_ca, insecure, reference))
-            )
-        else:
-            record = pull_image(reference, store_at(store), _options(tls_ca, insecure), progress_bar())
+        request = PullRequest(reference=reference, **_registry_fields(tls_ca, insecure, reference))
+        with progress_bar() as progress:
+            record = chosen.pull(request, progress)
     except connection.Failure as error:
         raise connection.failed(error) from None
     except ValueError as error:
         raise fail(f"invalid value {reference!r} for REFERENCE: {error}") from None
-    except RegistryError as error:  # it names the reference
-        end_bar()
-        raise fail(f"not pulled: {error}") from None
-    except (ImageError, LayerError, OSError) as error:
-        end_bar()
-        raise fail(f"{reference}: not pulled: {error}") from None
-    end_bar()
     size, seconds = format_size(record["size"]), time.monotonic() - started
     layers = len(record["layers"])
     print(
@@ -100,33 +87,20 @@ def push(
 ) -> None:
     """Push an image to a registry: the blobs it lacks (mounted from the repository it came from when the
     registry has them), then the manifest, byte for byte. Pushing again sends nothing."""
-    from cgctl.images.push import push as push_image
-    from cgctl.images.registry import RegistryError
     from cgctl.runtime.api import PushRequest
 
     target = destination or source
+    chosen = connection.runtime(store=store)
+    if chosen.host:
+        print(f"cgctl: pushing {source} through the daemon at {chosen.host}", file=sys.stderr)
     try:
-        if daemon := daemon_for(store):
-            print(f"cgctl: pushing {source} through the daemon at {daemon.host}", file=sys.stderr)
-            fields = _through_daemon(tls_ca, insecure, target)
-            pushed: Pushed | PushResult = daemon.push(
-                PushRequest(source=source, destination=destination, **fields)
-            )
-        else:
-            pushed = push_image(
-                source, destination, store_at(store), _options(tls_ca, insecure), progress_bar()
-            )
+        fields = _registry_fields(tls_ca, insecure, target)
+        with progress_bar() as progress:
+            pushed = chosen.push(PushRequest(source=source, destination=destination, **fields), progress)
     except connection.Failure as error:
         raise connection.failed(error) from None
     except ValueError as error:
         raise fail(f"invalid value {target!r} for the image: {error}") from None
-    except RegistryError as error:
-        end_bar()
-        raise fail(f"not pushed: {error}") from None
-    except (LookupError, OSError) as error:
-        end_bar()
-        raise fail(f"{source}: not pushed: {error}") from None
-    end_bar()
     print(
         f"{pushed.reference}: {pushed.digest} (blobs: {pushed.sent} sent, {pushed.mounted} mounted, "
         f"{pushed.present} already there)"
@@ -200,18 +174,15 @@ def _insecure(given: list[str] | None) -> list[str]:
     return [domain.strip() for value in given or [] for domain in value.split(",") if domain.strip()]
 
 
-def _through_daemon(tls_ca: Path | None, insecure: list[str] | None, text: str) -> dict[str, Any]:
-    """A registry request's fields: the CA as a path on the daemon's host (a machine shares this
-    host's), the insecure registries, and this user's credentials for the registry text names, for
-    the daemon to use on their behalf."""
+def _registry_fields(tls_ca: Path | None, insecure: list[str] | None, text: str) -> dict[str, Any]:
+    """A registry request's fields: the CA as an absolute path (a daemon's host, or a machine,
+    shares this host's), the insecure registries, and this user's credentials for the registry text
+    names, for a daemon to use on their behalf. ValueError for a malformed text."""
     from cgctl.images import auth
     from cgctl.images import reference as references
     from cgctl.runtime.api import RegistryAuth
 
-    try:
-        found = auth.lookup(references.parse(text).registry)
-    except ValueError as error:
-        raise fail(str(error)) from None
+    found = auth.lookup(references.parse(text).registry)
     return {
         "tls_ca": str(tls_ca.absolute()) if tls_ca else None,
         "insecure_registries": _insecure(insecure),

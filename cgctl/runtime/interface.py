@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # the models are pydantic's, slow to import: a CLI with no daemon rarely needs them
     from cgctl.accounting import Usage
+    from cgctl.images.importer import Progress as ImageProgress
     from cgctl.runtime.api import (
         CheckpointRequest,
         CheckpointResult,
@@ -85,10 +86,15 @@ class Runtime(Protocol):
     def restore(self, request: RestoreRequest) -> Container: ...
     def policy_status(self) -> PolicyStatus: ...
     def images(self) -> builtins.list[dict[str, Any]]: ...
-    def import_image(self, path: str, reference: str) -> dict[str, Any]: ...
-    def pull(self, request: PullRequest) -> dict[str, Any]: ...
-    def push(self, request: PushRequest) -> PushResult: ...
-    def save_image(self, reference: str, path: str) -> dict[str, Any]: ...
+    def inspect_image(self, reference: str) -> dict[str, Any]: ...
+    def import_image(
+        self, path: str, reference: str, progress: ImageProgress | None = None
+    ) -> dict[str, Any]: ...
+    def pull(self, request: PullRequest, progress: ImageProgress | None = None) -> dict[str, Any]: ...
+    def push(self, request: PushRequest, progress: ImageProgress | None = None) -> PushResult: ...
+    def save_image(
+        self, reference: str, path: str, progress: ImageProgress | None = None
+    ) -> dict[str, Any]: ...
     def remove_image(self, reference: str) -> builtins.list[str]: ...
 
 
@@ -113,10 +119,17 @@ def answers(path: Path) -> bool:
         probe.close()
 
 
-def connect(host: str | None = None, state_dir: Path | None = None) -> Runtime:
+def connect(
+    host: str | None = None, state_dir: Path | None = None, image_store: Path | None = None
+) -> Runtime:
     """The remote runtime for --host/CGCTL_HOST (tcp:// with the token in $CGCTL_TOKEN_FILE), else
     for a daemon answering at a default socket, else the local runtime (no daemon: the library on
-    this host)."""
+    this host). An image_store (`--store DIR`) is this host's, whatever daemon answers: the local
+    runtime on it."""
+    if image_store is not None:
+        from cgctl.runtime.local import LocalRuntime
+
+        return LocalRuntime(state_dir, image_store)
     host = host or os.environ.get("CGCTL_HOST")
     if not host:
         host = next((f"unix://{path}" for path in default_sockets() if answers(path)), None)

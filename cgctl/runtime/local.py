@@ -8,6 +8,7 @@ runs, their logs, wait, events, removal) needs the daemon, and says how to start
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import os
 import signal
 import time
@@ -21,6 +22,9 @@ from cgctl.cgroup import freezer, fs
 
 if TYPE_CHECKING:  # the models are imported where used: `cgctl ps` with nothing running needs none
     from cgctl.accounting import Usage
+    from cgctl.images import Store
+    from cgctl.images.importer import Progress as ImageProgress
+    from cgctl.images.registry import Options
     from cgctl.policy import PolicySet
     from cgctl.runtime.api import (
         CheckpointRequest,
@@ -37,6 +41,7 @@ if TYPE_CHECKING:  # the models are imported where used: `cgctl ps` with nothing
         PullRequest,
         PushRequest,
         PushResult,
+        RegistryRequest,
         RestoreRequest,
     )
     from cgctl.runtime.checkpoint import Progress
@@ -44,9 +49,6 @@ if TYPE_CHECKING:  # the models are imported where used: `cgctl ps` with nothing
     from cgctl.spec import ExecSpec
 
 START_DAEMON = "start the daemon first: `systemctl start cgctld`, or `cgctld &` as root"
-
-# Without a daemon, `cgctl image`, pull and push act on this host's store (cgctl.images) themselves.
-IMAGES_HERE = ("an image verb through the runtime", "without one, cgctl.images acts on this host's store")
 
 
 def needs_daemon(what: str, why: str = "") -> NeedsDaemon:
@@ -107,14 +109,31 @@ def signal_cgroup(group: fs.Cgroup, sig: signal.Signals) -> int:
     return signalled
 
 
+def registry_options(request: RegistryRequest) -> Options:
+    """How a request reaches registries: its CA and insecure list, and the credentials it carries,
+    else those this user keeps (`cgctl login`)."""
+    from cgctl.images import auth
+    from cgctl.images.registry import Options
+
+    given = request.auth
+    sent = (given.username, given.password.get_secret_value()) if given else None
+    return Options(
+        tls_ca=Path(request.tls_ca) if request.tls_ca else None,
+        insecure=frozenset(request.insecure_registries),
+        credentials=lambda registry: sent or auth.lookup(registry),
+    )
+
+
 class LocalRuntime:
-    """The runtime interface (see cgctl.runtime.connect) over this host's run records."""
+    """The runtime interface (see cgctl.runtime.connect) over this host's run records, and its image
+    store: `image_store`, else the default one."""
 
     host = None  # no daemon
     paths_are_here = True
 
-    def __init__(self, state_dir: Path | None = None) -> None:
+    def __init__(self, state_dir: Path | None = None, image_store: Path | None = None) -> None:
         self.state_dir = state_dir or state.default_state_dir()
+        self.image_store = image_store
 
     def list(self, all: bool = False, labels: dict[str, str] | None = None) -> list[Container]:
         found = (record_container(path) for path, _ in state.live_records(self.state_dir))
@@ -373,20 +392,92 @@ class LocalRuntime:
     def policy_status(self) -> PolicyStatus:
         raise needs_daemon("`cgctl policy status`", "the active policy set is the daemon's")
 
+    def _store(self) -> Store:
+        from cgctl.images import Store, default_root
+
+        return Store(self.image_store or default_root())
+
     def images(self) -> builtins.list[dict[str, Any]]:
-        raise needs_daemon(*IMAGES_HERE)
+        return list(self._store().images())
 
-    def import_image(self, path: str, reference: str) -> dict[str, Any]:
-        raise needs_daemon(*IMAGES_HERE)
+    def inspect_image(self, reference: str) -> dict[str, Any]:
+        from cgctl.runtime.api import Invalid, NotFound
 
-    def pull(self, request: PullRequest) -> dict[str, Any]:
-        raise needs_daemon(*IMAGES_HERE)
+        try:
+            return self._store().load(reference)
+        except ValueError as error:
+            raise Invalid(str(error)) from None
+        except LookupError as error:
+            raise NotFound(str(error)) from None
 
-    def push(self, request: PushRequest) -> PushResult:
-        raise needs_daemon(*IMAGES_HERE)
+    def import_image(
+        self, path: str, reference: str, progress: ImageProgress | None = None
+    ) -> dict[str, Any]:
+        """Import the image at `path` (an OCI layout, directory or tar, or a docker save tar)."""
+        from cgctl.images import ImageError, LayerError, import_image
+        from cgctl.runtime.api import Invalid
 
-    def save_image(self, reference: str, path: str) -> dict[str, Any]:
-        raise needs_daemon(*IMAGES_HERE)
+        try:
+            return import_image(Path(path), reference, self._store(), progress)
+        except ValueError as error:
+            raise Invalid(f"invalid value for NAME[:TAG]: {error}") from None
+        except (ImageError, LayerError, OSError) as error:
+            raise Invalid(f"{path}: not imported: {error}") from None
+
+    def pull(self, request: PullRequest, progress: ImageProgress | None = None) -> dict[str, Any]:
+        from cgctl.images import ImageError, LayerError
+        from cgctl.images.pull import pull
+        from cgctl.images.registry import RegistryError
+        from cgctl.runtime.api import BadGateway, Invalid
+
+        reference = request.reference
+        try:
+            return pull(reference, self._store(), registry_options(request), progress)
+        except ValueError as error:
+            raise Invalid(f"invalid value {reference!r} for REFERENCE: {error}") from None
+        except RegistryError as error:  # it names the reference
+            raise BadGateway(f"not pulled: {error}") from None
+        except (ImageError, LayerError, OSError) as error:
+            raise Invalid(f"{reference}: not pulled: {error}") from None
+
+    def push(self, request: PushRequest, progress: ImageProgress | None = None) -> PushResult:
+        from cgctl.images.push import push
+        from cgctl.images.registry import RegistryError
+        from cgctl.runtime.api import BadGateway, Failure, Invalid, PushResult
+
+        source, target = request.source, request.destination or request.source
+        try:
+            pushed = push(source, request.destination, self._store(), registry_options(request), progress)
+        except ValueError as error:
+            raise Invalid(f"invalid value {target!r} for the image: {error}") from None
+        except RegistryError as error:
+            raise BadGateway(f"not pushed: {error}") from None
+        except (LookupError, OSError) as error:
+            raise Failure(f"{source}: not pushed: {error}") from None
+        return PushResult(**dataclasses.asdict(pushed))
+
+    def save_image(self, reference: str, path: str, progress: ImageProgress | None = None) -> dict[str, Any]:
+        """Write the image as an OCI layout tar at `path`."""
+        from cgctl.images.save import save
+        from cgctl.runtime.api import Failure
+
+        try:
+            return {"path": path, "size": save(reference, self._store(), Path(path), progress)}
+        except (LookupError, ValueError, OSError) as error:
+            raise Failure(f"{reference}: not saved to {path}: {error}") from None
 
     def remove_image(self, reference: str) -> builtins.list[str]:
-        raise needs_daemon(*IMAGES_HERE)
+        """Remove an image and the layers no other image uses; refused while a container runs it."""
+        from cgctl.images import parse_reference
+        from cgctl.runtime.api import Conflict, Invalid, NotFound
+
+        try:
+            name, tag = parse_reference(reference)
+            users = [c.name for c in self.list() if c.image == f"{name}:{tag}"]
+            if users:
+                raise Conflict(f"{name}:{tag} is in use by the running container {users[0]}: stop it first")
+            return self._store().remove(reference)
+        except ValueError as error:
+            raise Invalid(str(error)) from None
+        except LookupError as error:
+            raise NotFound(str(error)) from None

@@ -21,6 +21,7 @@ import threading
 import urllib.parse
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cgctl.runtime.api import (
@@ -53,6 +54,7 @@ from cgctl.runtime.logs import LogLine
 
 if TYPE_CHECKING:
     from cgctl.accounting import Usage
+    from cgctl.images.importer import Progress as ImageProgress
     from cgctl.runtime.api import HostWide
     from cgctl.runtime.checkpoint import Progress
     from cgctl.spec import ExecSpec
@@ -343,6 +345,19 @@ class RemoteRuntime:
     def images(self) -> builtins.list[dict[str, Any]]:
         return list(self._json("GET", "/v1/images"))
 
+    def inspect_image(self, reference: str) -> dict[str, Any]:
+        """The image's record, as the daemon lists it (with where its layers are on its host)."""
+        from cgctl.images import parse_reference
+
+        try:
+            name, tag = parse_reference(reference)
+        except ValueError as error:
+            raise Invalid(str(error)) from None
+        found = [i for i in self.images() if (i["name"], i["tag"]) == (name, tag)]
+        if not found:
+            raise NotFound(f"no image {name}:{tag} in the daemon's store at {self.host}")
+        return found[0]
+
     def policy_status(self) -> PolicyStatus:
         return PolicyStatus.model_validate(self._json("GET", "/v1/policies"))
 
@@ -357,22 +372,27 @@ class RemoteRuntime:
     def explain(self, name: str) -> Explanation:
         return Explanation.model_validate(self._json("GET", f"/v1/containers/{_quoted(name)}/policy"))
 
-    def import_image(self, path: str, reference: str) -> dict[str, Any]:
-        """Import an image from `path`, a path on the daemon's host (a machine shares this host's)."""
-        return dict(self._json("POST", "/v1/images", {"path": path, "reference": reference}, patient=True))
+    def import_image(
+        self, path: str, reference: str, progress: ImageProgress | None = None
+    ) -> dict[str, Any]:
+        """Import an image from `path`, a path on the daemon's host (a machine shares this host's; a
+        relative one is taken from this process's directory). The daemon reports no progress."""
+        body = {"path": str(Path(path).absolute()), "reference": reference}
+        return dict(self._json("POST", "/v1/images", body, patient=True))
 
-    def pull(self, request: PullRequest) -> dict[str, Any]:
+    def pull(self, request: PullRequest, progress: ImageProgress | None = None) -> dict[str, Any]:
         """Pull into the daemon's store; the request's credentials go in its body, nowhere else."""
         return dict(self._json("POST", "/v1/images/pull", _with_secret(request), patient=True))
 
-    def push(self, request: PushRequest) -> PushResult:
+    def push(self, request: PushRequest, progress: ImageProgress | None = None) -> PushResult:
         return PushResult.model_validate(
             self._json("POST", "/v1/images/push", _with_secret(request), patient=True)
         )
 
-    def save_image(self, reference: str, path: str) -> dict[str, Any]:
-        """Write the image as an OCI layout tar at `path`, a path on the daemon's host."""
-        body = SaveRequest(reference=reference, path=path).model_dump(mode="json")
+    def save_image(self, reference: str, path: str, progress: ImageProgress | None = None) -> dict[str, Any]:
+        """Write the image as an OCI layout tar at `path`, a path on the daemon's host (a relative
+        one is taken from this process's directory)."""
+        body = SaveRequest(reference=reference, path=str(Path(path).absolute())).model_dump(mode="json")
         return dict(self._json("POST", "/v1/images/save", body, patient=True))
 
     def commit(self, name: str, reference: str, message: str = "") -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -207,3 +208,65 @@ def test_a_saved_record_is_on_disk_before_its_name(tmp_path: Path, store: Store)
     assert json.loads(path.read_text()) == record
     assert path.stat().st_mode & 0o777 == 0o644
     assert not list(path.parent.glob(".*.tmp"))
+
+
+def test_the_local_runtime_does_the_image_verbs_on_its_store_with_the_clis_messages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--store DIR` is this host's store whatever daemon answers; its errors are the runtime's one
+    error type, with the messages `cgctl image` has always shown."""
+    from cgctl import state
+    from cgctl.runtime.api import Failure, NotFound
+    from cgctl.runtime.interface import connect
+    from cgctl.runtime.local import LocalRuntime
+
+    monkeypatch.setenv("CGCTL_HOST", "tcp://192.0.2.1:1")  # never reached
+    runtime = connect(state_dir=tmp_path / "state", image_store=tmp_path / "store")
+    assert isinstance(runtime, LocalRuntime) and runtime.host is None
+    oci.write_oci_layout(tmp_path / "image", [[oci.file("greeting", b"hello\n" * 1000)]])
+    seen: list[tuple[int, int]] = []
+    record = runtime.import_image(
+        str(tmp_path / "image"), "app:1", lambda done, total: seen.append((done, total))
+    )
+    assert seen and [i["id"] for i in runtime.images()] == [record["id"]]
+    assert runtime.inspect_image("app:1") == Store(tmp_path / "store").load("app:1")
+    saved = runtime.save_image("app:1", str(tmp_path / "app.tar"))
+    assert saved["size"] == (tmp_path / "app.tar").stat().st_size
+
+    with pytest.raises(Failure, match=r"^invalid value for NAME\[:TAG\]: 'Bad:1': not an image name"):
+        runtime.import_image(str(tmp_path / "image"), "Bad:1")
+    with pytest.raises(Failure, match=f"^{re.escape(str(tmp_path / 'nothere'))}: not imported: "):
+        runtime.import_image(str(tmp_path / "nothere"), "app:2")
+    with pytest.raises(NotFound, match=r"^no image gone:1 in "):
+        runtime.inspect_image("gone:1")
+    with pytest.raises(
+        Failure, match=f"^gone:1: not saved to {re.escape(str(tmp_path / 'gone.tar'))}: no image gone:1"
+    ):
+        runtime.save_image("gone:1", str(tmp_path / "gone.tar"))
+
+    claim = state.claim(
+        tmp_path / "state", "user", {"cgroup": str(tmp_path), "spec": {"rootfs": {"image": "app:1"}}}
+    )
+    with pytest.raises(Failure, match=r"^app:1 is in use by the running container user: stop it first$"):
+        runtime.remove_image("app:1")
+    claim.release()
+    assert len(runtime.remove_image("app:1")) == 1 and runtime.images() == []
+    with pytest.raises(NotFound, match=r"^no image app:1 in "):
+        runtime.remove_image("app:1")
+
+
+def test_the_remote_runtime_inspects_an_image_from_the_daemons_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cgctl.runtime.api import Invalid, NotFound
+    from cgctl.runtime.remote import RemoteRuntime
+
+    runtime = RemoteRuntime("tcp://192.0.2.1:1")  # never reached: the list is given
+    listed = [
+        {"name": "app", "tag": "1", "id": "sha256:a"},
+        {"name": "app", "tag": "latest", "id": "sha256:b"},
+    ]
+    monkeypatch.setattr(runtime, "images", lambda: listed)
+    assert runtime.inspect_image("app")["id"] == "sha256:b"
+    with pytest.raises(NotFound, match=r"^no image app:2 in the daemon's store at tcp://192\.0\.2\.1:1$"):
+        runtime.inspect_image("app:2")
+    with pytest.raises(Invalid, match="not an image name"):
+        runtime.inspect_image("Bad:1")
