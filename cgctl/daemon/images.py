@@ -22,9 +22,9 @@ from cgctl.runtime.api import (
     PullRequest,
     PushRequest,
     PushResult,
-    RegistryRequest,
     SaveRequest,
 )
+from cgctl.runtime.local import registry_options
 
 
 class Images:
@@ -65,7 +65,7 @@ class Images:
         from cgctl.images.pull import pull
 
         with _image_errors(request.reference):
-            record = pull(request.reference, Store(default_root()), _registry_options(request))
+            record = pull(request.reference, Store(default_root()), registry_options(request))
         self.emit("pull", request.reference, {"image": f"{record['name']}:{record['tag']}"})
         return record
 
@@ -75,7 +75,7 @@ class Images:
 
         with _image_errors(request.source):
             pushed = push(
-                request.source, request.destination, Store(default_root()), _registry_options(request)
+                request.source, request.destination, Store(default_root()), registry_options(request)
             )
         self.emit("push", request.source, {"destination": pushed.reference, "digest": pushed.digest})
         return PushResult(**dataclasses.asdict(pushed))
@@ -131,18 +131,3 @@ def _image_errors(reference: str) -> Iterator[None]:
         raise BadGateway(str(error)) from None
     except (ImageError, LayerError, OSError) as error:
         raise Invalid(f"{reference}: {error}") from None
-
-
-def _registry_options(request: RegistryRequest) -> Any:
-    """How the daemon reaches registries for a request: its CA and insecure list, and the client's
-    credentials if it sent some, else those of the daemon's own user."""
-    from cgctl.images import auth
-    from cgctl.images.registry import Options
-
-    given = request.auth
-    sent = (given.username, given.password.get_secret_value()) if given else None
-    return Options(
-        tls_ca=Path(request.tls_ca) if request.tls_ca else None,
-        insecure=frozenset(request.insecure_registries),
-        credentials=lambda registry: sent or auth.lookup(registry),
-    )

@@ -496,7 +496,7 @@ def _high(group: fs.Cgroup) -> int:
 
 
 def _flat(fields: dict[str, Any]) -> list[str]:
-    from cgctl.policy.resolve import leaf_name, leaves
+    from cgctl.limits import leaf_name, leaves
 
     return [f"{leaf_name(leaf)}={value}" for leaf, value in leaves(fields).items()]
 

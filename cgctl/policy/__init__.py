@@ -7,8 +7,9 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from cgctl.limits import leaf_name
 from cgctl.policy.loader import PolicyError, PolicySet, Problem, default_directory, load, load_directory
-from cgctl.policy.resolve import EXPLICIT, Resolution, Subject, leaf_name, matches, resolve
+from cgctl.policy.resolve import EXPLICIT, Resolution, Subject, matches, resolve
 from cgctl.spec import SpecError, WorkloadSpec
 
 __all__ = [

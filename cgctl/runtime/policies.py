@@ -11,8 +11,8 @@ from typing import Any
 from cgctl import state
 from cgctl.accounting import running_containers
 from cgctl.cgroup import fs
+from cgctl.limits import leaves
 from cgctl.policy import PolicySet, Resolution, Subject, leaf_name, resolve
-from cgctl.policy.resolve import leaves
 from cgctl.runtime.api import ExplainedLimit, Explanation, LimitChange, Overridden, PolicyPlan
 from cgctl.spec import Limits, SpecError
 

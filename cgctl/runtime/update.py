@@ -15,7 +15,7 @@ from cgctl import limits as table
 from cgctl import state
 from cgctl.accounting import find_container
 from cgctl.cgroup import fs
-from cgctl.policy.resolve import leaf_name, leaves
+from cgctl.limits import leaf_name, leaves
 from cgctl.runtime.supervisor import (
     base_controllers,
     check_files,

@@ -14,7 +14,7 @@ from cgctl.cgroup import hugetlb
 from cgctl.cgroup.fs import Cgroup
 from cgctl.cli import app
 from cgctl.cli.limits import OPTION_FOR_FIELD
-from cgctl.policy.resolve import leaf_name, leaves
+from cgctl.limits import leaf_name, leaves
 from cgctl.spec import Limits, SpecError
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"

@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 
 from cgctl import policy
+from cgctl.limits import leaf_name, leaves
 from cgctl.policy import EXPLICIT, PolicyError, PolicySet, Problem, Subject, apply_to, blamed, load, resolve
 from cgctl.policy.loader import MAX_FILE_BYTES, load_directory, policy_files
 from cgctl.policy.model import DEFAULT_CLASSES
-from cgctl.policy.resolve import ACTION, Setting, leaf_name, leaves
+from cgctl.policy.resolve import ACTION, Setting
 from cgctl.runtime.update import IO_MAX_UNLIMITED, _resets, merge
 from cgctl.spec import Limits, SpecError, WorkloadSpec
 
