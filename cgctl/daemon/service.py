@@ -241,13 +241,7 @@ class Service:
             return self._view(managed)
 
     def remove(self, name: str, force: bool = False) -> None:
-        managed = self.containers.get(name)
-        if managed is None:
-            if any(c.name == name for c in self.local.list()):
-                raise Conflict(
-                    f"{name!r} is a foreground run, owned by its `cgctl run`: stop it with cgctl kill"
-                )
-            raise NotFound(f"no container named {name!r}")
+        managed = self._managed(name, ", owned by its `cgctl run`: stop it with cgctl kill")
         with managed.lock:
             running = managed.info.state in ("running", "frozen")
             if running and not force:
@@ -531,13 +525,14 @@ class Service:
 
     # --- helpers ---
 
-    def _managed(self, name: str) -> Managed:
+    def _managed(
+        self, name: str, foreground: str = ": its output and status go to its own `cgctl run`"
+    ) -> Managed:
+        """The daemon's container `name`; a foreground run of that name is a Conflict, saying why."""
         managed = self.containers.get(name)
         if managed is None:
             if any(c.name == name for c in self.local.list()):
-                raise Conflict(
-                    f"{name!r} is a foreground run: its output and status go to its own `cgctl run`"
-                )
+                raise Conflict(f"{name!r} is a foreground run{foreground}")
             raise NotFound(f"no container named {name!r}")
         return managed
 
