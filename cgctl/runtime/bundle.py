@@ -170,6 +170,11 @@ def _refuse_unsupported(config: dict[str, Any]) -> None:
         if value not in (None, "", [], {}):
             raise BundleError(f"{'.'.join(keys)}: {reason}")
     for kind in config.get("hooks") or {}:
+        if kind == "createContainer" and config["hooks"][kind]:
+            raise BundleError(
+                "hooks.createContainer: not supported by cgctl-oci (it would have to run in the container's "
+                "mount namespace before pivot_root); use createRuntime or startContainer"
+            )
         if kind not in HOOK_KINDS:
             raise BundleError(f"hooks.{kind}: not a hook this runtime knows ({', '.join(HOOK_KINDS)})")
 

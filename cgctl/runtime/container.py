@@ -267,7 +267,11 @@ def _create(
                 launch = supervisor.launch_for(
                     spec, container.id, created.group, confinement, root_plan, spec.env, size
                 )
-                launch = dataclasses.replace(launch, hold=str(container.directory / FIFO))
+                launch = dataclasses.replace(
+                    launch,
+                    hold=str(container.directory / FIFO),
+                    start_hooks=tuple(loaded.hooks.get("startContainer", [])),
+                )
 
                 def before_go(pid: int) -> None:
                     early = {**container_state(container, saved), "status": "creating", "pid": pid}
@@ -284,7 +288,12 @@ def _create(
                     state.update(created.claim.path, pid=started.pid)
                     if pid_file is not None:
                         write_pid_file(pid_file, started.pid)
-                    os.write(started.alive_fd, b"ok")
+                    created_state = {
+                        **container_state(container, saved),
+                        "status": "created",
+                        "pid": started.pid,
+                    }
+                    os.write(started.alive_fd, b"ok" + json.dumps(created_state).encode())
                 finally:
                     os.close(started.alive_fd)
                     if started.master is not None and console_socket:

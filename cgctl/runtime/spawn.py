@@ -72,6 +72,7 @@ class Launch:
     # for the caller's "ok" (its state is written), then for a byte on the FIFO (`start`) before exec.
     # It does not die with the caller, which exits once the container is created.
     hold: str | None = None
+    start_hooks: tuple[Any, ...] = ()  # with hold: OCI startContainer hooks (runtime.hooks), run before exec
 
 
 class Started(NamedTuple):
@@ -294,8 +295,9 @@ def _workload_init(launch: Launch, report_w: int, alive_r: int, console_fd: int 
 
 def _wait_for_start(launch: Launch, fifo: int, report_w: int, alive_r: int) -> None:
     """Launch.hold: the command must be there (a missing one fails `create`, as runc's does), then
-    report held, wait for the caller's "ok" (EOF: it died before recording the container, which nobody
-    could then start or delete: end), then for `start`'s byte on the FIFO."""
+    report held, wait for the caller's "ok" and the container's state (EOF alone: it died before
+    recording the container, which nobody could then start or delete: end), then for `start`'s byte
+    on the FIFO, and run the startContainer hooks."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
         # pid 1 of its namespace: the kernel drops a signal it has no handler for, and `kill` of a
         # created container must end it (handlers are reset by exec)
@@ -307,12 +309,23 @@ def _wait_for_start(launch: Launch, fifo: int, report_w: int, alive_r: int) -> N
         raise FileNotFoundError(errno.ENOENT, f"exec: {launch.argv[0]!r}: executable file not found in $PATH")
     report(report_w, held=True)
     os.close(report_w)
-    if os.read(alive_r, 2) != b"ok":
+    said = b""
+    while chunk := os.read(alive_r, 65536):  # "ok" and the container's OCI state, then EOF
+        said += chunk
+    if not said.startswith(b"ok"):
         os._exit(1)
     os.close(alive_r)
     if not os.read(fifo, 1):
         os._exit(1)
     os.close(fifo)
+    if launch.start_hooks:
+        from cgctl.runtime import hooks
+
+        try:
+            hooks.run("startContainer", list(launch.start_hooks), json.loads(said[2:]))
+        except hooks.HookError as error:
+            os.write(2, f"{error}\n".encode())
+            os._exit(1)
 
 
 def lookup_identity(user: str) -> tuple[int, int]:
