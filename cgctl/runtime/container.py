@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import json
 import os
 import re
 import shutil
 import signal
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -143,6 +141,8 @@ def _start_time(pid: int) -> int:
 
 
 def _now() -> str:
+    import datetime
+
     return datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
 
 
@@ -327,6 +327,8 @@ def container_state(container: Container, saved: dict[str, Any]) -> dict[str, An
 
 def send_console(path: str, master: int) -> None:
     """Hand the terminal's master to the caller's --console-socket, as runc does (SCM_RIGHTS)."""
+    import socket
+
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
             sock.connect(path)

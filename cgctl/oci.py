@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
 import signal
@@ -61,6 +60,8 @@ class _Log:
     def _write(self, level: str, message: str) -> None:
         if not self.path:
             return
+        import datetime
+
         now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
         if self.form == "json":
             line = json.dumps({"level": level, "msg": message, "time": now})
