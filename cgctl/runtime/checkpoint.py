@@ -86,8 +86,10 @@ def checkpoint(
     hook: Path | None = None,
     state_dir: Path | None = None,
     progress: Progress | None = None,
+    criu_options: tuple[str, ...] = (),
 ) -> Checkpoint:
-    """Dump the running container `name` into directory (new or empty) with CRIU.
+    """Dump the running container `name` into directory (new or empty) with CRIU; criu_options are
+    passed on (`cgctl-oci checkpoint`'s --file-locks, --work-dir, ...).
 
     Without leave_running the container ends once its images are complete, and its
     `cgctl run` reports where it went. Raises LookupError (no such container),
@@ -127,6 +129,7 @@ def checkpoint(
         *EXTERNAL_MOUNTS,
         *(["--leave-running"] if leave_running else []),
         *(["--tcp-established"] if tcp_established else []),
+        *criu_options,
     ]  # fmt: skip
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     started = time.monotonic()
