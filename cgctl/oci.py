@@ -242,11 +242,7 @@ def _criu_options(args: argparse.Namespace) -> tuple[str, ...]:
     if args.shell_job:
         raise OciError("--shell-job: cgctl-oci checkpoints no terminals (CRIU takes one only as a shell job)")
     flags = {"ext_unix_sk": "--ext-unix-sk", "file_locks": "--file-locks", "auto_dedup": "--auto-dedup"}
-    options = [flag for name, flag in flags.items() if getattr(args, name)]
-    if args.work_path is not None:
-        args.work_path.mkdir(parents=True, exist_ok=True)
-        options += ["--work-dir", str(args.work_path)]
-    return tuple(options)
+    return tuple(flag for name, flag in flags.items() if getattr(args, name))
 
 
 def _checkpoint(args: argparse.Namespace) -> None:
@@ -257,13 +253,18 @@ def _checkpoint(args: argparse.Namespace) -> None:
     if container.status() != "running":
         raise OciError("container not running")
     try:
+        if args.work_path is not None:
+            args.work_path.mkdir(parents=True, exist_ok=True)
         checkpoint.checkpoint(
             args.id,
             args.image_path,
             leave_running=args.leave_running,
             tcp_established=args.tcp_established,
             criu_options=_criu_options(args),
+            work_dir=args.work_path,
         )
+    except OSError as error:
+        raise OciError(f"--work-path {args.work_path}: {error.strerror}") from None
     except (LookupError, checkpoint.CheckpointError, SpecError) as error:
         raise OciError(str(error)) from None
 
