@@ -252,6 +252,9 @@ def _setup_child(
     try:
         default_signals()
         _die_with(supervisor)
+        # Opened before any namespace: the kernel checks a cgroup.procs write against the opener's
+        # credentials, and a user namespace's mapped root may not be the cgroup's owner.
+        procs = os.open(launch.cgroup_procs, os.O_WRONLY | os.O_CLOEXEC)
         if launch.namespaces.joined:
             stage = "joining namespaces " + ", ".join(f"{k}={p}" for k, p in launch.namespaces.joined.items())
             ns.join(launch.namespaces)
@@ -267,14 +270,16 @@ def _setup_child(
         stage = "forking the workload"
         pid = os.fork()
         if pid == 0:
-            _workload_init(launch, report_w, alive_r, console_fd)
+            _workload_init(launch, report_w, alive_r, console_fd, procs)
         report(report_w, pid=pid)
         os._exit(0)
     except BaseException as error:  # every failure must reach the supervisor
         report_failure(report_w, stage, error)
 
 
-def _workload_init(launch: Launch, report_w: int, alive_r: int, console_fd: int | None) -> NoReturn:
+def _workload_init(
+    launch: Launch, report_w: int, alive_r: int, console_fd: int | None, procs: int
+) -> NoReturn:
     stage = "waiting for the supervisor"
     try:
         if os.read(alive_r, 2) != b"go":
@@ -286,8 +291,8 @@ def _workload_init(launch: Launch, report_w: int, alive_r: int, console_fd: int 
             for target, source in enumerate(launch.stdio):
                 os.dup2(source, target)
         stage = "joining the cgroup"
-        with open(launch.cgroup_procs, "w") as procs:
-            procs.write("0")
+        os.write(procs, b"0")
+        os.close(procs)
         ns.init_unshare(launch.namespaces)
         if launch.oom_score_adj is not None:
             stage = f"setting oom_score_adj to {launch.oom_score_adj}"
