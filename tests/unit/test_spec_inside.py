@@ -4,6 +4,7 @@ before anything is made (pydantic errors, SpecErrors from the supervisor's plan)
 from __future__ import annotations
 
 import os
+import pickle
 import resource
 from pathlib import Path
 from typing import Any
@@ -247,3 +248,4 @@ def test_the_launch_carries_the_process_attributes(tmp_path: Path) -> None:
     assert launch.namespaces.joined == {"uts": "/proc/1/ns/uts"}
     assert launch.namespaces.domainname == "example.org"
     assert launch.id_maps is None and not launch.namespaces.own_mounts
+    assert pickle.loads(pickle.dumps(launch)) == launch  # the daemon sends it to its keeper so
