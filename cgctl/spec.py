@@ -343,9 +343,6 @@ class Mount(_Model):
             raise ValueError(f"{destination!r}: '..' could leave the root")
         return _absolute(destination)
 
-    def is_bind(self) -> bool:
-        return self.type == "bind" or bool({"bind", "rbind"} & set(self.options))
-
 
 # setrlimit(2)'s resources, as OCI names them.
 RLIMITS = ("RLIMIT_AS", "RLIMIT_CORE", "RLIMIT_CPU", "RLIMIT_DATA", "RLIMIT_FSIZE", "RLIMIT_LOCKS",
