@@ -10,6 +10,7 @@ import os
 import subprocess
 import tarfile
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from cgctl.policy import PolicySet
 from cgctl.runtime import supervisor
 from cgctl.spec import CAPABILITIES, WorkloadSpec
 from tests import oci
+from tests.integration.workloads import CGCTL_ROOT, STATE_DIR, cgctl_in_process, wait_for
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 Capture = pytest.CaptureFixture[str]
@@ -230,3 +232,39 @@ def test_uid_and_gid_mappings_are_written_for_the_workload(capfd: Capture, root:
     out = run(capfd, root, script, namespaces=namespaces, mounts=OCI_MOUNTS)
     # The root's files belong to the host's root, which the namespace does not map.
     assert out.split() == ["0", "100000", "65536", "0", "100000", "65536", "0", "65534"], out
+
+
+def test_exec_gets_the_containers_groups_rlimits_umask_and_capability_sets(
+    capfd: Capture, root: Path
+) -> None:
+    name = "oci-inside-exec"
+    fields = {
+        "name": name,
+        "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 77, "hard": 88}],
+        "additional_gids": [30],
+        "umask": 0o077,
+        "security": {"capability_sets": {"bounding": ["CAP_KILL"], "permitted": ["CAP_KILL"]}},
+    }
+    spec = WorkloadSpec.model_validate(
+        {"command": ["/bin/sleep", "1000"], "rootfs": {"path": str(root)}, **fields}
+    )
+    runner = threading.Thread(target=supervisor.run, args=(spec,), kwargs={"policies": PolicySet()})
+    runner.start()
+    try:
+        record = STATE_DIR / f"{name}.json"
+        wait_for(lambda: record.exists() and b'"pid"' in record.read_bytes(), "the container's init")
+        script = "id -G; ulimit -n; umask; grep CapBnd /proc/self/status"
+        status, out, err = cgctl_in_process(capfd, "exec", name, "--", "/bin/sh", "-c", script)
+        assert status == 0, err
+        assert out.split() == [
+            "0",
+            "30",
+            "77",
+            "0077",
+            "CapBnd:",
+            f"{1 << CAPABILITIES.index('CAP_KILL'):016x}",
+        ]
+    finally:
+        (CGCTL_ROOT / name / "cgroup.kill").write_text("1")
+        runner.join(timeout=120)
+    assert not runner.is_alive()
