@@ -184,7 +184,7 @@ class Verbs:
         bundle.mkdir()
         config = json.loads(json.dumps(self.template))
         config["root"]["path"] = str(self.rootfs)
-        config["linux"]["cgroupsPath"] = f"/{container}"
+        config["linux"]["cgroupsPath"] = f"/{NAMESPACE}/{container}"  # nested, as containerd's are
         (bundle / "config.json").write_text(json.dumps(config))
         with (self.workdir / f"{container}.log").open("w") as stderr:  # the container keeps run's stdio
             argv = [*self.argv, "run", "--detach", "--bundle", str(bundle), container]
@@ -205,8 +205,8 @@ class Verbs:
         self.wait_stopped(container, found["pid"])
         times["delete"] = timed([*self.argv, "delete", container])
         shutil.rmtree(bundle)
-        if (CGROUP_MOUNT / container).exists():
-            raise RuntimeError(f"{self.name} delete {container} left its cgroup {CGROUP_MOUNT / container}")
+        if (group := CGROUP_MOUNT / NAMESPACE / container).exists():
+            raise RuntimeError(f"{self.name} delete {container} left its cgroup {group}")
         return times
 
     def wait_stopped(self, container: str, pid: int) -> None:
@@ -284,13 +284,11 @@ def main() -> None:
         with containerd(workdir) as address:
             ctr_timings = time_ctr(address, rootfs, present, args.runs)
         reap()
-        if (
-            NAMESPACE not in before
-        ):  # the namespace's parent cgroup (ctr's /bench/ID), which containerd leaves
-            (CGROUP_MOUNT / NAMESPACE).rmdir()
         verbs = [Verbs(name, binary, workdir, rootfs, template) for name, binary in present.items()]
         verb_timings = time_verbs(verbs, args.runs)
     reap()
+    if NAMESPACE not in before:  # the containers' parent (/bench/ID, as ctr's), which runtimes leave
+        (CGROUP_MOUNT / NAMESPACE).rmdir()
     if (left := cgroup_tree() - before) or shims():
         raise RuntimeError(f"left behind: cgroups {sorted(left)}, shims {shims()}")
     kernel = platform.release()
