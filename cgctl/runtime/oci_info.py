@@ -3,8 +3,9 @@
 Both follow runc 1.1's output field for field (tests/unit/data holds runc's own, which the tests
 compare against), so tools that read runc's JSON read cgctl's. `features` is truthful about cgctl
 rather than a copy of runc's: capabilities from spec.CAPABILITIES, seccomp actions, operators and
-architectures from the profile parser (minus those this libseccomp does not know), no AppArmor,
-SELinux or cgroup v1. `spec` is runc's template exactly, so a bundle made with either runs on both.
+architectures from the profile parser (minus those this libseccomp does not know), mount options
+from ns/mounts.py, hooks as bundle.py takes them, no AppArmor, SELinux or cgroup v1. `spec` is runc's
+template exactly, so a bundle made with either runs on both.
 """
 
 from __future__ import annotations
@@ -13,24 +14,18 @@ import os
 from typing import Any
 
 from cgctl import __version__
+from cgctl.ns import mounts
+from cgctl.runtime import bundle
 from cgctl.sandbox import libseccomp, seccomp_profile
 from cgctl.spec import CAPABILITIES
 
-# The runtime-spec version of the config.json fields cgctl-oci reads: runc 1.1's.
-OCI_VERSION = "1.0.2-dev"
 OCI_VERSION_MIN = "1.0.0"
-HOOKS = ("prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop")
+# runc 1.1's template says so; kept, so that the template is runc's byte for byte.
+TEMPLATE_OCI_VERSION = "1.0.2-dev"
+# bundle.py refuses createContainer hooks (they would run in the container's mount namespace).
+HOOKS = tuple(kind for kind in bundle.HOOK_KINDS if kind != "createContainer")
 # config.json's namespace types, in runc's order.
 NAMESPACES = ("cgroup", "ipc", "mount", "network", "pid", "user", "uts")
-# Mount options that are mount(2) flags or propagation (filesystem data such as mode= or size= goes
-# to the filesystem as it is and is not listed, as in runc's list).
-MOUNT_OPTIONS = (
-    "async", "atime", "bind", "defaults", "dev", "diratime", "dirsync", "exec", "iversion", "lazytime",
-    "loud", "mand", "noatime", "nodev", "nodiratime", "noexec", "noiversion", "nolazytime", "nomand",
-    "norelatime", "nostrictatime", "nosuid", "nosymfollow", "private", "rbind", "relatime", "remount",
-    "ro", "rprivate", "rshared", "rslave", "rstrictatime", "runbindable", "rw", "shared", "silent",
-    "slave", "strictatime", "suid", "symfollow", "sync", "unbindable",
-)  # fmt: skip
 LIBSECCOMP_VERSION_ANNOTATION = "io.github.seccomp.libseccomp.version"
 VERSION_ANNOTATION = "cgctl.version"
 
@@ -66,9 +61,10 @@ def features() -> dict[str, Any]:
     linux["selinux"] = {"enabled": False}
     return {
         "ociVersionMin": OCI_VERSION_MIN,
-        "ociVersionMax": OCI_VERSION,
+        "ociVersionMax": bundle.OCI_VERSION,
         "hooks": list(HOOKS),
-        "mountOptions": list(MOUNT_OPTIONS),
+        # what ns/mounts.py turns into flags and propagation (filesystem data such as size= is not listed)
+        "mountOptions": sorted([*mounts.FLAGS, *mounts.PROPAGATION]),
         "linux": linux,
         "annotations": dict(sorted(annotations.items())),
     }
@@ -120,7 +116,7 @@ def default_spec(rootless: bool = False, uid: int | None = None, gid: int | None
     linux["maskedPaths"] = list(_MASKED_PATHS)
     linux["readonlyPaths"] = list(_READONLY_PATHS)
     return {
-        "ociVersion": OCI_VERSION,
+        "ociVersion": TEMPLATE_OCI_VERSION,
         "process": {
             "terminal": True,
             "user": {"uid": 0, "gid": 0},

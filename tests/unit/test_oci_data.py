@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from cgctl.cgroup.fs import Cgroup
+from cgctl.ns import mounts
 from cgctl.runtime import oci_info, oci_stats
 from cgctl.runtime.oci_update import update_flags_to_resources
 from cgctl.sandbox import libseccomp, seccomp_profile
@@ -77,8 +78,10 @@ def test_features_says_what_cgctl_supports() -> None:
     assert linux["namespaces"] == RUNC_FEATURES["linux"]["namespaces"]
     assert linux["cgroup"] == {"v1": False, "v2": True, "systemd": True, "systemdUser": False}
     assert linux["apparmor"] == {"enabled": False} and linux["selinux"] == {"enabled": False}
-    assert found["hooks"] == RUNC_FEATURES["hooks"]
+    assert found["hooks"] == [hook for hook in RUNC_FEATURES["hooks"] if hook != "createContainer"]
     assert set(found["mountOptions"]) < set(RUNC_FEATURES["mountOptions"])
+    assert {"ro", "nosuid", "rbind", "rprivate"} <= set(found["mountOptions"])
+    assert not set(found["mountOptions"]) & set(mounts.UNSUPPORTED)
     assert found["annotations"]["cgctl.version"]
 
 
