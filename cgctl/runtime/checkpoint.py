@@ -400,20 +400,26 @@ def _run_criu(
     pass_fds: tuple[int, ...] = (),
     root: rootfs.Plan | None = None,
     no_new_privs: bool = False,
+    bind_root: tuple[str, str] | None = None,
 ) -> None:
     """Run CRIU with our action script; CheckpointError names its log. With `cgroup`, CRIU runs in
     it; with `root`, in a mount namespace of its own where the root's layers are mounted; with
-    `no_new_privs`, under no_new_privs (so are the tasks it restores, and the hooks it runs)."""
+    `bind_root` (source, target), in one where source is bound at target (CRIU's --root must be a
+    mount point); with `no_new_privs`, under no_new_privs (so are the tasks it restores, and the
+    hooks it runs)."""
     procs = str(cgroup.file("cgroup.procs")) if cgroup else None
 
     def prepare() -> None:
         if procs:
             with open(procs, "w") as file:
                 file.write("0")
-        if root:
+        if root or bind_root:
             syscalls.unshare(syscalls.CLONE_NEWNS)
             syscalls.mount("none", "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+        if root:
             rootfs.mount_layers(root)
+        if bind_root:
+            syscalls.mount(bind_root[0], bind_root[1], None, syscalls.MS_BIND | syscalls.MS_REC)
         if no_new_privs:
             syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
 
@@ -427,7 +433,7 @@ def _run_criu(
                 stdout=output,
                 stderr=output,
                 pass_fds=pass_fds,
-                preexec_fn=prepare if procs or root or no_new_privs else None,
+                preexec_fn=prepare if procs or root or bind_root or no_new_privs else None,
             ).returncode
         except OSError as error:
             raise CheckpointError(f"cannot run {args[0]}: {error}") from None
