@@ -17,12 +17,19 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
+from cgctl.cgroup import fs
 from cgctl.runtime import container as oci
 from cgctl.runtime.container import OciError
 
+if TYPE_CHECKING:
+    from cgctl.runtime.oci_checkpoint import CriuOptions
+
 USAGE = "cgctl-oci [global options] COMMAND [options] ID"
+# runc update's flags (runtime/oci_update.py reads their values)
+UPDATE_FLAGS = ("memory", "memory-reservation", "memory-swap", "cpu-share", "cpu-quota", "cpu-period",
+                "cpuset-cpus", "cpuset-mems", "pids-limit", "blkio-weight")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
@@ -75,7 +82,12 @@ class _Log:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cgctl-oci", usage=USAGE, description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="cgctl-oci",
+        usage=USAGE,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--root", type=Path, default=None, help="state directory (default /run/cgctl-oci)")
     parser.add_argument("--log", help="append errors (and --debug lines) to this file")
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
@@ -88,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--rootless", default="auto", help="accepted for runc's callers; cgctl decides by euid"
     )
+    parser.add_argument("-v", "--version", action="version", version=_version())
     verbs = parser.add_subparsers(dest="verb", metavar="COMMAND")
 
     def verb(
@@ -156,11 +169,18 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--shell-job", action="store_true")
         sub.add_argument("--file-locks", action="store_true")
         sub.add_argument("--auto-dedup", action="store_true")
-        sub.add_argument("--manage-cgroups-mode", default="ignore", help="accepted; cgctl makes the cgroups")
-        for unsupported in ("--lazy-pages", "--page-server", "--parent-path", "--pre-dump", "--empty-ns"):
+        sub.add_argument(
+            "--empty-ns", action="append", default=[], help="restore this namespace empty: network"
+        )
+        sub.add_argument(
+            "--manage-cgroups-mode", default="ignore", help="ignore or soft (cgctl makes the cgroups)"
+        )
+        for unsupported in ("--lazy-pages", "--page-server", "--status-fd"):
             sub.add_argument(unsupported, nargs="?", const=True, default=None, help=argparse.SUPPRESS)
         if name == "checkpoint":
             sub.add_argument("--leave-running", action="store_true")
+            sub.add_argument("--pre-dump", action="store_true")
+            sub.add_argument("--parent-path", help="the previous pre-dump's images, relative to --image-path")
         else:
             sub.add_argument("-b", "--bundle", type=Path, default=Path("."))
             sub.add_argument("--console-socket")
@@ -170,7 +190,28 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--no-pivot", action="store_true", help="accepted")
             sub.add_argument("--keep", action="store_true", help="do not delete the container when it ends")
         with_id(sub)
+    sub = verb("update", _update, "Change a running container's resources")
+    sub.add_argument("-r", "--resources", help="OCI LinuxResources JSON from this file, or - for stdin")
+    for flag in UPDATE_FLAGS:
+        sub.add_argument(f"--{flag}")
+    for refused in ("--kernel-memory", "--kernel-memory-tcp", "--l3-cache-schema", "--mem-bw-schema"):
+        sub.add_argument(refused, help=argparse.SUPPRESS)
+    with_id(sub)
+    sub = verb("events", _events, "Print a container's stats (and OOM kills) as JSON lines")
+    sub.add_argument("--stats", action="store_true", help="print one stats event and exit")
+    sub.add_argument("--interval", default="5s", help="between stats events (5s, 500ms)")
+    with_id(sub)
+    verb("features", _features, "Print what this runtime supports, as runc's JSON")
+    sub = verb("spec", _spec, "Write a default config.json into the bundle")
+    sub.add_argument("-b", "--bundle", type=Path, default=Path("."))
+    sub.add_argument("--rootless", action="store_true")
     return parser
+
+
+def _version() -> str:
+    from cgctl import __version__
+
+    return f"cgctl-oci version {__version__}\nspec: {oci.OCI_VERSION}"
 
 
 def _root(args: argparse.Namespace) -> Path:
@@ -232,49 +273,153 @@ def _attend(container: oci.Container, master: int | None, keep: bool) -> int:
     return status
 
 
-def _criu_options(args: argparse.Namespace) -> tuple[str, ...]:
-    """The flags both verbs pass on to CRIU; those cgctl does not implement are refused by name."""
-    for unsupported in ("lazy_pages", "page_server", "parent_path", "pre_dump", "empty_ns"):
+def _criu_options(args: argparse.Namespace) -> CriuOptions:
+    """runc's checkpoint and restore flags; those cgctl does not implement are refused by name."""
+    from cgctl.runtime.oci_checkpoint import CriuOptions
+
+    for unsupported in ("lazy_pages", "page_server", "status_fd"):
         if getattr(args, unsupported) is not None:
             raise OciError(
                 f"--{unsupported.replace('_', '-')}: not supported by cgctl-oci's checkpoint and restore"
             )
-    if args.shell_job:
-        raise OciError("--shell-job: cgctl-oci checkpoints no terminals (CRIU takes one only as a shell job)")
-    flags = {"ext_unix_sk": "--ext-unix-sk", "file_locks": "--file-locks", "auto_dedup": "--auto-dedup"}
-    return tuple(flag for name, flag in flags.items() if getattr(args, name))
+    if args.manage_cgroups_mode not in ("ignore", "soft"):
+        raise OciError(
+            f"--manage-cgroups-mode {args.manage_cgroups_mode}: cgctl makes the cgroups; use ignore"
+        )
+    try:
+        return CriuOptions(
+            image_path=args.image_path.resolve(),
+            work_path=args.work_path.resolve() if args.work_path else None,
+            leave_running=getattr(args, "leave_running", False),
+            tcp_established=args.tcp_established,
+            ext_unix_sk=args.ext_unix_sk,
+            shell_job=args.shell_job,
+            file_locks=args.file_locks,
+            pre_dump=getattr(args, "pre_dump", False),
+            parent_path=getattr(args, "parent_path", None),
+            auto_dedup=args.auto_dedup,
+            empty_ns=tuple(args.empty_ns),
+        )
+    except ValueError as error:
+        raise OciError(str(error)) from None
 
 
 def _checkpoint(args: argparse.Namespace) -> None:
-    from cgctl.runtime import checkpoint
-    from cgctl.spec import SpecError
+    from cgctl.runtime import checkpoint, oci_checkpoint
 
     container = oci.open_container(_root(args), args.id)
-    if container.status() != "running":
+    saved = container.saved()
+    if container.status(saved) != "running":
         raise OciError("container not running")
+    options = _criu_options(args)
     try:
-        if args.work_path is not None:
-            args.work_path.mkdir(parents=True, exist_ok=True)
-        checkpoint.checkpoint(
-            args.id,
-            args.image_path,
-            leave_running=args.leave_running,
-            tcp_established=args.tcp_established,
-            criu_options=_criu_options(args),
-            work_dir=args.work_path,
-        )
-    except OSError as error:
-        raise OciError(f"--work-path {args.work_path}: {error.strerror}") from None
-    except (LookupError, checkpoint.CheckpointError, SpecError) as error:
+        config = json.loads(Path(saved["bundle"], "config.json").read_text())
+        oci_checkpoint.checkpoint(int(saved["pid"]), container.cgroup, Path(saved["rootfs"]), config, options)
+    except (OSError, ValueError) as error:
+        raise OciError(f"{saved['bundle']}/config.json: {error}") from None
+    except checkpoint.CheckpointError as error:
         raise OciError(str(error)) from None
 
 
 def _restore(args: argparse.Namespace) -> int:
-    _criu_options(args)  # refuses what cannot be done; the dump's own flags come back with its images
+    options = _criu_options(args)
     container, _ = oci.create(
-        _root(args), args.id, args.bundle, _options(args, adopt=not args.detach), args.image_path
+        _root(args), args.id, args.bundle, _options(args, adopt=not args.detach), options
     )
     return 0 if args.detach else _attend(container, None, args.keep)
+
+
+def _update(args: argparse.Namespace) -> None:
+    from pydantic import ValidationError
+
+    from cgctl.runtime import update
+    from cgctl.runtime.bundle import BundleError, limits_from_resources
+    from cgctl.runtime.oci_update import update_flags_to_resources
+    from cgctl.spec import SpecError
+
+    for refused in ("kernel_memory", "kernel_memory_tcp", "l3_cache_schema", "mem_bw_schema"):
+        if getattr(args, refused) is not None:
+            raise OciError(f"--{refused.replace('_', '-')}: cgroup v2 has no such limit (or cgctl no RDT)")
+    container = oci.open_container(_root(args), args.id)
+    if container.status() not in ("created", "running", "paused"):
+        raise OciError("container not running")
+    try:
+        if args.resources is not None:  # as runc: the file replaces the flags
+            text = sys.stdin.read() if args.resources == "-" else Path(args.resources).read_text()
+            resources = json.loads(text)
+        else:
+            flags = {flag: getattr(args, flag.replace("-", "_")) for flag in UPDATE_FLAGS}
+            resources = update_flags_to_resources(flags)
+        update.update(container.id, limits_from_resources(resources))
+    except OSError as error:
+        raise OciError(f"--resources {args.resources}: {error.strerror}") from None
+    except (ValueError, BundleError, SpecError, LookupError) as error:
+        if isinstance(error, ValidationError):
+            raise OciError(f"update: {error.errors()[0]['loc']}: {error.errors()[0]['msg']}") from None
+        raise OciError(str(error)) from None
+
+
+def _events(args: argparse.Namespace) -> int:
+    """runc's events: stats every --interval (once with --stats), an "oom" event for each OOM kill,
+    until the container stops."""
+    import time
+
+    from cgctl.runtime.oci_stats import stats
+
+    container = oci.open_container(_root(args), args.id)
+    interval = _duration(args.interval)
+    group = container.cgroup
+    kills = _oom_kills(group)
+    while container.status() != "stopped":
+        if (now := _oom_kills(group)) > kills:
+            print(json.dumps({"type": "oom", "id": container.id}), flush=True)
+            kills = now
+        event = stats(container.id, group)
+        if event is None:
+            break
+        print(json.dumps(event, separators=(",", ":")), flush=True)
+        if args.stats:
+            return 0
+        time.sleep(interval)
+    if args.stats:
+        raise OciError("container not running")
+    return 0
+
+
+def _oom_kills(group: fs.Cgroup) -> int:
+    events = group.read_optional("memory.events") or ""
+    return next((int(line.split()[1]) for line in events.splitlines() if line.startswith("oom_kill ")), 0)
+
+
+def _duration(text: str) -> float:
+    """Go's durations as runc takes them: 5s, 500ms, 1m, 1.5s."""
+    for unit, seconds in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        if text.endswith(unit):
+            try:
+                value = float(text[: -len(unit)]) * seconds
+            except ValueError:
+                break
+            if value > 0:
+                return value
+    raise OciError(f"--interval {text}: not a duration (e.g. 5s, 500ms)")
+
+
+def _features(args: argparse.Namespace) -> None:
+    from cgctl.runtime.oci_info import features
+
+    print(json.dumps(features(), indent="    "))
+
+
+def _spec(args: argparse.Namespace) -> None:
+    from cgctl.runtime.oci_info import default_spec
+
+    path = args.bundle / "config.json"
+    if path.exists():
+        raise OciError(f"File {path} exists. Remove it first")
+    try:
+        path.write_text(json.dumps(default_spec(rootless=args.rootless), indent="\t"))
+    except OSError as error:
+        raise OciError(f"{path}: {error.strerror}") from None
 
 
 def _forward(pid: int, sig: int) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from cgctl.runtime.hooks import Hook
 from cgctl.spec import WorkloadSpec
 
 OCI_VERSION = "1.0.2"
@@ -52,14 +53,6 @@ class BundleError(ValueError):
     """config.json asks for something cgctl cannot do, or says it badly; the message names the field."""
 
 
-@dataclass(frozen=True)
-class Hook:
-    path: str
-    args: list[str]
-    env: list[str]
-    timeout: int | None
-
-
 @dataclass
 class Bundle:
     """A container as config.json describes it: the spec, and what only the OCI lifecycle needs."""
@@ -69,6 +62,7 @@ class Bundle:
     root: Path  # root.path, made absolute against the bundle
     cgroups_path: str  # linux.cgroupsPath as given ("" if none)
     seccomp: dict[str, Any] | None  # linux.seccomp, written where spec.security.seccomp points
+    config: dict[str, Any] = field(default_factory=dict)  # as read (CRIU's external mounts come from it)
     hooks: dict[str, list[Hook]] = field(default_factory=dict)
     annotations: dict[str, str] = field(default_factory=dict)
 
@@ -145,6 +139,7 @@ def translate(config: dict[str, Any], directory: Path, container_id: str, seccom
         root=root_path,
         cgroups_path=str(linux.get("cgroupsPath") or ""),
         seccomp=seccomp,
+        config=config,
         hooks=_hooks(config.get("hooks") or {}),
         annotations={str(key): str(value) for key, value in (config.get("annotations") or {}).items()},
     )

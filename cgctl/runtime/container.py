@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from cgctl.policy import PolicySet
     from cgctl.runtime import spawn, supervisor
     from cgctl.runtime.bundle import Bundle
+    from cgctl.runtime.oci_checkpoint import CriuOptions
 
 OCI_VERSION = "1.0.2"
 ID_PATTERN = re.compile(r"^[\w+.-]+$")
@@ -193,10 +194,10 @@ class Options:
 
 
 def create(
-    root: Path, container_id: str, bundle_dir: Path, options: Options, checkpoint_dir: Path | None = None
+    root: Path, container_id: str, bundle_dir: Path, options: Options, restoring: CriuOptions | None = None
 ) -> tuple[Container, int | None]:
-    """Create the container (see the module's docstring), or with checkpoint_dir restore the checkpoint
-    there into it (running at once); on any failure nothing is left. With a terminal and no console
+    """Create the container (see the module's docstring), or with restoring restore a checkpoint
+    into it (running at once); on any failure nothing is left. With a terminal and no console
     socket (`run`), the terminal's master comes back for the caller to relay."""
     from cgctl.runtime import bundle as bundles
 
@@ -215,7 +216,7 @@ def create(
             raise OciError("cannot allocate tty if runc will detach without setting console socket")
         if options.console_socket is not None and not loaded.spec.tty:
             raise OciError("cannot use console socket if runc will not detach or allocate tty")
-        master = _create(container, loaded, options, checkpoint_dir)
+        master = _create(container, loaded, options, restoring)
     except BaseException:
         shutil.rmtree(container.directory, ignore_errors=True)
         raise
@@ -223,10 +224,10 @@ def create(
 
 
 def _create(
-    container: Container, loaded: Bundle, options: Options, checkpoint_dir: Path | None
+    container: Container, loaded: Bundle, options: Options, restoring: CriuOptions | None
 ) -> int | None:
     from cgctl import policy
-    from cgctl.runtime import checkpoint, hooks, spawn, supervisor
+    from cgctl.runtime import checkpoint, hooks, oci_checkpoint, spawn, supervisor
     from cgctl.spec import SpecError
 
     if loaded.seccomp:
@@ -246,7 +247,6 @@ def _create(
     try:
         parent, name = cgroup_location(loaded.cgroups_path, container.id, options.systemd_cgroup)
         confinement = supervisor.plan_sandbox(spec)
-        restoring = checkpoint.open_checkpoint(checkpoint_dir, container.id) if checkpoint_dir else None
         durable.write_json(state_path, saved)  # the run record points here: the name is the container's
         with supervisor.prepared_root(spec) as root_plan, policy.blamed(noted):
             record = {**noted, "oci": {"state": str(state_path)}}
@@ -260,7 +260,8 @@ def _create(
                     )
                     master = _hold(container, loaded, launch, created, saved, options)
                 else:
-                    pid = checkpoint.restore_tasks(restoring, created.group, root_plan, {0: 0, 1: 1, 2: 2})
+                    stdio = {0: 0, 1: 1, 2: 2}
+                    pid = oci_checkpoint.restore(created.group, loaded.root, loaded.config, restoring, stdio)
                     _record_pid(container, saved, created.claim.path, pid, options.pid_file)
                     master = None
             except BaseException:
@@ -309,7 +310,7 @@ def _hold(
     def before_go(pid: int) -> None:
         early = {**container_state(container, saved), "status": "creating", "pid": pid}
         for kind in ("prestart", "createRuntime"):
-            hooks.run(kind, loaded.hooks.get(kind, []), early)  # type: ignore[arg-type]
+            hooks.run(kind, loaded.hooks.get(kind, []), early)
 
     started = spawn.start(launch, adopt=options.adopt, before_go=before_go)
     assert started.alive_fd is not None
@@ -398,7 +399,7 @@ def start(container: Container) -> None:
 
 
 def _hooks(saved: dict[str, Any], kind: str) -> list[Any]:
-    from cgctl.runtime.bundle import Hook
+    from cgctl.runtime.hooks import Hook
 
     return [Hook(**entry) for entry in saved.get("hooks", {}).get(kind, [])]
 

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 
 class HookError(Exception):
     """A hook failed or ran out of time; the message names it."""
 
 
-class Hook(Protocol):
+@dataclass(frozen=True)
+class Hook:
+    """One entry of config.json's hooks (kept in the container's state for the later verbs)."""
+
     path: str
     args: list[str]
     env: list[str]

@@ -208,7 +208,7 @@ def test_checkpoint_and_restore_with_runcs_flags(ocictl: OciCtl, tmp_path: Path)
     while int(ocictl("exec", "counted", "cat", "/tmp/count").stdout) == before:
         assert time.monotonic() < deadline, "the restored counter does not count"
         time.sleep(0.2)
-    for unsupported in ("--lazy-pages", "--pre-dump"):
+    for unsupported in ("--lazy-pages", "--page-server"):
         done = ocictl("checkpoint", unsupported, "--image-path", str(tmp_path / "x"), "counted", check=False)
         assert done.returncode == 1 and unsupported in done.stderr
         assert json.loads(ocictl("state", "counted").stdout)["status"] == "running"
