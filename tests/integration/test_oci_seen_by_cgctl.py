@@ -59,6 +59,8 @@ def ocictl(tmp_path: Path, rootfs: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
             ctl("delete", "--force", name, check=False)
         syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, int(was))
         _reap()
+        for fd in ctl.stdio:
+            os.close(fd)
         assert not list((tmp_path / "state").glob("*")), "cgctl-oci left state behind"
         assert not [path for path in CGROUP_PARENT.glob("*") if path.is_dir()], (
             "cgctl-oci left cgroups behind"
@@ -77,10 +79,13 @@ def _reap() -> None:
 class OciCtl:
     def __init__(self, directory: Path, rootfs: Path) -> None:
         self.directory, self.rootfs, self.made = directory, rootfs, set[str]()
+        self.stdio = os.pipe()  # the containers' stdin, and their stdout and stderr
 
     def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        # A container's init keeps create's stdio: /dev/null for it (a shim gives it FIFOs of its own),
-        # and the errors from --log, as a shim reads them.
+        # A container's init keeps create's stdio: a pipe of ours for it, as a shim gives it pipes of
+        # its own (CRIU takes pipes along; the host's /dev/null is no mount of the container's), and
+        # the errors from --log, as a shim reads them.
+        starts = args[0] in ("create", "restore")
         log = self.directory / "log.json"
         log.unlink(missing_ok=True)
         with tempfile.TemporaryFile("w+") as out:
@@ -94,9 +99,9 @@ class OciCtl:
                     "--log-format=json",
                     *args,
                 ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL if args[0] == "create" else out,
-                stderr=subprocess.DEVNULL,
+                stdin=self.stdio[0] if starts else subprocess.DEVNULL,
+                stdout=self.stdio[1] if starts else out,
+                stderr=self.stdio[1] if starts else subprocess.DEVNULL,
                 timeout=120,
             ).returncode
             out.seek(0)
