@@ -79,6 +79,13 @@ class Cgroup:
     def read_keyed(self, name: str) -> dict[str, int]:
         return {key: int(value) for key, value in parse_keyed(self.read(name)).items()}
 
+    def offers(self, name: str) -> bool:
+        """Whether a child of this group has the interface file `name`: as this group does, but the
+        root cgroup has none of its controllers' limit files (memory.max, ...) for itself."""
+        if self.has(name):
+            return True
+        return not self.has("cgroup.type") and name.split(".")[0] in self.controllers()
+
     def controllers(self) -> set[str]:
         return set(self.read("cgroup.controllers").split())
 

@@ -123,7 +123,7 @@ def check_files(settings: list[tuple[str, str]], group: fs.Cgroup) -> None:
     cgroup goes (an older kernel, or one built without it: memory.zswap.max, cpu.idle)."""
     for file, value in settings:
         found = table.file_row(file)
-        if found is not None and not group.has(file):
+        if found is not None and not group.offers(file):
             limit, key = found
             raise SpecError(
                 ("limits", *limit.field, *([key] if key else [])),
@@ -139,13 +139,13 @@ def interface_file_settings(files: dict[str, str], root: fs.Cgroup) -> list[tupl
         field = ("limits", "files", name)
         if name in RESERVED_FILES:
             raise SpecError(field, f"{name}={value}", "cgctl manages this file itself")
-        if not root.has(name):
+        if not root.offers(name):
             raise SpecError(
                 field,
                 f"{name}={value}",
                 f"this kernel has no such file for the enabled controllers ({root.path})",
             )
-        if not os.stat(root.file(name)).st_mode & 0o200:
+        if root.has(name) and not os.stat(root.file(name)).st_mode & 0o200:
             raise SpecError(field, f"{name}={value}", "a read-only file")
     return list(files.items())
 
