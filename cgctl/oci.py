@@ -620,3 +620,7 @@ def oci_exec(
 
         return terminal.relay_until_exit(started.master, True, lambda: _wait(started.pid))
     return _wait(started.pid)
+
+
+if __name__ == "__main__":  # python -m cgctl.oci
+    main()
