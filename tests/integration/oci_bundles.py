@@ -96,7 +96,9 @@ def wait_for(condition: Callable[[], object], what: str, timeout: float = 30) ->
 
 def cgroup_dirs(parent: Path) -> list[str]:
     """The cgroups under parent, as paths relative to it (empty when parent is gone)."""
-    return sorted(str(p.relative_to(parent)) for p in parent.rglob("*") if p.is_dir()) if parent.exists() else []
+    if not parent.exists():
+        return []
+    return sorted(str(p.relative_to(parent)) for p in parent.rglob("*") if p.is_dir())
 
 
 def remove_cgroup_tree(path: Path) -> None:
@@ -104,8 +106,9 @@ def remove_cgroup_tree(path: Path) -> None:
     if not path.exists():
         return
     (path / "cgroup.kill").write_text("1")
-    for directory in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [path]:
-        wait_for(lambda d=directory: not (d / "cgroup.procs").read_text().strip(), f"{directory} to empty", 10)
+    for directory in [*sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)), path]:
+        procs = directory / "cgroup.procs"
+        wait_for(lambda procs=procs: not procs.read_text().strip(), f"{directory} to empty", 10)
         directory.rmdir()
 
 

@@ -227,7 +227,8 @@ def test_hooks_run_in_order_with_the_state_on_stdin(oci: Runtime) -> None:
     for name, status in (("prestart", {"creating"}), ("createRuntime", {"creating"}),
                          ("poststart", {"created", "running"}), ("poststop", {"stopped"})):  # fmt: skip
         state = states[name]
-        assert (state["id"], state["bundle"], state["status"] in status) == ("c1", bundle, True), (name, state)
+        assert (state["id"], state["bundle"]) == ("c1", bundle), (name, state)
+        assert state["status"] in status, (name, state)
         assert state["ociVersion"].startswith("1."), (name, state)
     assert [states[name]["pid"] for name in names[:3]] == [pid] * 3
     reap(pid)
