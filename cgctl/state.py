@@ -48,6 +48,17 @@ class Claim:
         self.path.unlink(missing_ok=True)
         os.close(self.fd)
 
+    def hand_over(self) -> None:
+        """Stop holding the lock but keep the record: an OCI container's, whose OCI state now holds
+        the name (see the module's docstring)."""
+        os.close(self.fd)
+
+
+def oci_owned(record: dict[str, Any]) -> bool:
+    """Whether the record is an OCI container's whose state still exists (its name is in use)."""
+    oci = record.get("oci")
+    return isinstance(oci, dict) and os.path.exists(str(oci.get("state")))
+
 
 def record_path(state_dir: Path, name: str) -> Path:
     return state_dir / f"{name}.json"
@@ -136,6 +147,8 @@ def claim(state_dir: Path, name: str, record: dict[str, object]) -> Claim:
     if os.fstat(fd).st_nlink == 0:  # a stale-run cleanup unlinked it between our open and flock
         os.close(fd)
         return claim(state_dir, name, record)
+    if locked and os.fstat(fd).st_size and oci_owned(_parsed(path)):
+        locked = False
     if not locked:
         os.close(fd)
         raise SpecError(("name",), name, "already in use by a running workload")
@@ -166,9 +179,29 @@ def live_records(
             identity = path.stat()
         except FileNotFoundError:
             continue
-        if (identity.st_dev, identity.st_ino) in held or _locked(path):
+        if (identity.st_dev, identity.st_ino) in held or _locked(path) or _oci_running(path):
             live.append((path, identity))
     return live
+
+
+def _parsed(path: Path) -> dict[str, Any]:
+    """A record's content, {} if it cannot be read (gone, or an empty claim)."""
+    try:
+        return read(path)
+    except (OSError, ValueError):
+        return {}
+
+
+def _oci_running(path: Path) -> bool:
+    """Whether an unlocked record is an OCI container's with processes in its cgroup."""
+    record = _parsed(path)
+    if not oci_owned(record):
+        return False
+    try:
+        events = Path(record["cgroup"], "cgroup.events").read_text()
+    except OSError:
+        return False
+    return "populated 1" in events
 
 
 def _locked(path: Path) -> bool:
@@ -207,6 +240,8 @@ def clean_stale(state_dir: Path) -> list[str]:
                 record = read(path) if os.fstat(fd).st_size else {}
             except ValueError:
                 record = {}
+            if oci_owned(record):
+                continue  # an OCI container's, until its `delete` (without its state, it is dead)
             if record.get("cgroup"):
                 fs.remove(fs.Cgroup(Path(record["cgroup"])))
             path.unlink(missing_ok=True)

@@ -235,7 +235,7 @@ def open_cgctl_root(unified: Cgroup, controllers: Iterable[str], root: Path) -> 
         raise CgroupError(
             f"{root}: cgctl's cgroup root must be inside the cgroup v2 mount {unified.path}"
         ) from None
-    if own_cgroup(unified).path == root:
+    if root != unified.path and own_cgroup(unified).path == root:  # the root cgroup may hold processes
         supervisor = root / SUPERVISOR_LEAF
         supervisor.mkdir(exist_ok=True)
         Cgroup(supervisor).write("cgroup.procs", "0")

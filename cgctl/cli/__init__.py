@@ -41,6 +41,7 @@ VERBS: dict[str, str] = {
     "image": "image",
     "machine": "machine",
     "policy": "policy",
+    "oci": "oci_verb",
 }
 
 # `cgctl --help`: every verb (dial-stdio, hidden, aside) in one group, as docker's help groups them, with
@@ -79,6 +80,7 @@ HELP_GROUPS: dict[str, dict[str, str]] = {
         "events": "Stream the daemon's events",
         "machine": "A cgroup v2 VM running the daemon, for hosts without cgroup v2",
         "check": "Check that this host can run cgctl, and say what is missing",
+        "oci": "runc's command line (cgctl-oci), for containerd and podman",
     },
     "Policies and metrics": {
         "policy": "Validate, preview, apply and explain policy files",

@@ -23,6 +23,7 @@ ends with the container all the same.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,11 +131,15 @@ def _namespace(pid: int | str, kind: str) -> tuple[int, int]:
 
 
 def start(
-    target: Target, stdio: tuple[int, int, int] | None = None, terminal: tuple[int, int] | None = None
+    target: Target,
+    stdio: tuple[int, int, int] | None = None,
+    terminal: tuple[int, int] | None = None,
+    adopt: bool = True,
 ) -> spawn.Started:
     """Start the process in the container (see the module's docstring), our child. Its stdin, stdout
     and stderr are stdio's fds, else ours; with target.tty, a pty from the container's devpts at
-    terminal's (rows, columns) instead, whose master comes back in Started.master. Raises SpawnError:
+    terminal's (rows, columns) instead, whose master comes back in Started.master. Without adopt (an
+    OCI exec --detach), the process goes to our nearest subreaper, the caller's. Raises SpawnError:
     125 with the stage that failed, 126/127 when the command cannot be run."""
     try:
         fds = [
@@ -146,7 +151,7 @@ def start(
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
     ours, theirs = console.channel() if target.tty else (None, None)
     try:
-        with spawn.subreaper():
+        with spawn.subreaper() if adopt else contextlib.nullcontext():
             joiner = os.fork()
             if joiner == 0:
                 os.close(report_r)

@@ -26,10 +26,11 @@ import errno
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NamedTuple, NoReturn
 
@@ -67,6 +68,11 @@ class Launch:
     terminal: tuple[int, int] | None = (
         None  # a pty of its own, at (rows, columns): its stdio, and master ours
     )
+    # An OCI container's exec FIFO: the init gets everything ready, reports {"held": true} and waits
+    # for the caller's "ok" (its state is written), then for a byte on the FIFO (`start`) before exec.
+    # It does not die with the caller, which exits once the container is created.
+    hold: str | None = None
+    start_hooks: tuple[Any, ...] = ()  # with hold: OCI startContainer hooks (runtime.hooks), run before exec
 
 
 class Started(NamedTuple):
@@ -75,13 +81,17 @@ class Started(NamedTuple):
     master: int | None = None  # the master of the workload's terminal, with Launch.terminal
 
 
-def start(launch: Launch) -> Started:
-    """Start the workload; with launch.terminal, its pty is allocated inside (ns/console.py)."""
+def start(launch: Launch, adopt: bool = True, before_go: Callable[[int], None] | None = None) -> Started:
+    """Start the workload; with launch.terminal, its pty is allocated inside (ns/console.py). With
+    adopt, the workload becomes our child; else (an OCI container's create) it goes to our nearest
+    subreaper (the caller's shim or conmon), as runc's does. before_go(pid) runs once the namespaces
+    exist, before the workload joins its cgroup (an OCI container's createRuntime hooks); if it
+    raises, the workload ends there."""
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
     alive_r, alive_w = os.pipe2(os.O_CLOEXEC)
     ours, theirs = console.channel() if launch.terminal else (None, None)
     supervisor = os.getpid()
-    with subreaper():
+    with subreaper() if adopt else contextlib.nullcontext():
         setup = os.fork()
         if setup == 0:
             os.close(report_r)
@@ -96,7 +106,7 @@ def start(launch: Launch) -> Started:
         _, setup_status = os.waitpid(setup, 0)
     why = f"the setup process died ({describe(setup_status)}) before starting the workload"
     try:
-        pid, master = reported_start(report_r, ours, launch.argv[0], why, alive_w)
+        pid, master = reported_start(report_r, ours, launch.argv[0], why, alive_w, before_go)
     finally:
         if ours is not None:
             ours.close()
@@ -104,7 +114,12 @@ def start(launch: Launch) -> Started:
 
 
 def reported_start(
-    report_r: int, console_sock: socket.socket | None, command: str, died: str, alive_w: int | None = None
+    report_r: int,
+    console_sock: socket.socket | None,
+    command: str,
+    died: str,
+    alive_w: int | None = None,
+    before_go: Callable[[int], None] | None = None,
 ) -> tuple[int, int | None]:
     """What the children report, as (pid, its terminal's master): the pid (then the init is let go
     through alive_w, if given), the master once it was sent, and EOF once exec succeeded. Otherwise
@@ -118,12 +133,20 @@ def reported_start(
                 raise SpawnError(died, 125)
             raise failure(first, command)
         pid = int(first["pid"])
+        if before_go is not None:
+            try:
+                before_go(pid)
+            except BaseException:
+                if alive_w is not None:
+                    os.close(alive_w)  # the init reads EOF instead of "go", and ends
+                raise
         if alive_w is not None:
             os.write(alive_w, b"go")
         master = console.receive_master(console_sock) if console_sock is not None else None
-        second = read_report(reports)  # EOF (exec succeeded) or the reason it did not
-    if second:
-        os.waitpid(pid, 0)
+        second = read_report(reports)  # EOF (exec succeeded), held (Launch.hold), or why it failed
+    if second and not second.get("held"):
+        with contextlib.suppress(ChildProcessError):  # not ours when not adopted: our reaper's
+            os.waitpid(pid, 0)
         if alive_w is not None:
             os.close(alive_w)
         if master is not None:
@@ -223,9 +246,14 @@ def _workload_init(launch: Launch, report_w: int, alive_r: int, console_fd: int 
     try:
         if os.read(alive_r, 2) != b"go":
             os._exit(1)
-        syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)  # now relative to the supervisor
-        if select.select([alive_r], [], [], 0)[0]:  # readable = EOF: the supervisor already died
-            os._exit(1)
+        if launch.hold is None:
+            syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)  # now relative to the supervisor
+            if select.select([alive_r], [], [], 0)[0]:  # readable = EOF: the supervisor already died
+                os._exit(1)
+        held = None
+        if launch.hold is not None:
+            stage = f"opening the exec FIFO {launch.hold}"
+            held = os.open(launch.hold, os.O_RDWR | os.O_CLOEXEC)  # before the root hides it
         if launch.stdio:
             for target, source in enumerate(launch.stdio):
                 os.dup2(source, target)
@@ -251,14 +279,53 @@ def _workload_init(launch: Launch, report_w: int, alive_r: int, console_fd: int 
         if launch.user:
             stage = f"looking up the user {launch.user}"
             identity = lookup_identity(launch.user)
-        close_inherited_fds(keep={report_w, alive_r})
+        close_inherited_fds(keep={report_w, alive_r} | ({held} if held is not None else set()))
         stage = "entering the sandbox" + (f" as the user {launch.user}" if launch.user else "")
         sandbox.enter(launch.sandbox, identity)
         if launch.init:
             _reaper(launch, report_w)
+        if held is not None:
+            stage = "finding the command"
+            _wait_for_start(launch, held, report_w, alive_r)
+            exec_command(launch.argv, launch.env, None)
         exec_command(launch.argv, launch.env, report_w)
     except BaseException as error:  # every failure must reach the supervisor
         report_failure(report_w, stage, error)
+
+
+def _wait_for_start(launch: Launch, fifo: int, report_w: int, alive_r: int) -> None:
+    """Launch.hold: the command must be there (a missing one fails `create`, as runc's does), then
+    report held, wait for the caller's "ok" and the container's state (EOF alone: it died before
+    recording the container, which nobody could then start or delete: end), then for `start`'s byte
+    on the FIFO, and run the startContainer hooks."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        # pid 1 of its namespace: the kernel drops a signal it has no handler for, and `kill` of a
+        # created container must end it (handlers are reset by exec)
+        signal.signal(sig, lambda received, _frame: os._exit(128 + received))
+    path = launch.env.get("PATH", os.defpath)
+    if shutil.which(launch.argv[0], path=path) is None:
+        if "/" in launch.argv[0] and os.path.exists(launch.argv[0]):
+            raise OSError(errno.EACCES, f"exec: {launch.argv[0]!r}: permission denied")
+        raise FileNotFoundError(errno.ENOENT, f"exec: {launch.argv[0]!r}: executable file not found in $PATH")
+    report(report_w, held=True)
+    os.close(report_w)
+    said = b""
+    while chunk := os.read(alive_r, 65536):  # "ok" and the container's OCI state, then EOF
+        said += chunk
+    if not said.startswith(b"ok"):
+        os._exit(1)
+    os.close(alive_r)
+    if not os.read(fifo, 1):
+        os._exit(1)
+    os.close(fifo)
+    if launch.start_hooks:
+        from cgctl.runtime import hooks
+
+        try:
+            hooks.run("startContainer", list(launch.start_hooks), json.loads(said[2:]))
+        except hooks.HookError as error:
+            os.write(2, f"{error}\n".encode())
+            os._exit(1)
 
 
 def lookup_identity(user: str) -> tuple[int, int]:
@@ -297,12 +364,16 @@ def close_inherited_fds(keep: set[int]) -> None:
                 os.close(fd)
 
 
-def exec_command(argv: list[str], env: dict[str, str], report_w: int) -> NoReturn:
-    """exec, or report why not (its stage is "exec": failure() makes it a 126 or 127)."""
+def exec_command(argv: list[str], env: dict[str, str], report_w: int | None) -> NoReturn:
+    """exec, or report why not (its stage is "exec": failure() makes it a 126 or 127); with no one to
+    report to (an OCI container's `start` has returned), say so on the workload's stderr."""
     try:
         os.execvpe(argv[0], argv, env)
     except OSError as error:
-        report(report_w, stage="exec", error=error.strerror, errno=error.errno)
+        if report_w is None:
+            os.write(2, f"exec {argv[0]}: {error.strerror}\n".encode())
+        else:
+            report(report_w, stage="exec", error=error.strerror, errno=error.errno)
         os._exit(127 if error.errno == errno.ENOENT else 126)
 
 

@@ -281,15 +281,17 @@ def create(
     cgroup_root: Path | None = None,
     state_dir: Path | None = None,
     record: dict[str, object] | None = None,
+    cgroup_name: str | None = None,
 ) -> Created:
-    """Claim the name and make the cgroup with every limit and the device program; on any failure
-    nothing is left. `record` adds fields to the run record (`cgctl restore` notes where it came from)."""
+    """Claim the name and make the cgroup (cgroup_name below cgroup_root, default the name) with every
+    limit and the device program; on any failure nothing is left. `record` adds fields to the run
+    record (`cgctl restore` notes where it came from, `cgctl-oci` where its OCI state is)."""
     # Rootless, the kernel itself refuses device nodes (user namespaces cannot create or reach them):
     # only root may, and must, attach a device program.
     rules = sandbox.device_rules(spec.security) if os.geteuid() == 0 else None
     host, settings = prepare_host(spec, cgroup_root, state_dir)
     name = spec.name or f"run-{secrets.token_hex(4)}"
-    group = host.root.child(name)
+    group = host.root.child(cgroup_name or name)
     claim = state.claim(
         host.state_dir,
         name,
@@ -303,7 +305,7 @@ def create(
         },
     )
     try:
-        fs.create(host.root, name)
+        fs.create(host.root, cgroup_name or name)
         try:
             for file, value in settings:
                 group.write(file, value)

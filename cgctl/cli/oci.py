@@ -1,0 +1,416 @@
+"""`cgctl-oci`: runc's command line over cgctl's runtime, so containerd's shim, conmon (podman, CRI-O) and
+through them Kubernetes run containers with cgctl (docs/oci.md).
+
+Parsed with argparse, not typer: callers spell runc's flags exactly (global options before the verb,
+`--log-format=json`, `-b`), and a shim calls `state`, `kill` and `delete` for every container, so
+start-up must stay a few tens of milliseconds (bench/oci.py). Errors go to stderr and, with --log,
+into that file (as JSON lines with --log-format json: containerd shows the last msg), exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+from cgctl.runtime import container as oci
+from cgctl.runtime.container import OciError
+
+USAGE = "cgctl-oci [global options] COMMAND [options] ID"
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "verb", None):
+        parser.print_help(sys.stderr)
+        sys.exit(1)
+    log = _Log(args.log, args.log_format, args.debug)
+    log.debug(f"{args.verb} {' '.join(sys.argv[1:] if argv is None else argv)}")
+    try:
+        status = args.handler(args) or 0
+    except OciError as error:
+        log.error(str(error))
+        status = 1
+    except KeyboardInterrupt:
+        status = 130
+    sys.exit(status)
+
+
+class _Log:
+    """runc's --log: logrus lines, text (time="..." level=... msg="...") or JSON."""
+
+    def __init__(self, path: str | None, form: str, debug: bool) -> None:
+        self.path, self.form, self.debugging = path, form, debug
+
+    def error(self, message: str) -> None:
+        print(message, file=sys.stderr)
+        self._write("error", message)
+
+    def debug(self, message: str) -> None:
+        if self.debugging:
+            self._write("debug", message)
+
+    def _write(self, level: str, message: str) -> None:
+        if not self.path:
+            return
+        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        if self.form == "json":
+            line = json.dumps({"level": level, "msg": message, "time": now})
+        else:
+            line = f"time={json.dumps(now)} level={level} msg={json.dumps(message)}"
+        try:
+            with open(self.path, "a") as file:
+                file.write(line + "\n")
+        except OSError as error:
+            print(f"cgctl-oci: --log {self.path}: {error.strerror}", file=sys.stderr)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cgctl-oci", usage=USAGE, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=None, help="state directory (default /run/cgctl-oci)")
+    parser.add_argument("--log", help="append errors (and --debug lines) to this file")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--debug", action="store_true", help="log each command too")
+    parser.add_argument("--systemd-cgroup", action="store_true", help='cgroupsPath is "slice:prefix:name"')
+    parser.add_argument(
+        "--cgroup-manager", choices=("cgroupfs", "systemd", "disabled"), help="crun's spelling"
+    )
+    parser.add_argument("--criu", default="criu", help="the criu binary for checkpoint and restore")
+    parser.add_argument(
+        "--rootless", default="auto", help="accepted for runc's callers; cgctl decides by euid"
+    )
+    verbs = parser.add_subparsers(dest="verb", metavar="COMMAND")
+
+    def verb(
+        name: str, handler: Callable[[argparse.Namespace], int | None], text: str
+    ) -> argparse.ArgumentParser:
+        sub = verbs.add_parser(name, help=text, description=text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def with_id(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("id", metavar="ID")
+        return sub
+
+    for name, handler, text in (
+        ("create", _create, "Create a container from a bundle: ready, its process not started"),
+        ("run", _run, "Create and start a container; wait for it unless --detach"),
+    ):
+        sub = verb(name, handler, text)
+        sub.add_argument("-b", "--bundle", type=Path, default=Path("."))
+        sub.add_argument("--console-socket", help="a unix socket to send the terminal's master to")
+        sub.add_argument("--pid-file", type=Path)
+        sub.add_argument("--no-pivot", action="store_true", help="accepted; cgctl always pivots")
+        sub.add_argument("--no-new-keyring", action="store_true", help="accepted; cgctl makes no keyring")
+        sub.add_argument("--preserve-fds", type=int, default=0)
+        if name == "run":
+            sub.add_argument("-d", "--detach", action="store_true")
+            sub.add_argument("--keep", action="store_true", help="do not delete the container when it ends")
+        with_id(sub)
+    with_id(verb("start", _start, "Start a created container's process"))
+    with_id(verb("state", _state, "Print a container's state as JSON"))
+    sub = with_id(verb("kill", _kill, "Send a signal to a container's init (default SIGTERM)"))
+    sub.add_argument("signal", nargs="?", default="SIGTERM")
+    sub.add_argument("-a", "--all", action="store_true", help="every process of the container")
+    sub = with_id(verb("delete", _delete, "Delete a stopped container (--force: any)"))
+    sub.add_argument("-f", "--force", action="store_true")
+    with_id(verb("pause", _pause, "Freeze every process of a container"))
+    with_id(verb("resume", _resume, "Thaw a paused container"))
+    sub = verb("ps", _ps, "List a container's processes")
+    sub.add_argument("-f", "--format", choices=("table", "json"), default="table")
+    with_id(sub)
+    sub.add_argument("ps_args", nargs=argparse.REMAINDER, help="options for ps(1), default -ef")
+    sub = verb("list", _list, "List containers")
+    sub.add_argument("-f", "--format", choices=("table", "json"), default="table")
+    sub.add_argument("-q", "--quiet", action="store_true", help="ids only")
+    sub = verb("exec", _exec, "Run a process in a running container")
+    sub.add_argument("-p", "--process", type=Path, help="the process as OCI process JSON")
+    sub.add_argument("--console-socket")
+    sub.add_argument("--cwd")
+    sub.add_argument("-e", "--env", action="append", default=[])
+    sub.add_argument("-t", "--tty", action="store_true")
+    sub.add_argument("-u", "--user", help="UID[:GID]")
+    sub.add_argument("-d", "--detach", action="store_true")
+    sub.add_argument("--pid-file", type=Path)
+    sub.add_argument("--preserve-fds", type=int, default=0)
+    with_id(sub)
+    sub.add_argument("command", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _root(args: argparse.Namespace) -> Path:
+    return args.root or oci.default_root()
+
+
+def _systemd(args: argparse.Namespace) -> bool:
+    return bool(args.systemd_cgroup or args.cgroup_manager == "systemd")
+
+
+def _create(args: argparse.Namespace) -> int:
+    if args.preserve_fds:
+        raise OciError("--preserve-fds: passing extra file descriptors is not supported by cgctl-oci")
+    _, master = oci.create(
+        _root(args),
+        args.id,
+        args.bundle,
+        console_socket=args.console_socket,
+        pid_file=args.pid_file,
+        systemd_cgroup=_systemd(args),
+    )
+    assert master is None
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.preserve_fds:
+        raise OciError("--preserve-fds: passing extra file descriptors is not supported by cgctl-oci")
+    root = _root(args)
+    container, master = oci.create(
+        root,
+        args.id,
+        args.bundle,
+        console_socket=args.console_socket,
+        pid_file=args.pid_file,
+        systemd_cgroup=_systemd(args),
+        adopt=not args.detach,
+    )
+    try:
+        oci.start(container)
+    except OciError:
+        oci.delete(container, force=True)
+        raise
+    if args.detach:
+        return 0
+    pid = int(container.saved()["pid"])
+    previous = {
+        sig: signal.signal(sig, lambda received, _frame: _forward(pid, received))
+        for sig in (
+            signal.SIGINT,
+            signal.SIGTERM,
+            signal.SIGHUP,
+            signal.SIGQUIT,
+            signal.SIGUSR1,
+            signal.SIGUSR2,
+        )
+    }
+    try:
+        if master is None:
+            status = _wait(pid)
+        else:
+            from cgctl.runtime import terminal
+
+            status = terminal.relay_until_exit(master, True, lambda: _wait(pid))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not args.keep:
+        oci.delete(container, force=True)
+    return status
+
+
+def _forward(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _wait(pid: int) -> int:
+    from cgctl.runtime.spawn import exit_status
+
+    while True:
+        try:
+            return exit_status(os.waitpid(pid, 0)[1])
+        except InterruptedError:
+            continue
+
+
+def _start(args: argparse.Namespace) -> None:
+    oci.start(oci.open_container(_root(args), args.id))
+
+
+def _state(args: argparse.Namespace) -> None:
+    print(json.dumps(oci.open_container(_root(args), args.id).state(), indent=2))
+
+
+def _kill(args: argparse.Namespace) -> None:
+    oci.kill(oci.open_container(_root(args), args.id), oci.parse_signal(args.signal), args.all)
+
+
+def _delete(args: argparse.Namespace) -> None:
+    try:
+        container = oci.open_container(_root(args), args.id)
+    except OciError:
+        if args.force:
+            return  # runc: deleting what is not there, with --force, is no error
+        raise
+    oci.delete(container, args.force)
+
+
+def _pause(args: argparse.Namespace) -> None:
+    oci.set_paused(oci.open_container(_root(args), args.id), True)
+
+
+def _resume(args: argparse.Namespace) -> None:
+    oci.set_paused(oci.open_container(_root(args), args.id), False)
+
+
+def _ps(args: argparse.Namespace) -> int:
+    container = oci.open_container(_root(args), args.id)
+    pids = oci.pids(container)
+    if args.format == "json":
+        print(json.dumps(pids))
+        return 0
+    import subprocess
+
+    listing = subprocess.run(["ps", *(args.ps_args or ["-ef"])], capture_output=True, text=True, check=False)
+    if listing.returncode != 0:
+        raise OciError(f"ps {' '.join(args.ps_args)}: {listing.stderr.strip()}")
+    lines = listing.stdout.splitlines()
+    if not lines:
+        return 0
+    header = lines[0].split()
+    if "PID" not in header:
+        raise OciError("ps's output has no PID column: give options that print one")
+    column = header.index("PID")
+    print(lines[0])
+    for line in lines[1:]:
+        fields = line.split()
+        if len(fields) > column and fields[column].isdigit() and int(fields[column]) in pids:
+            print(line)
+    return 0
+
+
+def _list(args: argparse.Namespace) -> None:
+    entries = []
+    for container in oci.containers(_root(args)):
+        try:
+            entries.append(container.state())
+        except OciError:
+            continue  # deleted meanwhile
+    if args.quiet:
+        for entry in entries:
+            print(entry["id"])
+    elif args.format == "json":
+        print(
+            json.dumps(
+                [
+                    {
+                        key: entry[key]
+                        for key in (
+                            "ociVersion",
+                            "id",
+                            "pid",
+                            "status",
+                            "bundle",
+                            "rootfs",
+                            "created",
+                            "owner",
+                        )
+                    }
+                    for entry in entries
+                ]
+            )
+        )
+    else:
+        rows = [("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER")]
+        rows += [
+            (e["id"], str(e["pid"]), e["status"], e["bundle"], e["created"], e["owner"]) for e in entries
+        ]
+        widths = [max(len(row[index]) for row in rows) for index in range(len(rows[0]))]
+        for row in rows:
+            print("   ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _exec(args: argparse.Namespace) -> int:
+    if args.preserve_fds:
+        raise OciError("--preserve-fds: passing extra file descriptors is not supported by cgctl-oci")
+    container = oci.open_container(_root(args), args.id)
+    process: dict[str, Any] = {}
+    if args.process is not None:
+        try:
+            process = json.loads(args.process.read_text())
+        except (OSError, ValueError) as error:
+            raise OciError(f"--process {args.process}: cannot read it as JSON: {error}") from None
+    command = (args.command[1:] if args.command[:1] == ["--"] else args.command) or process.get("args") or []
+    if not command:
+        raise OciError("exec: the command to run is missing (give it after the id, or in --process)")
+    user = process.get("user") or {}
+    return oci_exec(
+        container,
+        command=list(command),
+        env=[*(process.get("env") or []), *args.env],
+        cwd=args.cwd or process.get("cwd"),
+        user=args.user or (f"{user.get('uid', 0)}:{user.get('gid', 0)}" if user else None),
+        tty=args.tty or bool(process.get("terminal")),
+        console_socket=args.console_socket,
+        detach=args.detach,
+        pid_file=args.pid_file,
+    )
+
+
+def oci_exec(
+    container: oci.Container,
+    *,
+    command: list[str],
+    env: list[str],
+    cwd: str | None,
+    user: str | None,
+    tty: bool,
+    console_socket: str | None,
+    detach: bool,
+    pid_file: Path | None,
+) -> int:
+    """The process joins the container; detached it goes to our subreaper (the shim), else we wait."""
+    from pydantic import ValidationError
+
+    from cgctl import state
+    from cgctl.runtime import exec as execs
+    from cgctl.runtime import spawn
+    from cgctl.spec import ExecSpec
+
+    status = container.status()
+    if status != "running":
+        raise OciError(
+            f"cannot exec in a {status} container" if status != "stopped" else "container not running"
+        )
+    if tty and console_socket is None and detach:
+        raise OciError("cannot allocate tty if runc will detach without setting console socket")
+    try:
+        spec = ExecSpec(
+            command=command,
+            env=dict(entry.partition("=")[::2] for entry in env),
+            workdir=cwd,
+            user=user,
+            tty=tty,
+            interactive=True,
+        )
+        target = execs.prepare(state.default_state_dir(), container.id, spec)
+        started = execs.start(target, adopt=not detach)
+    except ValidationError as error:
+        raise OciError(f"exec: {error.errors()[0]['loc']}: {error.errors()[0]['msg']}") from None
+    except (LookupError, spawn.SpawnError) as error:
+        raise OciError(str(error)) from None
+    if pid_file is not None:
+        oci.write_pid_file(pid_file, started.pid)
+    if started.master is not None and console_socket is not None:
+        try:
+            oci.send_console(console_socket, started.master)
+        finally:
+            os.close(started.master)
+        if detach:
+            return 0
+        return _wait(started.pid)
+    if detach:
+        return 0
+    if started.master is not None:
+        from cgctl.runtime import terminal
+
+        return terminal.relay_until_exit(started.master, True, lambda: _wait(started.pid))
+    return _wait(started.pid)
