@@ -8,6 +8,7 @@ import functools
 import io
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -79,7 +80,7 @@ def write_busybox_archive(path: Path, scratch: Path) -> Path:
     descriptor = oci.put_image(
         layout, [oci.busybox_layer(oci.directory("tmp", 0o1777))], {"Env": ["PATH=/bin"], "Cmd": ["sh"]}
     )
-    annotations = {"io.containerd.image.name": IMAGE_NAME, "org.opencontainers.image.ref.name": "latest"}
+    annotations = {"io.containerd.image.name": IMAGE_NAME, "org.opencontainers.image.ref.name": IMAGE_NAME}
     oci.write_index(layout, {**descriptor, "annotations": annotations})
     with tarfile.open(path, "w") as archive:
         for member in sorted(layout.rglob("*")):
@@ -145,3 +146,26 @@ def reap(pid: int, timeout: float = 30) -> int:
             os.kill(pid, signal.SIGKILL)
             raise AssertionError(f"pid {pid} still running after {timeout} s")
         time.sleep(0.02)
+
+
+def read_until(fd: int, wanted: bytes, timeout: float = 30) -> bytes:
+    """Read fd until wanted shows up (bounded); all that was read."""
+    seen, deadline = b"", time.monotonic() + timeout
+    while wanted not in seen:
+        assert time.monotonic() < deadline, f"no {wanted!r} within {timeout} s; read {seen!r}"
+        if select.select([fd], [], [], 0.5)[0]:
+            seen += os.read(fd, 4096)
+    return seen
+
+
+def processes_mentioning(word: str) -> list[str]:
+    """Command lines of running processes with `word` in them (shims and conmon name their container)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (FileNotFoundError, NotADirectoryError, ProcessLookupError):
+            continue
+        if word in command and entry.name != str(os.getpid()):
+            found.append(command)
+    return found

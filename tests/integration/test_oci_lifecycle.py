@@ -9,7 +9,6 @@ from __future__ import annotations
 import array
 import json
 import os
-import select
 import socket
 import subprocess
 import time
@@ -27,6 +26,7 @@ from tests.integration.oci_bundles import (
     alive,
     cgroup_dirs,
     make_bundle,
+    read_until,
     reap,
     remove_cgroup_tree,
     runtime_params,
@@ -314,13 +314,3 @@ def test_a_terminal_comes_through_the_console_socket(oci: Runtime) -> None:
     assert reap(pid) == 5
     oci.ok("delete", "c1")
     oci.assert_gone("c1")
-
-
-def read_until(fd: int, wanted: bytes, timeout: float = 30) -> bytes:
-    """Read fd until wanted shows up (bounded); all that was read."""
-    seen, deadline = b"", time.monotonic() + timeout
-    while wanted not in seen:
-        assert time.monotonic() < deadline, f"no {wanted!r} within {timeout} s; read {seen!r}"
-        if select.select([fd], [], [], 0.5)[0]:
-            seen += os.read(fd, 4096)
-    return seen
