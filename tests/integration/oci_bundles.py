@@ -4,17 +4,21 @@ reference, so every assertion is shown to hold for it too) and against cgctl-oci
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
 import io
 import json
 import os
+import pty
 import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tarfile
 import tempfile
+import termios
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -154,8 +158,20 @@ def read_until(fd: int, wanted: bytes, timeout: float = 30) -> bytes:
     while wanted not in seen:
         assert time.monotonic() < deadline, f"no {wanted!r} within {timeout} s; read {seen!r}"
         if select.select([fd], [], [], 0.5)[0]:
-            seen += os.read(fd, 4096)
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: every end of the terminal closed
+                chunk = b""
+            assert chunk, f"the terminal closed before {wanted!r}; read {seen!r}"
+            seen += chunk
     return seen
+
+
+def terminal() -> tuple[int, int]:
+    """A pty (master, slave) with a window size (a runtime copies it; 0x0 confuses line editing)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    return master, slave
 
 
 def processes_mentioning(word: str) -> list[str]:

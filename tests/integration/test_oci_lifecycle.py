@@ -307,7 +307,7 @@ def test_a_terminal_comes_through_the_console_socket(oci: Runtime) -> None:
         pid = oci.state("c1")["pid"]
         oci.ok("start", "c1")
         os.write(master, b"tty; echo h''i; exit 5\n")
-        seen = read_until(master, b"hi\r\n")
+        seen = read_until(master, b"\nhi\r")
         assert b"/dev/pts/0" in seen, seen
     finally:
         os.close(master)

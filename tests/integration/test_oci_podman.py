@@ -4,7 +4,6 @@ assertions for both. Its storage, run root, configuration and events live on a t
 from __future__ import annotations
 
 import os
-import pty
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from tests.integration.oci_bundles import (
     read_until,
     remove_cgroup_tree,
     runtime_params,
+    terminal,
     write_busybox_archive,
 )
 from tests.integration.workloads import tmpfs
@@ -102,7 +102,7 @@ def test_run_gives_the_exit_status_and_the_memory_limit(podman: Podman, runtime:
 
 @runtime_params()
 def test_run_it_gives_a_terminal(podman: Podman, runtime: str) -> None:
-    master, slave = pty.openpty()
+    master, slave = terminal()
     try:
         run = subprocess.Popen(
             podman.run_argv(runtime, "-it", "--rm", IMAGE_NAME, "sh"),
@@ -111,7 +111,7 @@ def test_run_it_gives_a_terminal(podman: Podman, runtime: str) -> None:
         os.close(slave)
         read_until(master, b"# ", timeout=60)
         os.write(master, b"tty; echo h''i; exit 5\n")
-        seen = read_until(master, b"hi\r\n", timeout=60)
+        seen = read_until(master, b"\nhi\r", timeout=60)
         assert b"/dev/pts/0" in seen, seen
         assert run.wait(timeout=60) == 5
     finally:
