@@ -27,7 +27,9 @@ from tests.integration.workloads import tmpfs
 
 NAMESPACE = "cgctl-oci-test"
 CGROUPS = UNIFIED / NAMESPACE  # the default cgroupsPath of a container is /<namespace>/<id>
-# The container's memory.max whether or not it has a cgroup namespace (containerd 1.6 gives none).
+# containerd 1.6's default spec mounts no cgroup file system and unshares no cgroup namespace: the
+# container gets the hierarchy mounted and finds its own cgroup through /proc/self/cgroup.
+CGROUP_MOUNT = ("--mount", "type=cgroup,src=cgroup,dst=/sys/fs/cgroup,options=ro")
 READ_MEMORY_MAX = "IFS=: read -r _ _ path < /proc/self/cgroup; cat /sys/fs/cgroup$path/memory.max"
 WAITER = ["sh", "-c", "trap 'exit 143' TERM; sleep 1000 & wait"]
 CONFIG = """version = 2
@@ -111,8 +113,8 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]
 @runtime_params()
 def test_run_rm_gives_the_exit_status_and_the_memory_limit(containerd: Containerd, runtime: str) -> None:
     done = subprocess.run(
-        containerd.run_argv(runtime, "--rm", "--memory-limit", str(64 << 20), IMAGE_NAME, "rm1",
-                            "sh", "-c", f"{READ_MEMORY_MAX}; exit 3"),
+        containerd.run_argv(runtime, "--rm", *CGROUP_MOUNT, "--memory-limit", str(64 << 20),
+                            IMAGE_NAME, "rm1", "sh", "-c", f"{READ_MEMORY_MAX}; exit 3"),
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert (done.returncode, done.stdout) == (3, f"{64 << 20}\n"), done.stderr
