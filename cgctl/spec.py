@@ -211,14 +211,48 @@ class Limits(_Model):
         return files
 
 
-class Namespaces(_Model):
-    """New namespaces by default; `share` keeps the host's; `user` adds a user namespace."""
+class IdMapping(_Model):
+    """One line of a user namespace's uid_map or gid_map (OCI linux.uidMappings/gidMappings)."""
 
-    share: list[Literal["cgroup", "ipc", "mnt", "net", "pid", "uts"]] = Field(default_factory=list)
+    container_id: int = Field(ge=0, lt=1 << 32)
+    host_id: int = Field(ge=0, lt=1 << 32)
+    size: int = Field(ge=1, lt=1 << 32)
+
+
+NamespaceKind = Literal["cgroup", "ipc", "mnt", "net", "pid", "uts"]
+
+
+class Namespaces(_Model):
+    """New namespaces by default; `share` keeps the host's; `join` enters existing ones by path;
+    `user` adds a user namespace."""
+
+    share: list[NamespaceKind] = Field(default_factory=list)
     user: bool = Field(False, description="a user namespace mapping root inside to the caller outside")
+    join: dict[NamespaceKind | Literal["user"], str] = Field(
+        default_factory=dict, description="kind -> a namespace file (/proc/PID/ns/KIND) to setns into"
+    )
+    uid_mappings: list[IdMapping] = Field(
+        default_factory=list, description="the new user namespace's uid_map (default: root -> the caller)"
+    )
+    gid_mappings: list[IdMapping] = Field(default_factory=list, description="its gid_map, likewise")
 
     def private(self) -> list[str]:
+        """The namespaces the workload does not share with the host: new ones and joined ones."""
         return [name for name in NAMESPACES if name not in self.share]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Namespaces:
+        for kind, path in self.join.items():
+            _absolute(path)
+            if kind in self.share:
+                raise ValueError(f"the {kind} namespace cannot be both shared and joined ({path})")
+        if "user" in self.join and self.user:
+            raise ValueError(f"join a user namespace ({self.join['user']}) or make one (user), not both")
+        if (self.uid_mappings or self.gid_mappings) and not self.user:
+            raise ValueError("uid/gid mappings are for a new user namespace: set user too")
+        if bool(self.uid_mappings) != bool(self.gid_mappings):
+            raise ValueError("give both uid_mappings and gid_mappings, or neither")
+        return self
 
 
 def _absolute(path: str) -> str:
@@ -253,9 +287,11 @@ class Volume(_Model):
 
 
 class RootFs(_Model):
-    """A root of the workload's own: overlayfs over read-only layers, writes to an upper layer."""
+    """A root of the workload's own: overlayfs over read-only layers, writes to an upper layer; or a
+    prepared directory used as it is (OCI root.path)."""
 
-    layers: list[str] = Field(min_length=1, description="lower layer directories, bottom first")
+    layers: list[str] = Field(default_factory=list, description="lower layer directories, bottom first")
+    path: str | None = Field(None, description="a prepared root directory, used as it is (no overlay)")
     upper: str | None = Field(None, description="a directory for the upper layer (default: tmpfs)")
     keep_upper: bool = Field(False, description="keep the upper directory when the container ends")
     read_only: bool = Field(False, description="mount the root read-only (/tmp and volumes excepted)")
@@ -275,10 +311,56 @@ class RootFs(_Model):
     def _upper_path(cls, upper: str | None) -> str | None:
         return None if upper is None else cls._layer_paths([upper])[0]
 
+    @field_validator("path")
+    @classmethod
+    def _root_path(cls, path: str | None) -> str | None:
+        return None if path is None else _absolute(path)
+
     @model_validator(mode="after")
     def _keep_needs_upper(self) -> RootFs:
+        if bool(self.layers) == (self.path is not None):
+            raise ValueError("give exactly one of layers (an overlay) and path (a prepared root)")
+        if self.path is not None and self.upper is not None:
+            raise ValueError("a prepared root (path) is used as it is: it takes no upper directory")
         if self.keep_upper and self.upper is None:
             raise ValueError("keep_upper needs an upper directory (--upper DIR): a tmpfs cannot be kept")
+        return self
+
+
+class Mount(_Model):
+    """One mount into the workload's root, in order (OCI mounts[]): options as mount(8) and runc take
+    them (bind, rbind, ro, nosuid, rprivate, size=64m, ...)."""
+
+    destination: str = Field(description="absolute path in the container")
+    type: str | None = Field(None, description="filesystem type (tmpfs, proc, bind, ...)")
+    source: str | None = Field(None, description="a host path for binds, else the device name")
+    options: list[str] = Field(default_factory=list)
+
+    @field_validator("destination")
+    @classmethod
+    def _inside(cls, destination: str) -> str:
+        if ".." in destination.split("/"):
+            raise ValueError(f"{destination!r}: '..' could leave the root")
+        return _absolute(destination)
+
+
+# setrlimit(2)'s resources, as OCI names them.
+RLIMITS = ("RLIMIT_AS", "RLIMIT_CORE", "RLIMIT_CPU", "RLIMIT_DATA", "RLIMIT_FSIZE", "RLIMIT_LOCKS",
+           "RLIMIT_MEMLOCK", "RLIMIT_MSGQUEUE", "RLIMIT_NICE", "RLIMIT_NOFILE", "RLIMIT_NPROC",
+           "RLIMIT_RSS", "RLIMIT_RTPRIO", "RLIMIT_RTTIME", "RLIMIT_SIGPENDING", "RLIMIT_STACK")  # fmt: skip
+
+
+class Rlimit(_Model):
+    """A resource limit set before exec (OCI process.rlimits[]); 2**64-1 is unlimited."""
+
+    type: Literal[RLIMITS]  # type: ignore[valid-type]
+    soft: int = Field(ge=0, lt=1 << 64)
+    hard: int = Field(ge=0, lt=1 << 64)
+
+    @model_validator(mode="after")
+    def _soft_under_hard(self) -> Rlimit:
+        if self.soft > self.hard:
+            raise ValueError(f"{self.type}: the soft limit {self.soft} is over the hard limit {self.hard}")
         return self
 
 
@@ -328,6 +410,74 @@ class Device(_Model):
         return access
 
 
+class CapabilitySets(_Model):
+    """Exactly these capabilities in each set (OCI process.capabilities), whatever the user."""
+
+    bounding: list[Capability] = Field(default_factory=list)
+    effective: list[Capability] = Field(default_factory=list)
+    inheritable: list[Capability] = Field(default_factory=list)
+    permitted: list[Capability] = Field(default_factory=list)
+    ambient: list[Capability] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _subsets(self) -> CapabilitySets:
+        for name in ("bounding", "effective", "inheritable", "permitted", "ambient"):
+            if "ALL" in getattr(self, name):
+                raise ValueError(f"{name}: name each capability (ALL is for cap_drop)")
+        for name, within in (
+            ("effective", "permitted"),
+            ("ambient", "permitted"),
+            ("ambient", "inheritable"),
+        ):
+            extra = set(getattr(self, name)) - set(getattr(self, within))
+            if extra:
+                raise ValueError(f"{name} holds {', '.join(sorted(extra))}, which {within} lacks")
+        return self
+
+    def mask(self, name: str) -> int:
+        """The set as bits (bit N = capability N)."""
+        return sum(1 << CAPABILITIES.index(cap) for cap in set(getattr(self, name)))
+
+
+class DeviceNode(_Model):
+    """A device node made in the container's /dev (OCI linux.devices[]); it is allowed rwm too."""
+
+    path: str = Field(description="absolute path in the container")
+    type: Literal["c", "b", "u", "p"]
+    major: int = Field(0, ge=0, lt=1 << 12)
+    minor: int = Field(0, ge=0, lt=1 << 20)
+    file_mode: int | None = Field(None, ge=0, le=0o7777, description="permission bits (default 0666)")
+    uid: int | None = Field(None, ge=0)
+    gid: int | None = Field(None, ge=0)
+
+    @field_validator("path")
+    @classmethod
+    def _in_dev(cls, path: str) -> str:
+        if ".." in path.split("/"):
+            raise ValueError(f"{path!r}: '..' could leave the root")
+        return _absolute(path)
+
+
+class DeviceRule(_Model):
+    """One cgroup device rule (OCI linux.resources.devices[]): None or -1 is any major or minor."""
+
+    allow: bool
+    type: Literal["a", "c", "b"] = "a"
+    major: int | None = Field(None, ge=-1, lt=1 << 31)
+    minor: int | None = Field(None, ge=-1, lt=1 << 31)
+    access: str = "rwm"
+
+    @field_validator("major", "minor")
+    @classmethod
+    def _any(cls, number: int | None) -> int | None:
+        return None if number == -1 else number
+
+    @field_validator("access")
+    @classmethod
+    def _access(cls, access: str) -> str:
+        return Device._access(access)
+
+
 class Security(_Model):
     """The default sandbox and its exceptions: what the workload may ask of the kernel and the host."""
 
@@ -341,6 +491,42 @@ class Security(_Model):
         "default", description="default, unconfined, or an absolute path to an OCI/docker JSON profile"
     )
     devices: list[Device] = Field(default_factory=list, description="host device nodes it may use")
+    capability_sets: CapabilitySets | None = Field(
+        None, description="exactly these capability sets (instead of the default set, cap_add, cap_drop)"
+    )
+    masked_paths: list[str] | None = Field(None, description="kernel paths to hide (None: the defaults)")
+    readonly_paths: list[str] | None = Field(None, description="paths made read-only (None: the defaults)")
+    sysctl: dict[str, str] = Field(default_factory=dict, description="namespaced /proc/sys values to set")
+    device_nodes: list[DeviceNode] = Field(default_factory=list, description="nodes made in its /dev")
+    device_rules: list[DeviceRule] | None = Field(
+        None, description="the cgroup device rules in order, over deny-all (None: the default rules)"
+    )
+
+    @field_validator("masked_paths", "readonly_paths")
+    @classmethod
+    def _absolute_list(cls, paths: list[str] | None) -> list[str] | None:
+        for path in paths or []:
+            _absolute(path)
+        return paths
+
+    @field_validator("sysctl")
+    @classmethod
+    def _sysctl_names(cls, values: dict[str, str]) -> dict[str, str]:
+        for key in values:
+            if sysctl_namespace(key) is None:
+                raise ValueError(
+                    f"sysctl {key!r} is not namespaced (only kernel.msg*, kernel.sem, kernel.shm*, "
+                    "fs.mqueue.*, net.*, kernel.hostname, kernel.domainname): it would change the host"
+                )
+        return values
+
+    @model_validator(mode="after")
+    def _sets_alone(self) -> Security:
+        if self.capability_sets is not None and (self.cap_add or self.cap_drop or self.privileged):
+            raise ValueError(
+                "capability_sets says every set exactly: leave out cap_add, cap_drop, privileged"
+            )
+        return self
 
     @field_validator("cap_add")
     @classmethod
@@ -357,12 +543,30 @@ class Security(_Model):
         return source
 
     def capabilities(self) -> list[str]:
-        """The capability set a root workload keeps, in the kernel's order."""
+        """The capability set a root workload keeps, in the kernel's order (the bounding set when the
+        sets are explicit)."""
+        if self.capability_sets is not None:
+            return [name for name in CAPABILITIES if name in self.capability_sets.bounding]
         if self.privileged:
             return list(CAPABILITIES)
         kept = set() if "ALL" in self.cap_drop else set(DEFAULT_CAPABILITIES) - set(self.cap_drop)
         kept |= set(self.cap_add)
         return [name for name in CAPABILITIES if name in kept]
+
+
+_IPC_SYSCTLS = ("kernel.sem", "kernel.msgmax", "kernel.msgmnb", "kernel.msgmni", "kernel.shmall",
+                "kernel.shmmax", "kernel.shmmni", "kernel.shm_rmid_forced")  # fmt: skip
+
+
+def sysctl_namespace(key: str) -> str | None:
+    """The namespace that owns a sysctl (ipc, net, uts), or None for one the host shares."""
+    if key in _IPC_SYSCTLS or key.startswith("fs.mqueue."):
+        return "ipc"
+    if key.startswith("net.") and "/" not in key and ".." not in key:
+        return "net"
+    if key in ("kernel.hostname", "kernel.domainname"):
+        return "uts"
+    return None
 
 
 def _command_not_blank(command: list[str]) -> list[str]:
@@ -409,6 +613,36 @@ class WorkloadSpec(_Model):
     security: Security = Field(default_factory=Security)
     tty: bool = Field(False, description="a terminal of its own (a pty from its devpts) as its stdio")
     interactive: bool = Field(False, description="keep its stdin open, for `attach` through the daemon")
+    mounts: list[Mount] | None = Field(
+        None, description="exactly these mounts into its root, in order (None: /dev, /tmp, /proc, /sys...)"
+    )
+    rlimits: list[Rlimit] = Field(default_factory=list, description="resource limits set before exec")
+    additional_gids: list[Annotated[int, Field(ge=0, lt=1 << 32)]] = Field(
+        default_factory=list, description="supplementary groups (default: none)"
+    )
+    umask: int | None = Field(None, ge=0, le=0o777, description="its umask (default: the caller's)")
+    oom_score_adj: int | None = Field(None, ge=-1000, le=1000, description="/proc/self/oom_score_adj")
+    domainname: str | None = Field(None, min_length=1, max_length=64, description="its NIS domain name")
+    personality: Literal["LINUX", "LINUX32"] | None = Field(None, description="personality(2) domain")
+
+    @model_validator(mode="after")
+    def _inside_fits(self) -> WorkloadSpec:
+        """The container's inside asks for namespaces and a root it has."""
+        private = set(self.namespaces.private())
+        if self.mounts is not None and self.rootfs is None:
+            raise ValueError("mounts go into a root of its own: give rootfs too")
+        if self.domainname is not None and "uts" not in private:
+            raise ValueError("a domain name needs its own uts namespace: drop --share uts")
+        for key in self.security.sysctl:
+            owner = sysctl_namespace(key)
+            if owner not in private:
+                raise ValueError(f"sysctl {key!r} needs its own {owner} namespace: the host's would change")
+        names = [limit.type for limit in self.rlimits]
+        if len(set(names)) != len(names):
+            raise ValueError("each rlimit type once")
+        if self.security.device_nodes and self.rootfs is None:
+            raise ValueError("device nodes are made in a root of its own: give rootfs too")
+        return self
 
     @model_validator(mode="after")
     def _root_needs_mount_namespace(self) -> WorkloadSpec:

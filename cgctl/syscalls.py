@@ -33,18 +33,22 @@ MS_PRIVATE = 0x40000
 MS_RELATIME = 0x200000
 
 PR_SET_PDEATHSIG = 1
+PR_SET_KEEPCAPS = 8
 PR_CAPBSET_DROP = 24
 PR_SET_CHILD_SUBREAPER = 36
 PR_GET_CHILD_SUBREAPER = 37
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
 PR_CAP_AMBIENT_CLEAR_ALL = 4
+PERSONALITIES = {"LINUX": 0x0000, "LINUX32": 0x0008}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 # Resolved here, in the parent: a symbol first looked up in the forked workload costs it milliseconds
 # under emulation, on its way to exec.
 _unshare, _mount, _umount2, _syscall = _libc.unshare, _libc.mount, _libc.umount2, _libc.syscall
 _prctl, _capset, _setns = _libc.prctl, _libc.capset, _libc.setns
+_setdomainname, _personality = _libc.setdomainname, _libc.personality
 # Unchecked, for the modules that read errno themselves (seccomp(2), bpf(2) and their probes).
 raw_syscall, raw_prctl = _syscall, _prctl
 
@@ -59,6 +63,17 @@ def _fail(call: str) -> NoReturn:
 def unshare(flags: int) -> None:
     if _unshare(ctypes.c_int(flags)) == -1:
         _fail(f"unshare({flags:#x})")
+
+
+def setdomainname(name: str) -> None:
+    encoded = name.encode()
+    if _setdomainname(encoded, ctypes.c_size_t(len(encoded))) == -1:
+        _fail(f"setdomainname({name!r})")
+
+
+def personality(persona: int) -> None:
+    if _personality(ctypes.c_ulong(persona)) == -1:
+        _fail(f"personality({persona:#x})")
 
 
 def setns(fd: int, nstype: int = 0) -> None:

@@ -1,4 +1,4 @@
-"""`cgctl oci ...`: cgctl-oci's command line (cli/oci.py), passed through whole, for those who reach
+"""`cgctl oci ...`: cgctl-oci's command line (cgctl/oci.py), passed through whole, for those who reach
 everything through `cgctl`."""
 
 from __future__ import annotations
@@ -16,6 +16,6 @@ def register(app: typer.Typer) -> None:
 
 def oci(ctx: typer.Context) -> None:
     """The OCI runtime with runc's command line (cgctl-oci): `cgctl oci --help`."""
-    from cgctl.cli.oci import main
+    from cgctl.oci import main
 
     main(list(ctx.args))

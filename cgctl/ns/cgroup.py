@@ -1,9 +1,10 @@
 """The cgroup namespace: the workload sees its own cgroup as the root of the hierarchy.
 
-It is created by the workload's first process after joining its cgroup (the
-namespace's root is the cgroup current at unshare time), so it is unshared in
-the init step, not with the others. With a private mount namespace, cgroup2
-is mounted again at /sys/fs/cgroup, showing only the workload's subtree.
+It is created by the workload's first process right after joining its cgroup
+(the namespace's root is the cgroup current at unshare time: ns.init_unshare),
+not with the others. With a private mount namespace, cgroup2 is mounted again
+at /sys/fs/cgroup, showing only the workload's subtree (unless the spec gives
+its own mounts).
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ in_child = None
 
 
 def in_init(context: Context) -> None:
-    syscalls.unshare(FLAG)
-    if "mnt" in context.private and CGROUP_MOUNT.is_dir():
+    if "mnt" in context.private and not context.own_mounts and CGROUP_MOUNT.is_dir():
         if (
             CGROUP_MOUNT.is_mount()
         ):  # the host's view (no fresh /sys under it): the kernel refuses a mount on top

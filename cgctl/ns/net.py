@@ -23,6 +23,6 @@ def in_child(context: Context) -> None:
 
 
 def in_init(context: Context) -> None:
-    if "mnt" in context.private:
+    if "mnt" in context.private and not context.own_mounts:
         flags = syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
         syscalls.mount("sysfs", "/sys", "sysfs", flags)

@@ -14,5 +14,5 @@ in_child = None
 
 
 def in_init(context: Context) -> None:
-    if "mnt" in context.private:
+    if "mnt" in context.private and not context.own_mounts:
         syscalls.mount("proc", "/proc", "proc", syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC)

@@ -1,4 +1,4 @@
-"""The UTS namespace: the workload's own hostname (by default its name)."""
+"""The UTS namespace: the workload's own hostname (by default its name) and NIS domain name."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ FLAG = syscalls.CLONE_NEWUTS
 
 def in_child(context: Context) -> None:
     socket.sethostname(context.hostname)
+    if context.domainname is not None:
+        syscalls.setdomainname(context.domainname)
 
 
 in_init = None

@@ -100,31 +100,45 @@ def translate(config: dict[str, Any], directory: Path, container_id: str, seccom
     if not root_path.is_dir():
         raise BundleError(f"root.path: {root_path} is not a directory")
     seccomp = linux.get("seccomp")
+    user = process.get("user") or {}
+    resources = linux.get("resources") or {}
     spec_fields: dict[str, Any] = {
         "name": container_id,
         "command": process.get("args") or [],
         "env": _environment(process.get("env") or []),
         "workdir": process.get("cwd") or "/",
-        "user": _user(process.get("user") or {}),
+        "user": _user(user),
+        "additional_gids": user.get("additionalGids") or [],
+        "umask": user.get("umask"),
         "tty": bool(process.get("terminal", False)),
+        "rlimits": process.get("rlimits") or [],
+        "oom_score_adj": process.get("oomScoreAdj"),
         "hostname": config.get("hostname") or None,
+        "domainname": config.get("domainname") or None,
+        "personality": _personality(linux.get("personality")),
         "labels": {key: value for key, value in (config.get("annotations") or {}).items()
                    if key in LABELLED_ANNOTATIONS},
-        "rootfs": {"layers": [str(root_path)], "read_only": bool(root.get("readonly", False))},
-        "namespaces": _namespaces(linux.get("namespaces") or []),
-        "limits": limits_from_resources(linux.get("resources") or {}),
+        "rootfs": {"path": str(root_path), "read_only": bool(root.get("readonly", False))},
+        "mounts": config.get("mounts") or [],
+        "namespaces": _namespaces(linux),
+        "limits": limits_from_resources(resources),
         "security": {
             "no_new_privileges": bool(process.get("noNewPrivileges", False)),
             "seccomp": str(seccomp_file) if seccomp else "unconfined",
-            **_capabilities(process.get("capabilities")),
+            "capability_sets": _capability_sets(process.get("capabilities") or {}),
+            "masked_paths": linux.get("maskedPaths") or [],
+            "readonly_paths": linux.get("readonlyPaths") or [],
+            "sysctl": linux.get("sysctl") or {},
+            "device_nodes": [_device_node(node) for node in linux.get("devices") or []],
+            "device_rules": resources.get("devices") or [],
         },
     }  # fmt: skip
     try:
         spec = WorkloadSpec.model_validate(spec_fields)
     except ValidationError as error:
         first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise BundleError(f"config.json: {where}: {first['msg']}") from None
+        where = "".join(f"{part}: " for part in [".".join(str(part) for part in first["loc"])] if part)
+        raise BundleError(f"config.json: {where}{first['msg'].removeprefix('Value error, ')}") from None
     return Bundle(
         spec=spec,
         directory=directory,
@@ -195,31 +209,60 @@ def _user(user: dict[str, Any]) -> str | None:
     return f"{int(user.get('uid', 0))}:{int(user.get('gid', 0))}"
 
 
-def _namespaces(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """The namespaces config.json lists are the container's own; the others are shared with the host."""
-    private = set()
+def _namespaces(linux: dict[str, Any]) -> dict[str, Any]:
+    """The namespaces config.json lists are the container's own (new, or joined by path); the others
+    are shared with the host."""
+    private, join = set(), {}
     user = False
-    for index, entry in enumerate(entries):
+    for index, entry in enumerate(linux.get("namespaces") or []):
         kind = entry.get("type")
-        if entry.get("path"):
-            raise BundleError(
-                f"linux.namespaces[{index}].path: joining the {kind} namespace at {entry['path']} "
-                "is not supported"
-            )
-        if kind == "user":
-            user = True
-        elif kind in NAMESPACE_NAMES:
-            private.add(NAMESPACE_NAMES[kind])
-        else:
+        name = "user" if kind == "user" else NAMESPACE_NAMES.get(kind)
+        if name is None:
             raise BundleError(f"linux.namespaces[{index}].type: {kind!r} is not a namespace cgctl can create")
-    return {"share": [name for name in NAMESPACE_NAMES.values() if name not in private], "user": user}
+        if entry.get("path"):
+            join[name] = entry["path"]
+        elif name == "user":
+            user = True
+        else:
+            private.add(name)
+    return {
+        "share": [name for name in NAMESPACE_NAMES.values() if name not in private and name not in join],
+        "user": user,
+        "join": join,
+        "uid_mappings": [_mapping(entry) for entry in linux.get("uidMappings") or []],
+        "gid_mappings": [_mapping(entry) for entry in linux.get("gidMappings") or []],
+    }
 
 
-def _capabilities(capabilities: dict[str, list[str]] | None) -> dict[str, Any]:
-    """Exactly the bounding set (the others are subsets of it for a root process)."""
-    if capabilities is None:
-        return {"cap_drop": ["ALL"]}
-    return {"cap_drop": ["ALL"], "cap_add": list(capabilities.get("bounding") or [])}
+def _capability_sets(sets: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The five sets as listed, but for ambient capabilities outside inheritable or permitted: the
+    kernel cannot raise those, and runc leaves them out (`runc spec`'s own config lists three)."""
+    ambient = (
+        set(sets.get("ambient") or []) & set(sets.get("inheritable") or []) & set(sets.get("permitted") or [])
+    )
+    return {**sets, "ambient": [name for name in sets.get("ambient") or [] if name in ambient]}
+
+
+def _mapping(entry: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "container_id": entry.get("containerID"),
+        "host_id": entry.get("hostID"),
+        "size": entry.get("size"),
+    }
+
+
+def _device_node(node: dict[str, Any]) -> dict[str, Any]:
+    keys = {"path": "path", "type": "type", "major": "major", "minor": "minor", "fileMode": "file_mode",
+            "uid": "uid", "gid": "gid"}  # fmt: skip
+    return {ours: node[theirs] for theirs, ours in keys.items() if theirs in node}
+
+
+def _personality(personality: dict[str, Any] | None) -> str | None:
+    if not personality:
+        return None
+    if personality.get("flags"):
+        raise BundleError("linux.personality.flags: not supported by cgctl")
+    return str(personality.get("domain", "")).removeprefix("PER_") or None
 
 
 def _hooks(hooks: dict[str, list[dict[str, Any]]]) -> dict[str, list[Hook]]:

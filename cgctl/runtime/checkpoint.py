@@ -86,8 +86,11 @@ def checkpoint(
     hook: Path | None = None,
     state_dir: Path | None = None,
     progress: Progress | None = None,
+    criu_options: tuple[str, ...] = (),
+    work_dir: Path | None = None,
 ) -> Checkpoint:
-    """Dump the running container `name` into directory (new or empty) with CRIU.
+    """Dump the running container `name` into directory (new or empty) with CRIU; criu_options are
+    passed on (`cgctl-oci checkpoint`'s --file-locks, ...), and CRIU's log goes to work_dir if given.
 
     Without leave_running the container ends once its images are complete, and its
     `cgctl run` reports where it went. Raises LookupError (no such container),
@@ -127,6 +130,8 @@ def checkpoint(
         *EXTERNAL_MOUNTS,
         *(["--leave-running"] if leave_running else []),
         *(["--tcp-established"] if tcp_established else []),
+        *(["--work-dir", str(work_dir)] if work_dir else []),
+        *criu_options,
     ]  # fmt: skip
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     started = time.monotonic()
@@ -135,7 +140,7 @@ def checkpoint(
         try:
             _run_criu(
                 args,
-                directory / "dump.log",
+                (work_dir or directory) / "dump.log",
                 _hook_env(hook, name, directory),
                 lambda: (_image_bytes(directory), _memory(group)),
                 progress,

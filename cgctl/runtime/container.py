@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import json
 import os
 import re
 import shutil
 import signal
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +33,7 @@ from cgctl.cgroup import freezer, fs
 
 if TYPE_CHECKING:
     from cgctl.policy import PolicySet
+    from cgctl.runtime import spawn, supervisor
     from cgctl.runtime.bundle import Bundle
 
 OCI_VERSION = "1.0.2"
@@ -143,6 +142,8 @@ def _start_time(pid: int) -> int:
 
 
 def _now() -> str:
+    import datetime
+
     return datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
 
 
@@ -179,21 +180,24 @@ def cgroup_location(cgroups_path: str, container_id: str, systemd: bool) -> tupl
     return full.parent, full.name
 
 
+@dataclass(frozen=True)
+class Options:
+    """How `create`, `run` and `restore` were asked to make a container (runc's flags)."""
+
+    console_socket: str | None = None
+    pid_file: Path | None = None
+    systemd_cgroup: bool = False
+    state_dir: Path | None = None  # cgctl's run records
+    policies: PolicySet | None = None  # default: the policy directory's
+    adopt: bool = False  # the init becomes our child (`run` and `restore` without --detach wait for it)
+
+
 def create(
-    root: Path,
-    container_id: str,
-    bundle_dir: Path,
-    *,
-    console_socket: str | None = None,
-    pid_file: Path | None = None,
-    systemd_cgroup: bool = False,
-    state_dir: Path | None = None,
-    policies: PolicySet | None = None,
-    adopt: bool = False,
+    root: Path, container_id: str, bundle_dir: Path, options: Options, checkpoint_dir: Path | None = None
 ) -> tuple[Container, int | None]:
-    """Create the container (see the module's docstring); on any failure nothing is left. With adopt,
-    the init becomes our child (`run`, which waits for it); with a terminal and no console socket
-    (`run` again), the terminal's master comes back for the caller to relay."""
+    """Create the container (see the module's docstring), or with checkpoint_dir restore the checkpoint
+    there into it (running at once); on any failure nothing is left. With a terminal and no console
+    socket (`run`), the terminal's master comes back for the caller to relay."""
     from cgctl.runtime import bundle as bundles
 
     container = Container(root, _checked_id(container_id))
@@ -207,13 +211,11 @@ def create(
             loaded = bundles.load(bundle_dir, container_id, container.directory / "seccomp.json")
         except bundles.BundleError as error:
             raise OciError(str(error)) from None
-        if loaded.spec.tty and console_socket is None and not adopt:
+        if loaded.spec.tty and options.console_socket is None and not options.adopt:
             raise OciError("cannot allocate tty if runc will detach without setting console socket")
-        if console_socket is not None and not loaded.spec.tty:
+        if options.console_socket is not None and not loaded.spec.tty:
             raise OciError("cannot use console socket if runc will not detach or allocate tty")
-        master = _create(
-            container, loaded, console_socket, pid_file, systemd_cgroup, state_dir, policies, adopt
-        )
+        master = _create(container, loaded, options, checkpoint_dir)
     except BaseException:
         shutil.rmtree(container.directory, ignore_errors=True)
         raise
@@ -221,24 +223,15 @@ def create(
 
 
 def _create(
-    container: Container,
-    loaded: Bundle,
-    console_socket: str | None,
-    pid_file: Path | None,
-    systemd_cgroup: bool,
-    state_dir: Path | None,
-    policies: PolicySet | None,
-    adopt: bool,
+    container: Container, loaded: Bundle, options: Options, checkpoint_dir: Path | None
 ) -> int | None:
     from cgctl import policy
-    from cgctl.ns import console
-    from cgctl.runtime import hooks, spawn, supervisor
+    from cgctl.runtime import checkpoint, hooks, spawn, supervisor
     from cgctl.spec import SpecError
 
     if loaded.seccomp:
         durable.write_json(container.directory / "seccomp.json", loaded.seccomp)
-    if policies is None:
-        policies = policy.load_directory(policy.default_directory())
+    policies = options.policies or policy.load_directory(policy.default_directory())
     spec, noted = policy.apply_to(loaded.spec, container.id, policies)
     saved: dict[str, Any] = {
         "id": container.id,
@@ -250,69 +243,100 @@ def _create(
         "hooks": {kind: [dataclasses.asdict(hook) for hook in found] for kind, found in loaded.hooks.items()},
     }
     state_path = container.directory / STATE_FILE
-    record_dir = state_dir or state.default_state_dir()
     try:
-        parent, name = cgroup_location(loaded.cgroups_path, container.id, systemd_cgroup)
+        parent, name = cgroup_location(loaded.cgroups_path, container.id, options.systemd_cgroup)
         confinement = supervisor.plan_sandbox(spec)
+        restoring = checkpoint.open_checkpoint(checkpoint_dir, container.id) if checkpoint_dir else None
         durable.write_json(state_path, saved)  # the run record points here: the name is the container's
         with supervisor.prepared_root(spec) as root_plan, policy.blamed(noted):
-            created = supervisor.create(
-                spec, parent, record_dir, {**noted, "oci": {"state": str(state_path)}}, cgroup_name=name
-            )
+            record = {**noted, "oci": {"state": str(state_path)}}
+            created = supervisor.create(spec, parent, options.state_dir, record, cgroup_name=name)
             saved["cgroup"] = str(created.group.path)
             durable.write_json(state_path, saved)
             try:
-                os.mkfifo(container.directory / FIFO, 0o600)
-                size = console.UNKNOWN_SIZE if spec.tty else None
-                launch = supervisor.launch_for(
-                    spec, container.id, created.group, confinement, root_plan, spec.env, size
-                )
-                launch = dataclasses.replace(
-                    launch,
-                    hold=str(container.directory / FIFO),
-                    start_hooks=tuple(loaded.hooks.get("startContainer", [])),
-                )
-
-                def before_go(pid: int) -> None:
-                    early = {**container_state(container, saved), "status": "creating", "pid": pid}
-                    for kind in ("prestart", "createRuntime"):
-                        hooks.run(kind, loaded.hooks.get(kind, []), early)  # type: ignore[arg-type]
-
-                started = spawn.start(launch, adopt=adopt, before_go=before_go)
-                assert started.alive_fd is not None
-                try:
-                    if started.master is not None and console_socket:
-                        send_console(console_socket, started.master)
-                    saved.update(pid=started.pid, pid_start=_start_time(started.pid))
-                    durable.write_json(state_path, saved)
-                    state.update(created.claim.path, pid=started.pid)
-                    if pid_file is not None:
-                        write_pid_file(pid_file, started.pid)
-                    created_state = {
-                        **container_state(container, saved),
-                        "status": "created",
-                        "pid": started.pid,
-                    }
-                    os.write(started.alive_fd, b"ok" + json.dumps(created_state).encode())
-                finally:
-                    os.close(started.alive_fd)
-                    if started.master is not None and console_socket:
-                        os.close(started.master)
+                if restoring is None:
+                    launch = supervisor.launch_for(
+                        spec, container.id, created.group, confinement, root_plan, spec.env, _size(spec.tty)
+                    )
+                    master = _hold(container, loaded, launch, created, saved, options)
+                else:
+                    pid = checkpoint.restore_tasks(restoring, created.group, root_plan, {0: 0, 1: 1, 2: 2})
+                    _record_pid(container, saved, created.claim.path, pid, options.pid_file)
+                    master = None
             except BaseException:
                 fs.remove(created.group)
                 created.claim.release()
                 raise
             created.claim.hand_over()
-            return None if console_socket else started.master
+            return master
     except (
         SpecError,
         spawn.SpawnError,
         hooks.HookError,
+        checkpoint.CheckpointError,
         fs.CgroupError,
         policy.PolicyError,
         OSError,
     ) as error:
         raise OciError(str(error)) from None
+
+
+def _size(tty: bool) -> tuple[int, int] | None:
+    from cgctl.ns import console
+
+    return console.UNKNOWN_SIZE if tty else None
+
+
+def _hold(
+    container: Container,
+    loaded: Bundle,
+    launch: spawn.Launch,
+    created: supervisor.Created,
+    saved: dict[str, Any],
+    options: Options,
+) -> int | None:
+    """Start the init held before exec (Launch.hold), after the prestart and createRuntime hooks, and
+    record it; returns the terminal's master if the caller relays it."""
+    from cgctl.runtime import hooks, spawn
+
+    launch = dataclasses.replace(
+        launch,
+        hold=str(container.directory / FIFO),
+        start_hooks=tuple(loaded.hooks.get("startContainer", [])),
+    )
+    os.mkfifo(container.directory / FIFO, 0o600)
+
+    def before_go(pid: int) -> None:
+        early = {**container_state(container, saved), "status": "creating", "pid": pid}
+        for kind in ("prestart", "createRuntime"):
+            hooks.run(kind, loaded.hooks.get(kind, []), early)  # type: ignore[arg-type]
+
+    started = spawn.start(launch, adopt=options.adopt, before_go=before_go)
+    assert started.alive_fd is not None
+    relayed = started.master is not None and options.console_socket is None
+    try:
+        if started.master is not None and options.console_socket:
+            send_console(options.console_socket, started.master)
+        _record_pid(container, saved, created.claim.path, started.pid, options.pid_file)
+        ready = {**container_state(container, saved), "status": "created", "pid": started.pid}
+        os.write(started.alive_fd, b"ok" + json.dumps(ready).encode())
+    finally:
+        os.close(started.alive_fd)
+        if started.master is not None and not relayed:
+            os.close(started.master)
+    return started.master if relayed else None
+
+
+def _record_pid(
+    container: Container, saved: dict[str, Any], record: Path, pid: int, pid_file: Path | None
+) -> None:
+    """The init's pid in state.json (with its start time, against pid reuse), the run record and the
+    caller's pid file."""
+    saved.update(pid=pid, pid_start=_start_time(pid))
+    durable.write_json(container.directory / STATE_FILE, saved)
+    state.update(record, pid=pid)
+    if pid_file is not None:
+        write_pid_file(pid_file, pid)
 
 
 def container_state(container: Container, saved: dict[str, Any]) -> dict[str, Any]:
@@ -327,6 +351,8 @@ def container_state(container: Container, saved: dict[str, Any]) -> dict[str, An
 
 def send_console(path: str, master: int) -> None:
     """Hand the terminal's master to the caller's --console-socket, as runc does (SCM_RIGHTS)."""
+    import socket
+
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
             sock.connect(path)

@@ -13,7 +13,8 @@ It joins what the container's init has, in the one order that works:
 
 setns(mnt) gives it the container's root and cwd, where the kernel paths are masked already; the
 sandbox (capabilities, no_new_privs, seccomp) is planned again from the container's recorded spec,
-so it gets what the init got. Errors come back over a CLOEXEC pipe as spawn's do.
+so it gets what the init got, with the same supplementary groups, rlimits and umask. Errors come
+back over a CLOEXEC pipe as spawn's do.
 
 A process outlives a caller that dies (as docker exec's outlives its client): the kernel hands it
 to the caller's reaper (the nearest subreaper, else the host's init; never the container's init,
@@ -34,7 +35,7 @@ from cgctl.accounting import find_container
 from cgctl.cgroup import freezer, fs
 from cgctl.ns import console
 from cgctl.runtime import spawn, terminal
-from cgctl.runtime.supervisor import SignalForwarder
+from cgctl.runtime.supervisor import SignalForwarder, rlimits
 from cgctl.spec import ExecSpec, SpecError, WorkloadSpec
 
 # The order to join them in: the user namespace first (it owns the others), mnt before cgroup.
@@ -63,6 +64,9 @@ class Target:
     workdir: str
     tty: bool
     interactive: bool
+    groups: tuple[int, ...] = ()  # the container's supplementary groups
+    rlimits: tuple[tuple[int, int, int], ...] = ()  # and its resource limits
+    umask: int | None = None
 
 
 def prepare(state_dir: Path, name: str, spec: ExecSpec) -> Target:
@@ -108,6 +112,9 @@ def prepare(state_dir: Path, name: str, spec: ExecSpec) -> Target:
         workdir=spec.workdir or workload.workdir or "/",
         tty=spec.tty,
         interactive=spec.interactive,
+        groups=tuple(dict.fromkeys(workload.additional_gids)),
+        rlimits=rlimits(workload),
+        umask=workload.umask,
     )
 
 
@@ -223,8 +230,10 @@ def _process(
             stage = f"looking up the user {target.user}"
             identity = spawn.lookup_identity(target.user)
         spawn.close_inherited_fds(keep={report_w})
+        stage = "setting its rlimits and umask"
+        spawn.set_attributes(target.rlimits, target.umask, None)
         stage = "entering the sandbox" + (f" as the user {target.user}" if target.user else "")
-        sandbox.enter(target.sandbox, identity)
+        sandbox.enter(target.sandbox, identity, target.groups)
         spawn.exec_command(target.argv, target.env, report_w)
     except BaseException as error:  # every failure must reach the caller
         spawn.report_failure(report_w, stage, error)

@@ -25,6 +25,7 @@ import contextlib
 import errno
 import json
 import os
+import resource
 import select
 import shutil
 import signal
@@ -73,6 +74,13 @@ class Launch:
     # It does not die with the caller, which exits once the container is created.
     hold: str | None = None
     start_hooks: tuple[Any, ...] = ()  # with hold: OCI startContainer hooks (runtime.hooks), run before exec
+    rlimits: tuple[tuple[int, int, int], ...] = ()  # (resource, soft, hard) to set before exec
+    groups: tuple[int, ...] = ()  # supplementary groups
+    umask: int | None = None
+    oom_score_adj: int | None = None
+    sysctl: tuple[tuple[str, str], ...] = ()  # (key, value) written under /proc/sys, in its namespaces
+    personality: int | None = None  # personality(2)'s domain
+    id_maps: tuple[str, str] | None = None  # (uid_map, gid_map) the supervisor writes for the setup child
 
 
 class Started(NamedTuple):
@@ -91,6 +99,8 @@ def start(launch: Launch, adopt: bool = True, before_go: Callable[[int], None] |
     alive_r, alive_w = os.pipe2(os.O_CLOEXEC)
     ours, theirs = console.channel() if launch.terminal else (None, None)
     supervisor = os.getpid()
+    unshared_r, unshared_w = os.pipe2(os.O_CLOEXEC) if launch.id_maps else (-1, -1)
+    mapped_r, mapped_w = os.pipe2(os.O_CLOEXEC) if launch.id_maps else (-1, -1)
     with subreaper() if adopt else contextlib.nullcontext():
         setup = os.fork()
         if setup == 0:
@@ -98,12 +108,25 @@ def start(launch: Launch, adopt: bool = True, before_go: Callable[[int], None] |
             os.close(alive_w)  # or the init would never see the supervisor's end of it close
             if ours is not None:
                 ours.close()
-            _setup_child(launch, supervisor, report_w, alive_r, theirs.fileno() if theirs else None)
+            if launch.id_maps:
+                os.close(unshared_r)
+                os.close(mapped_w)
+            mapping = (unshared_w, mapped_r) if launch.id_maps else None
+            _setup_child(launch, supervisor, report_w, alive_r, theirs.fileno() if theirs else None, mapping)
         os.close(report_w)
         os.close(alive_r)
         if theirs is not None:
             theirs.close()
+        refused = None
+        if launch.id_maps:
+            os.close(unshared_w)
+            os.close(mapped_r)
+            refused = _write_id_maps(setup, launch.id_maps, unshared_r, mapped_w)
         _, setup_status = os.waitpid(setup, 0)
+    if refused:
+        os.close(report_r)
+        os.close(alive_w)
+        raise SpawnError(refused, 125)
     why = f"the setup process died ({describe(setup_status)}) before starting the workload"
     try:
         pid, master = reported_start(report_r, ours, launch.argv[0], why, alive_w, before_go)
@@ -111,6 +134,28 @@ def start(launch: Launch, adopt: bool = True, before_go: Callable[[int], None] |
         if ours is not None:
             ours.close()
     return Started(pid, alive_w, master)
+
+
+def _write_id_maps(setup: int, maps: tuple[str, str], unshared_r: int, mapped_w: int) -> str | None:
+    """Write the setup child's uid_map and gid_map once it has unshared its user namespace (the kernel
+    lets only a process outside write a map of more than its own id); the reason if that failed."""
+    try:
+        if os.read(unshared_r, 1) != b"u":
+            return None  # it failed before: its report says why
+        for kind, text in zip(("uid_map", "gid_map"), maps, strict=True):
+            try:
+                with open(f"/proc/{setup}/{kind}", "w") as file:
+                    file.write(text)
+            except OSError as error:
+                return (
+                    f"writing the user namespace's {kind} ({text.strip()!r}) failed: {error.strerror}; "
+                    "the host ids must exist and be the caller's to give (run as root)"
+                )
+        os.write(mapped_w, b"m")
+        return None
+    finally:
+        os.close(unshared_r)
+        os.close(mapped_w)
 
 
 def reported_start(
@@ -219,29 +264,45 @@ def _die_with(parent: int) -> None:
 
 
 def _setup_child(
-    launch: Launch, supervisor: int, report_w: int, alive_r: int, console_fd: int | None
+    launch: Launch,
+    supervisor: int,
+    report_w: int,
+    alive_r: int,
+    console_fd: int | None,
+    mapping: tuple[int, int] | None,
 ) -> NoReturn:
     stage = "starting"
     try:
         default_signals()
         _die_with(supervisor)
+        # Opened before any namespace: the kernel checks a cgroup.procs write against the opener's
+        # credentials, and a user namespace's mapped root may not be the cgroup's owner.
+        procs = os.open(launch.cgroup_procs, os.O_WRONLY | os.O_CLOEXEC)
+        if launch.namespaces.joined:
+            stage = "joining namespaces " + ", ".join(f"{k}={p}" for k, p in launch.namespaces.joined.items())
+            ns.join(launch.namespaces)
         if launch.user_namespace:
             stage = "creating the user namespace"
-            user.enter(os.geteuid(), os.getegid())
+            if mapping is None:
+                user.enter(os.geteuid(), os.getegid())
+            else:
+                user.enter_mapped(*mapping)
         stage = "creating namespaces"
         syscalls.unshare(ns.unshare_flags(launch.namespaces))
         ns.child_steps(launch.namespaces)
         stage = "forking the workload"
         pid = os.fork()
         if pid == 0:
-            _workload_init(launch, report_w, alive_r, console_fd)
+            _workload_init(launch, report_w, alive_r, console_fd, procs)
         report(report_w, pid=pid)
         os._exit(0)
     except BaseException as error:  # every failure must reach the supervisor
         report_failure(report_w, stage, error)
 
 
-def _workload_init(launch: Launch, report_w: int, alive_r: int, console_fd: int | None) -> NoReturn:
+def _workload_init(
+    launch: Launch, report_w: int, alive_r: int, console_fd: int | None, procs: int
+) -> NoReturn:
     stage = "waiting for the supervisor"
     try:
         if os.read(alive_r, 2) != b"go":
@@ -258,16 +319,25 @@ def _workload_init(launch: Launch, report_w: int, alive_r: int, console_fd: int 
             for target, source in enumerate(launch.stdio):
                 os.dup2(source, target)
         stage = "joining the cgroup"
-        with open(launch.cgroup_procs, "w") as procs:
-            procs.write("0")
+        os.write(procs, b"0")
+        os.close(procs)
+        ns.init_unshare(launch.namespaces)
+        if launch.oom_score_adj is not None:
+            stage = f"setting oom_score_adj to {launch.oom_score_adj}"
+            with open("/proc/self/oom_score_adj", "w") as adj:
+                adj.write(str(launch.oom_score_adj))
         if launch.root:
             stage = "building the root filesystem"
             rootfs.enter(launch.root)
         stage = "setting up namespaces"
         ns.init_steps(launch.namespaces)
-        if launch.sandbox.restrict_paths:
+        for key, value in launch.sysctl:
+            stage = f"setting the sysctl {key}={value}"
+            with open(f"/proc/sys/{key.replace('.', '/')}", "w") as sysctl:
+                sysctl.write(value)
+        if launch.sandbox.masked or launch.sandbox.read_only:
             stage = "masking kernel paths"
-            paths.restrict()
+            paths.restrict(launch.sandbox.masked, launch.sandbox.read_only)
         os.setsid()
         if launch.terminal and console_fd is not None:
             stage = "opening its terminal"
@@ -280,8 +350,10 @@ def _workload_init(launch: Launch, report_w: int, alive_r: int, console_fd: int 
             stage = f"looking up the user {launch.user}"
             identity = lookup_identity(launch.user)
         close_inherited_fds(keep={report_w, alive_r} | ({held} if held is not None else set()))
+        stage = "setting its process attributes (rlimits, umask, personality)"
+        set_attributes(launch.rlimits, launch.umask, launch.personality)
         stage = "entering the sandbox" + (f" as the user {launch.user}" if launch.user else "")
-        sandbox.enter(launch.sandbox, identity)
+        sandbox.enter(launch.sandbox, identity, launch.groups)
         if launch.init:
             _reaper(launch, report_w)
         if held is not None:
@@ -326,6 +398,21 @@ def _wait_for_start(launch: Launch, fifo: int, report_w: int, alive_r: int) -> N
         except hooks.HookError as error:
             os.write(2, f"{error}\n".encode())
             os._exit(1)
+
+
+def set_attributes(rlimits: tuple[tuple[int, int, int], ...], umask: int | None, persona: int | None) -> None:
+    """The process attributes exec keeps, set while the init is still privileged (raising a hard
+    limit needs CAP_SYS_RESOURCE); an OCI limit of 2**64-1 (or over 2**63) is unlimited."""
+    for kind, soft, hard in rlimits:
+        resource.setrlimit(kind, (_limit(soft), _limit(hard)))
+    if umask is not None:
+        os.umask(umask)
+    if persona is not None:
+        syscalls.personality(persona)
+
+
+def _limit(value: int) -> int:
+    return resource.RLIM_INFINITY if value >= 1 << 63 else value
 
 
 def lookup_identity(user: str) -> tuple[int, int]:

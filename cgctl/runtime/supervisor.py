@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -24,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cgctl import limits as table
-from cgctl import ns, policy, sandbox, state
+from cgctl import ns, policy, sandbox, state, syscalls
 from cgctl.cgroup import cpu, cpuset, devices, fs, hugetlb, io, memory, pids
-from cgctl.ns import console, rootfs
+from cgctl.ns import console, mounts, rootfs, user
 from cgctl.policy import PolicySet
 from cgctl.runtime import spawn, terminal
 from cgctl.runtime.report import RunReport, final_report
@@ -192,6 +193,11 @@ def plan_sandbox(spec: WorkloadSpec) -> sandbox.Plan:
             "rootless (in a delegated cgroup)",
             125,
         )
+    for kind, path in spec.namespaces.join.items():
+        if not os.path.exists(path):
+            raise SpecError(
+                ("namespaces", "join", kind), path, "no such namespace file (is its process gone?)"
+            )
     return sandbox.plan(spec.security)
 
 
@@ -205,35 +211,72 @@ def launch_for(
     terminal_size: tuple[int, int] | None = None,
 ) -> spawn.Launch:
     """The launch of spec's workload; with spec.tty its terminal starts at terminal_size (rows, columns)."""
+    spaces = spec.namespaces
+    id_maps = None
+    if spaces.uid_mappings:
+        id_maps = tuple(
+            user.map_text([(m.container_id, m.host_id, m.size) for m in mappings])
+            for mappings in (spaces.uid_mappings, spaces.gid_mappings)
+        )
     return spawn.Launch(
         argv=spec.command,
         env=env,
         workdir=spec.workdir,
         cgroup_procs=str(group.file("cgroup.procs")),
-        namespaces=ns.Context(private=frozenset(spec.namespaces.private()), hostname=spec.hostname or name),
-        user_namespace=spec.namespaces.user,
+        namespaces=ns.Context(
+            private=frozenset(spaces.private()),
+            hostname=spec.hostname or name,
+            joined={str(kind): path for kind, path in spaces.join.items()},
+            own_mounts=spec.mounts is not None,
+            domainname=spec.domainname,
+        ),
+        user_namespace=spaces.user,
         init=spec.init,
         sandbox=confinement,
         root=root,
         user=spec.user,
         terminal=(terminal_size or console.UNKNOWN_SIZE) if spec.tty else None,
+        rlimits=rlimits(spec),
+        groups=tuple(dict.fromkeys(spec.additional_gids)),
+        umask=spec.umask,
+        oom_score_adj=spec.oom_score_adj,
+        sysctl=tuple(spec.security.sysctl.items()),
+        personality=None if spec.personality is None else syscalls.PERSONALITIES[spec.personality],
+        id_maps=id_maps,  # type: ignore[arg-type]
     )
+
+
+def rlimits(spec: WorkloadSpec) -> tuple[tuple[int, int, int], ...]:
+    """The spec's rlimits as (resource, soft, hard) for setrlimit."""
+    return tuple((getattr(resource, limit.type), limit.soft, limit.hard) for limit in spec.rlimits)
 
 
 @contextlib.contextmanager
 def prepared_root(spec: WorkloadSpec) -> Iterator[rootfs.Plan | None]:
     """The plan of the spec's own root (None for the host's), with what it needs on the host made
     (a staging directory; --upper's upper/ and work/) and removed again at the end, unless
-    --keep-upper. Missing layers or volume sources raise SpecError before anything is made."""
+    --keep-upper. Missing layers, root, volume or bind sources, bad mount options and device nodes
+    the host lacks (when they must be bound) raise SpecError before anything is made."""
     if spec.rootfs is None:
         yield None
         return
     for index, layer in enumerate(spec.rootfs.layers):
         if not os.path.isdir(layer):
             raise SpecError(("rootfs", "layers", index), layer, "not a directory")
+    if spec.rootfs.path is not None and not os.path.isdir(spec.rootfs.path):
+        raise SpecError(("rootfs", "path"), spec.rootfs.path, "not a directory")
     for index, volume in enumerate(spec.volumes):
         if not os.path.exists(volume.source):
             raise SpecError(("volumes", index), volume.source, "no such file or directory on the host")
+    steps = None if spec.mounts is None else mounts.plan(spec.mounts)
+    # mknod only as root in the host's user namespace: elsewhere the kernel refuses usable nodes.
+    mknod = os.geteuid() == 0 and not spec.namespaces.user and "user" not in spec.namespaces.join
+    for index, node in enumerate(spec.security.device_nodes):
+        if not mknod and node.type != "p" and not os.path.exists(node.path):
+            reason = (
+                "cannot be made here (rootless or a user namespace) and the host has no such node to bind"
+            )
+            raise SpecError(("security", "device_nodes", index), node.path, reason)
     with tempfile.TemporaryDirectory(prefix="cgctl-root-") as staging, contextlib.ExitStack() as cleanup:
         upper = spec.rootfs.upper
         if upper is not None:
@@ -254,6 +297,10 @@ def prepared_root(spec: WorkloadSpec) -> Iterator[rootfs.Plan | None]:
             volumes=tuple(spec.volumes),
             private=frozenset(spec.namespaces.private()),
             devices=tuple((device.path, device.target or device.path) for device in spec.security.devices),
+            path=spec.rootfs.path,
+            mounts=steps,
+            device_nodes=tuple(spec.security.device_nodes),
+            mknod=mknod,
         )
 
 

@@ -39,12 +39,12 @@ _KEPT_FLAGS = {
 }
 
 
-def restrict() -> None:
-    """Write-protect READ_ONLY, then mask MASKED (the masks are read-only by themselves)."""
-    for path in READ_ONLY:
+def restrict(masked: tuple[str, ...] = MASKED, read_only_paths: tuple[str, ...] = READ_ONLY) -> None:
+    """Write-protect read_only_paths, then mask masked (the masks are read-only by themselves)."""
+    for path in read_only_paths:
         if os.path.lexists(path):
             read_only(path)
-    for path in MASKED:
+    for path in masked:
         mask(path)
 
 

@@ -118,7 +118,7 @@ def host_target(tmp_path: Path, argv: list[str], **fields: object) -> execution.
             "pid": os.getpid(),
             "cgroup_procs": str(tmp_path / "cgroup.procs"),
             "namespaces": (),
-            "sandbox": sandbox.Plan(own_capabilities(), (), False, None, False),
+            "sandbox": sandbox.Plan(own_capabilities(), (), False, None),
             "argv": argv,
             "env": {"PATH": "/usr/bin:/bin", "A": "1"},
             "user": None,

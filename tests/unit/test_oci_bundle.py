@@ -74,10 +74,18 @@ def test_unsupported_or_bad_fields_are_refused_by_name(
         _bundle(tmp_path, config)
 
 
-def test_a_namespace_path_is_refused(tmp_path: Path, runc_config: dict[str, Any]) -> None:
+def test_a_namespace_with_a_path_is_joined(tmp_path: Path, runc_config: dict[str, Any]) -> None:
     config = copy.deepcopy(runc_config)
-    config["linux"]["namespaces"] = [{"type": "network", "path": "/proc/1/ns/net"}]
-    with pytest.raises(BundleError, match=r"linux\.namespaces\[0\]"):
+    config["linux"]["namespaces"] = [{"type": "mount"}, {"type": "network", "path": "/proc/1/ns/net"}]
+    namespaces = _bundle(tmp_path, config).spec.namespaces
+    assert namespaces.join == {"net": "/proc/1/ns/net"}
+    assert namespaces.private() == ["mnt", "net"] and "net" not in namespaces.share  # joined: not the host's
+
+
+def test_a_root_without_a_mount_namespace_is_refused(tmp_path: Path, runc_config: dict[str, Any]) -> None:
+    config = copy.deepcopy(runc_config)
+    config["linux"]["namespaces"] = [{"type": "pid"}]
+    with pytest.raises(BundleError, match="its own mount namespace"):
         _bundle(tmp_path, config)
 
 
@@ -161,5 +169,5 @@ def test_signals_are_taken_as_runc_takes_them() -> None:
 @pytest.mark.parametrize("bad", ["../x", "a/b", "", "..", "a b"])
 def test_bad_ids_are_refused(tmp_path: Path, bad: str) -> None:
     with pytest.raises(container.OciError, match="invalid id format"):
-        container.create(tmp_path / "root", bad, tmp_path)
+        container.create(tmp_path / "root", bad, tmp_path, container.Options())
     assert not (tmp_path / "root").exists() or not any((tmp_path / "root").iterdir())

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
 import signal
@@ -61,6 +60,8 @@ class _Log:
     def _write(self, level: str, message: str) -> None:
         if not self.path:
             return
+        import datetime
+
         now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
         if self.form == "json":
             line = json.dumps({"level": level, "msg": message, "time": now})
@@ -143,6 +144,32 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--preserve-fds", type=int, default=0)
     with_id(sub)
     sub.add_argument("command", nargs=argparse.REMAINDER)
+    for name, handler, text in (
+        ("checkpoint", _checkpoint, "Dump a running container with CRIU"),
+        ("restore", _restore, "Restore a checkpoint as a new container from a bundle"),
+    ):
+        sub = verb(name, handler, text)
+        sub.add_argument("--image-path", type=Path, default=Path("checkpoint"))
+        sub.add_argument("--work-path", type=Path, help="CRIU's logs and work files")
+        sub.add_argument("--tcp-established", action="store_true")
+        sub.add_argument("--ext-unix-sk", action="store_true")
+        sub.add_argument("--shell-job", action="store_true")
+        sub.add_argument("--file-locks", action="store_true")
+        sub.add_argument("--auto-dedup", action="store_true")
+        sub.add_argument("--manage-cgroups-mode", default="ignore", help="accepted; cgctl makes the cgroups")
+        for unsupported in ("--lazy-pages", "--page-server", "--parent-path", "--pre-dump", "--empty-ns"):
+            sub.add_argument(unsupported, nargs="?", const=True, default=None, help=argparse.SUPPRESS)
+        if name == "checkpoint":
+            sub.add_argument("--leave-running", action="store_true")
+        else:
+            sub.add_argument("-b", "--bundle", type=Path, default=Path("."))
+            sub.add_argument("--console-socket")
+            sub.add_argument("-d", "--detach", action="store_true")
+            sub.add_argument("--pid-file", type=Path)
+            sub.add_argument("--no-subreaper", action="store_true", help="accepted")
+            sub.add_argument("--no-pivot", action="store_true", help="accepted")
+            sub.add_argument("--keep", action="store_true", help="do not delete the container when it ends")
+        with_id(sub)
     return parser
 
 
@@ -150,45 +177,34 @@ def _root(args: argparse.Namespace) -> Path:
     return args.root or oci.default_root()
 
 
-def _systemd(args: argparse.Namespace) -> bool:
-    return bool(args.systemd_cgroup or args.cgroup_manager == "systemd")
-
-
-def _create(args: argparse.Namespace) -> int:
-    if args.preserve_fds:
+def _options(args: argparse.Namespace, adopt: bool = False) -> oci.Options:
+    if getattr(args, "preserve_fds", 0):
         raise OciError("--preserve-fds: passing extra file descriptors is not supported by cgctl-oci")
-    _, master = oci.create(
-        _root(args),
-        args.id,
-        args.bundle,
+    return oci.Options(
         console_socket=args.console_socket,
         pid_file=args.pid_file,
-        systemd_cgroup=_systemd(args),
+        systemd_cgroup=bool(args.systemd_cgroup or args.cgroup_manager == "systemd"),
+        adopt=adopt,
     )
-    assert master is None
-    return 0
+
+
+def _create(args: argparse.Namespace) -> None:
+    oci.create(_root(args), args.id, args.bundle, _options(args))
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.preserve_fds:
-        raise OciError("--preserve-fds: passing extra file descriptors is not supported by cgctl-oci")
-    root = _root(args)
-    container, master = oci.create(
-        root,
-        args.id,
-        args.bundle,
-        console_socket=args.console_socket,
-        pid_file=args.pid_file,
-        systemd_cgroup=_systemd(args),
-        adopt=not args.detach,
-    )
+    container, master = oci.create(_root(args), args.id, args.bundle, _options(args, adopt=not args.detach))
     try:
         oci.start(container)
     except OciError:
         oci.delete(container, force=True)
         raise
-    if args.detach:
-        return 0
+    return 0 if args.detach else _attend(container, master, args.keep)
+
+
+def _attend(container: oci.Container, master: int | None, keep: bool) -> int:
+    """Wait for the container's init, our child, passing our signals on (and relaying its terminal);
+    return its exit status, and delete it unless keep."""
     pid = int(container.saved()["pid"])
     previous = {
         sig: signal.signal(sig, lambda received, _frame: _forward(pid, received))
@@ -211,9 +227,54 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if not args.keep:
+    if not keep:
         oci.delete(container, force=True)
     return status
+
+
+def _criu_options(args: argparse.Namespace) -> tuple[str, ...]:
+    """The flags both verbs pass on to CRIU; those cgctl does not implement are refused by name."""
+    for unsupported in ("lazy_pages", "page_server", "parent_path", "pre_dump", "empty_ns"):
+        if getattr(args, unsupported) is not None:
+            raise OciError(
+                f"--{unsupported.replace('_', '-')}: not supported by cgctl-oci's checkpoint and restore"
+            )
+    if args.shell_job:
+        raise OciError("--shell-job: cgctl-oci checkpoints no terminals (CRIU takes one only as a shell job)")
+    flags = {"ext_unix_sk": "--ext-unix-sk", "file_locks": "--file-locks", "auto_dedup": "--auto-dedup"}
+    return tuple(flag for name, flag in flags.items() if getattr(args, name))
+
+
+def _checkpoint(args: argparse.Namespace) -> None:
+    from cgctl.runtime import checkpoint
+    from cgctl.spec import SpecError
+
+    container = oci.open_container(_root(args), args.id)
+    if container.status() != "running":
+        raise OciError("container not running")
+    try:
+        if args.work_path is not None:
+            args.work_path.mkdir(parents=True, exist_ok=True)
+        checkpoint.checkpoint(
+            args.id,
+            args.image_path,
+            leave_running=args.leave_running,
+            tcp_established=args.tcp_established,
+            criu_options=_criu_options(args),
+            work_dir=args.work_path,
+        )
+    except OSError as error:
+        raise OciError(f"--work-path {args.work_path}: {error.strerror}") from None
+    except (LookupError, checkpoint.CheckpointError, SpecError) as error:
+        raise OciError(str(error)) from None
+
+
+def _restore(args: argparse.Namespace) -> int:
+    _criu_options(args)  # refuses what cannot be done; the dump's own flags come back with its images
+    container, _ = oci.create(
+        _root(args), args.id, args.bundle, _options(args, adopt=not args.detach), args.image_path
+    )
+    return 0 if args.detach else _attend(container, None, args.keep)
 
 
 def _forward(pid: int, sig: int) -> None:
