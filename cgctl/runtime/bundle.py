@@ -49,6 +49,16 @@ LABELLED_ANNOTATIONS = (
 )
 
 
+# The devices runc allows after the config's own rules, whatever they say (specconv's AllowedDevices):
+# mknod of any node, the harmless character devices, and the container's ptys.
+RUNC_ALLOWED_DEVICES = (
+    {"allow": True, "type": "c", "access": "m"},
+    {"allow": True, "type": "b", "access": "m"},
+    *({"allow": True, "type": "c", "major": major, "minor": minor, "access": "rwm"}
+      for major, minor in ((1, 3), (1, 8), (1, 7), (5, 0), (1, 5), (1, 9), (136, -1), (5, 2))),
+)  # fmt: skip
+
+
 class BundleError(ValueError):
     """config.json asks for something cgctl cannot do, or says it badly; the message names the field."""
 
@@ -93,7 +103,7 @@ def translate(config: dict[str, Any], directory: Path, container_id: str, seccom
     root_path = (directory / root["path"]).resolve()
     if not root_path.is_dir():
         raise BundleError(f"root.path: {root_path} is not a directory")
-    seccomp = linux.get("seccomp")
+    seccomp = as_libseccomp_keeps(linux["seccomp"]) if linux.get("seccomp") else None
     user = process.get("user") or {}
     resources = linux.get("resources") or {}
     spec_fields: dict[str, Any] = {
@@ -124,7 +134,7 @@ def translate(config: dict[str, Any], directory: Path, container_id: str, seccom
             "readonly_paths": linux.get("readonlyPaths") or [],
             "sysctl": linux.get("sysctl") or {},
             "device_nodes": [_device_node(node) for node in linux.get("devices") or []],
-            "device_rules": resources.get("devices") or [],
+            "device_rules": [*(resources.get("devices") or []), *RUNC_ALLOWED_DEVICES],
         },
     }  # fmt: skip
     try:
@@ -143,6 +153,29 @@ def translate(config: dict[str, Any], directory: Path, container_id: str, seccom
         hooks=_hooks(config.get("hooks") or {}),
         annotations={str(key): str(value) for key, value in (config.get("annotations") or {}).items()},
     )
+
+
+def as_libseccomp_keeps(profile: dict[str, Any]) -> dict[str, Any]:
+    """The profile as runc's filter holds it. libseccomp keeps one of two rules for a system call whose
+    actions differ when either applies to any arguments (the first of two such, the one for any
+    arguments over one with args); cgctl's compiler refuses such pairs in a profile a user wrote, but
+    a config.json's (podman's default lists setns both allowed and refused) must mean what it means
+    under runc."""
+    entries = [{**entry, "names": list(entry.get("names") or [])} for entry in profile.get("syscalls") or []]
+    seen: dict[str, list[tuple[int, tuple[Any, Any], bool]]] = {}
+    for index, entry in enumerate(entries):
+        action, has_args = (entry.get("action"), entry.get("errnoRet")), bool(entry.get("args"))
+        kept = []
+        for name in entry["names"]:
+            rivals = [r for r in seen.get(name, []) if r[1] != action and not (r[2] and has_args)]
+            if rivals and (has_args or any(not r[2] for r in rivals)):
+                continue  # an earlier rule for any arguments wins
+            for rival, _, _ in rivals:  # earlier rules with args lose to this one for any arguments
+                entries[rival]["names"].remove(name)
+            seen[name] = [r for r in seen.get(name, []) if r not in rivals] + [(index, action, has_args)]
+            kept.append(name)
+        entry["names"] = kept
+    return {**profile, "syscalls": [entry for entry in entries if entry["names"]]}
 
 
 def _section(config: dict[str, Any], name: str) -> dict[str, Any]:

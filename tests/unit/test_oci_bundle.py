@@ -171,3 +171,32 @@ def test_bad_ids_are_refused(tmp_path: Path, bad: str) -> None:
     with pytest.raises(container.OciError, match="invalid id format"):
         container.create(tmp_path / "root", bad, tmp_path, container.Options())
     assert not (tmp_path / "root").exists() or not any((tmp_path / "root").iterdir())
+
+
+def test_runcs_allowed_devices_follow_the_configs_rules(tmp_path: Path, runc_config: dict[str, Any]) -> None:
+    rules = _bundle(tmp_path, runc_config).spec.security.device_rules
+    assert rules is not None
+    assert (rules[0].allow, rules[0].type, rules[0].access) == (False, "a", "rwm")  # the config's deny-all
+    assert any(rule.allow and (rule.major, rule.minor) == (1, 3) for rule in rules)  # /dev/null, as runc
+    assert any(rule.allow and (rule.major, rule.minor) == (136, None) for rule in rules)  # the ptys
+
+
+def test_a_profile_is_reduced_to_what_libseccomp_keeps() -> None:
+    allow, refuse = "SCMP_ACT_ALLOW", "SCMP_ACT_ERRNO"
+    arg = [{"index": 0, "value": 1, "op": "SCMP_CMP_EQ"}]
+    profile = {
+        "defaultAction": refuse,
+        "syscalls": [
+            {"names": ["setns", "read"], "action": allow},
+            {"names": ["setns"], "action": refuse, "errnoRet": 1},  # later, any arguments: the first wins
+            {"names": ["clone"], "action": allow, "args": arg},
+            {"names": ["clone", "write"], "action": refuse},  # any arguments wins over args
+            {"names": ["read"], "action": allow, "args": arg},  # same action: both stay
+        ],
+    }
+    kept = bundle.as_libseccomp_keeps(profile)["syscalls"]
+    assert [(entry["names"], entry["action"]) for entry in kept] == [
+        (["setns", "read"], allow),
+        (["clone", "write"], refuse),
+        (["read"], allow),
+    ]
