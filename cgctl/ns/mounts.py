@@ -138,10 +138,6 @@ def mount_all(root: str, steps: tuple[Step, ...]) -> None:
     for step in steps:
         target = resolve(root, step.destination)
         _mount_point(target, step.source_is_dir)
-        if step.fstype == "cgroup2" and (own := own_cgroup()) is not None:
-            # No cgroup namespace of its own: a fresh cgroup2 would show the host's whole tree, so
-            # (as runc does) its own cgroup is bound there, with the mount's flags.
-            step = Step(step.destination, own, None, step.flags | syscalls.MS_BIND, None, step.propagation)
         if step.fstype is None:
             syscalls.mount(step.source, target, None, step.flags & (syscalls.MS_BIND | syscalls.MS_REC))
             extra = step.flags & ~(syscalls.MS_BIND | syscalls.MS_REC)
@@ -152,21 +148,6 @@ def mount_all(root: str, steps: tuple[Step, ...]) -> None:
             syscalls.mount(step.source, target, step.fstype, step.flags, step.data)
         for propagation in step.propagation:
             syscalls.mount("none", target, None, propagation)
-
-
-def own_cgroup() -> str | None:
-    """The host's directory of this process's cgroup, or None inside a cgroup namespace of its own
-    (/proc/self/cgroup then names its cgroup "/")."""
-    with open("/proc/self/cgroup") as cgroups:
-        path = next((line[3:].strip() for line in cgroups if line.startswith("0::")), "/")
-    if path == "/":
-        return None
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            fields = line.split()
-            if fields[fields.index("-") + 1] == "cgroup2":
-                return fields[4] + path
-    return None
 
 
 def _mount_point(target: str, directory: bool) -> None:
