@@ -126,7 +126,7 @@ def oci(runtime: str, scratch: Path, request: pytest.FixtureRequest) -> Iterator
 
 
 @runtime_params()
-# By name, and (SIGTERM) by its full name and another status; a number is parsed as runc parses it (unit tests).
+# By name, and by full name with another status; a number is parsed as runc parses it (unit tests).
 @pytest.mark.parametrize(("signal_", "status"), [("KILL", 137), ("SIGTERM", 143)])
 def test_create_start_kill_delete(oci: Runtime, signal_: str, status: int) -> None:
     bundle = oci.bundle("c1", WAITER)
