@@ -232,8 +232,6 @@ def _create(
 
     if loaded.seccomp:
         durable.write_json(container.directory / "seccomp.json", loaded.seccomp)
-    policies = options.policies or policy.load_directory(policy.default_directory())
-    spec, noted = policy.apply_to(loaded.spec, container.id, policies)
     saved: dict[str, Any] = {
         "id": container.id,
         "bundle": str(loaded.directory),
@@ -245,6 +243,8 @@ def _create(
     }
     state_path = container.directory / STATE_FILE
     try:
+        policies = options.policies or policy.load_directory(policy.default_directory())
+        spec, noted = policy.apply_to(loaded.spec, container.id, policies)
         parent, name = cgroup_location(loaded.cgroups_path, container.id, options.systemd_cgroup)
         confinement = supervisor.plan_sandbox(spec)
         durable.write_json(state_path, saved)  # the run record points here: the name is the container's

@@ -200,3 +200,18 @@ def test_a_profile_is_reduced_to_what_libseccomp_keeps() -> None:
         (["clone", "write"], refuse),
         (["read"], allow),
     ]
+
+
+def test_a_bad_policy_file_fails_create_by_name_and_leaves_nothing(
+    tmp_path: Path, runc_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "10-bad.yaml").write_text("policies:\n  - name: x\n    limits: {memory: {max: lots}}\n")
+    monkeypatch.setenv("CGCTL_POLICY_DIR", str(policies))
+    bundle_dir = tmp_path / "bundle"
+    bundle_dir.mkdir()
+    _bundle(bundle_dir, {**runc_config, "process": {**runc_config["process"], "terminal": False}})
+    with pytest.raises(container.OciError, match=r"10-bad\.yaml"):
+        container.create(tmp_path / "root", "c1", bundle_dir, container.Options())
+    assert list((tmp_path / "root").iterdir()) == []
