@@ -246,17 +246,11 @@ def _run(args: argparse.Namespace) -> int:
 def _attend(container: oci.Container, master: int | None, keep: bool) -> int:
     """Wait for the container's init, our child, passing our signals on (and relaying its terminal);
     return its exit status, and delete it unless keep."""
+    from cgctl.runtime.supervisor import FORWARDED_SIGNALS  # loaded already: create needed it
+
     pid = int(container.saved()["pid"])
     previous = {
-        sig: signal.signal(sig, lambda received, _frame: _forward(pid, received))
-        for sig in (
-            signal.SIGINT,
-            signal.SIGTERM,
-            signal.SIGHUP,
-            signal.SIGQUIT,
-            signal.SIGUSR1,
-            signal.SIGUSR2,
-        )
+        sig: signal.signal(sig, lambda received, _frame: _forward(pid, received)) for sig in FORWARDED_SIGNALS
     }
     try:
         if master is None:

@@ -174,6 +174,23 @@ def terminal() -> tuple[int, int]:
     return master, slave
 
 
+def assert_shell_on_a_terminal(argv: list[str]) -> None:
+    """Run argv (a shell in a container with a terminal: `ctr run -t`, `podman run -it`) on a pty of
+    ours, type into it, and check that it is on the container's own pty and that its exit status
+    comes back."""
+    master, slave = terminal()
+    try:
+        shell = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+        os.close(slave)
+        read_until(master, b"# ", timeout=60)
+        os.write(master, b"tty; echo h''i; exit 5\n")
+        seen = read_until(master, b"\nhi\r", timeout=60)
+        assert b"/dev/pts/0" in seen, seen
+        assert shell.wait(timeout=60) == 5
+    finally:
+        os.close(master)
+
+
 def processes_mentioning(word: str) -> list[str]:
     """Command lines of running processes with `word` in them (shims and conmon name their container)."""
     found = []

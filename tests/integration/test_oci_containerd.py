@@ -3,7 +3,6 @@ cgctl-oci as the shim's runtime binary (`ctr run --runc-binary`): the same asser
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -15,11 +14,10 @@ import pytest
 from tests.integration.oci_bundles import (
     IMAGE_NAME,
     UNIFIED,
+    assert_shell_on_a_terminal,
     processes_mentioning,
-    read_until,
     remove_cgroup_tree,
     runtime_params,
-    terminal,
     wait_for,
     write_busybox_archive,
 )
@@ -156,18 +154,5 @@ def test_a_task_pauses_resumes_execs_and_gives_metrics(containerd: Containerd, r
 
 @runtime_params()
 def test_run_t_gives_a_terminal(containerd: Containerd, runtime: str) -> None:
-    master, slave = terminal()
-    try:
-        ctr = subprocess.Popen(
-            containerd.run_argv(runtime, "-t", "--rm", IMAGE_NAME, "tty1", "sh"),
-            stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
-        )  # fmt: skip
-        os.close(slave)
-        read_until(master, b"# ", timeout=60)
-        os.write(master, b"tty; echo h''i; exit 5\n")
-        seen = read_until(master, b"\nhi\r", timeout=60)
-        assert b"/dev/pts/0" in seen, seen
-        assert ctr.wait(timeout=60) == 5
-    finally:
-        os.close(master)
+    assert_shell_on_a_terminal(containerd.run_argv(runtime, "-t", "--rm", IMAGE_NAME, "tty1", "sh"))
     containerd.assert_nothing_left("tty1")

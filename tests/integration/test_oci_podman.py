@@ -14,12 +14,11 @@ import pytest
 from tests.integration.oci_bundles import (
     IMAGE_NAME,
     UNIFIED,
+    assert_shell_on_a_terminal,
     cgroup_dirs,
     processes_mentioning,
-    read_until,
     remove_cgroup_tree,
     runtime_params,
-    terminal,
     write_busybox_archive,
 )
 from tests.integration.workloads import tmpfs
@@ -102,20 +101,7 @@ def test_run_gives_the_exit_status_and_the_memory_limit(podman: Podman, runtime:
 
 @runtime_params()
 def test_run_it_gives_a_terminal(podman: Podman, runtime: str) -> None:
-    master, slave = terminal()
-    try:
-        run = subprocess.Popen(
-            podman.run_argv(runtime, "-it", "--rm", IMAGE_NAME, "sh"),
-            stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
-        )  # fmt: skip
-        os.close(slave)
-        read_until(master, b"# ", timeout=60)
-        os.write(master, b"tty; echo h''i; exit 5\n")
-        seen = read_until(master, b"\nhi\r", timeout=60)
-        assert b"/dev/pts/0" in seen, seen
-        assert run.wait(timeout=60) == 5
-    finally:
-        os.close(master)
+    assert_shell_on_a_terminal(podman.run_argv(runtime, "-it", "--rm", IMAGE_NAME, "sh"))
     podman.assert_nothing_left(runtime)
 
 
