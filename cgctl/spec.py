@@ -261,6 +261,13 @@ def _absolute(path: str) -> str:
     return path
 
 
+def _inside_root(path: str) -> str:
+    """An absolute path in the workload's root that cannot climb out of it."""
+    if ".." in path.split("/"):
+        raise ValueError(f"{path!r}: '..' could leave the root")
+    return _absolute(path)
+
+
 class Volume(_Model):
     """A host path bind-mounted into the container's root: HOST:PATH[:ro]."""
 
@@ -339,9 +346,7 @@ class Mount(_Model):
     @field_validator("destination")
     @classmethod
     def _inside(cls, destination: str) -> str:
-        if ".." in destination.split("/"):
-            raise ValueError(f"{destination!r}: '..' could leave the root")
-        return _absolute(destination)
+        return _inside_root(destination)
 
 
 # setrlimit(2)'s resources, as OCI names them.
@@ -453,9 +458,7 @@ class DeviceNode(_Model):
     @field_validator("path")
     @classmethod
     def _in_dev(cls, path: str) -> str:
-        if ".." in path.split("/"):
-            raise ValueError(f"{path!r}: '..' could leave the root")
-        return _absolute(path)
+        return _inside_root(path)
 
 
 class DeviceRule(_Model):
