@@ -38,16 +38,24 @@ async def bridge(
             await websocket.send_bytes(data)
 
     async def inward() -> None:
+        """Until the client goes. Input the keeper no longer takes (the process ended, the keeper
+        closed its end) is dropped: ending here would cancel `outward` before it passed on the exit
+        status already waiting in the stream."""
+        taking = True
         while True:
             message = await websocket.receive()
             data = message.get("bytes") or b""
             if message["type"] == "websocket.disconnect":
                 return
-            if data[:1] == terminal.STDIN:
-                for start in range(1, len(data), keeper.READ_SIZE):
-                    await loop.sock_sendall(stream, terminal.STDIN + data[start : start + keeper.READ_SIZE])
-            elif data[:1] in (terminal.RESIZE, terminal.STDIN_CLOSED) and len(data) < 64:
-                await loop.sock_sendall(stream, data)
+            try:
+                if taking and data[:1] == terminal.STDIN:
+                    for start in range(1, len(data), keeper.READ_SIZE):
+                        chunk = terminal.STDIN + data[start : start + keeper.READ_SIZE]
+                        await loop.sock_sendall(stream, chunk)
+                elif taking and data[:1] in (terminal.RESIZE, terminal.STDIN_CLOSED) and len(data) < 64:
+                    await loop.sock_sendall(stream, data)
+            except OSError:
+                taking = False
 
     try:
         await websocket.send_text(json.dumps({"ok": True, **hello}))
