@@ -45,6 +45,45 @@ def parse_size(value: object) -> int | Literal["max"]:
     return int(size)
 
 
+NOT_A_RATE = (
+    "not a rate: bits per second as tc writes them (500kbit, 10mbit, 1gbit; kbps is kilobytes) "
+    "or as Kubernetes does (10M, 1G, 512Ki)"
+)
+_TC_RATE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]i?)?(bit|bps)$", re.IGNORECASE)
+_QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(k|M|G|T|Ki|Mi|Gi|Ti)?$")
+
+
+def parse_rate(value: object) -> int:
+    """Bits per second from tc's '500kbit', '10mbit', '1gbit', '1mibit', '100kbps' (bytes), or
+    Kubernetes' '10M', '512Ki', '1G' (its annotations' bandwidth), or a number of bits per second."""
+    if isinstance(value, bool):
+        raise ValueError(NOT_A_RATE)
+    text = str(value).strip()
+    tc, quantity = _TC_RATE.match(text), _QUANTITY.match(text)
+    if tc is not None:
+        number, prefix, unit = tc.group(1), (tc.group(2) or "").lower(), tc.group(3).lower()
+        base = 1024 if prefix.endswith("i") else 1000
+        scale = base ** ("kmgt".index(prefix[0]) + 1 if prefix else 0) * (8 if unit == "bps" else 1)
+    elif quantity is not None:
+        number, suffix = quantity.group(1), quantity.group(2) or ""
+        base = 1024 if suffix.endswith("i") else 1000
+        scale = base ** ("KMGT".index(suffix[0].upper()) + 1 if suffix else 0)
+    else:
+        raise ValueError(NOT_A_RATE)
+    rate = int(Decimal(number) * scale)
+    if rate < 1:
+        raise ValueError(f"{text!r}: a rate must be at least 1 bit per second")
+    return rate
+
+
+def format_rate(bits: int) -> str:
+    """'10mbit', '1.5gbit', '800bit': a rate as tc shows it."""
+    for exponent, unit in ((3, "gbit"), (2, "mbit"), (1, "kbit")):
+        if bits >= 1000**exponent:
+            return f"{bits / 1000**exponent:.4g}{unit}"
+    return f"{bits}bit"
+
+
 def parse_count(value: object) -> int | Literal["max"]:
     """A whole number of things (IOPS, pids), or max."""
     if isinstance(value, str) and value.strip().lower() == "max":

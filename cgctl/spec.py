@@ -24,7 +24,8 @@ from pydantic import (
     model_validator,
 )
 
-from cgctl.limits import MAX, parse_count, parse_page_size, parse_size
+from cgctl.limits import MAX, parse_count, parse_page_size, parse_rate, parse_size
+from cgctl.netspec import NetworkSpec
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 NAMESPACES = ("cgroup", "ipc", "mnt", "net", "pid", "uts")
@@ -70,6 +71,7 @@ def format_size(size: int | Literal["max"]) -> str:
 Size = Annotated[int | Literal["max"], BeforeValidator(parse_size)]
 PageSize = Annotated[str, BeforeValidator(lambda value: parse_page_size(str(value)))]
 Count = Annotated[int | Literal["max"], BeforeValidator(parse_count)]
+Rate = Annotated[int, BeforeValidator(parse_rate)]
 
 
 class _Model(BaseModel):
@@ -190,11 +192,20 @@ class PidsLimits(_Model):
         return value
 
 
+class NetworkLimits(_Model):
+    """Bandwidth, through the CNI bandwidth plugin (a token bucket on the container's host-side
+    interface): not a cgroup's, but as much a resource as the others."""
+
+    ingress: Rate | None = Field(None, description="bits per second into the container")
+    egress: Rate | None = Field(None, description="bits per second out of the container")
+
+
 class Limits(_Model):
     memory: MemoryLimits = Field(default_factory=MemoryLimits)
     cpu: CpuLimits = Field(default_factory=CpuLimits)
     io: IoLimits = Field(default_factory=IoLimits)
     pids: PidsLimits = Field(default_factory=PidsLimits)
+    network: NetworkLimits = Field(default_factory=NetworkLimits)
     hugetlb: dict[PageSize, Size] = Field(
         default_factory=dict, description="hugetlb.<size>.max: page size (2MB, 1GB) -> huge pages' bytes"
     )
@@ -627,6 +638,7 @@ class WorkloadSpec(_Model):
     oom_score_adj: int | None = Field(None, ge=-1000, le=1000, description="/proc/self/oom_score_adj")
     domainname: str | None = Field(None, min_length=1, max_length=64, description="its NIS domain name")
     personality: Literal["LINUX", "LINUX32"] | None = Field(None, description="personality(2) domain")
+    network: NetworkSpec = Field(default_factory=NetworkSpec, description="its network (docs/network.md)")
 
     @model_validator(mode="after")
     def _inside_fits(self) -> WorkloadSpec:
@@ -645,6 +657,20 @@ class WorkloadSpec(_Model):
             raise ValueError("each rlimit type once")
         if self.security.device_nodes and self.rootfs is None:
             raise ValueError("device nodes are made in a root of its own: give rootfs too")
+        return self
+
+    @model_validator(mode="after")
+    def _host_network(self) -> WorkloadSpec:
+        """--share net is --network host: one of them says it, and the other follows."""
+        shared, mode = "net" in self.namespaces.share, self.network.mode
+        if shared and mode not in (None, "host"):
+            raise ValueError(f"--share net is --network host, not --network {mode}")
+        if shared and mode is None:
+            self.network.mode = "host"
+        if mode == "host" and not shared:
+            self.namespaces.share.append("net")
+        if self.network.mode is not None and self.network.mode != "none" and "net" in self.namespaces.join:
+            raise ValueError(f"joining a net namespace ({self.namespaces.join['net']}) is --network none's")
         return self
 
     @model_validator(mode="after")

@@ -221,7 +221,8 @@ def _locked(path: Path) -> bool:
 
 
 def clean_stale(state_dir: Path) -> list[str]:
-    """Kill and remove the cgroups of runs whose supervisor is gone; returns their names."""
+    """Kill and remove the cgroups of runs whose supervisor is gone, and take down their networks;
+    returns their names."""
     cleaned = []
     for path in sorted(state_dir.glob("*.json")) if state_dir.exists() else []:
         try:
@@ -244,6 +245,11 @@ def clean_stale(state_dir: Path) -> list[str]:
                 continue  # an OCI container's, until its `delete` (without its state, it is dead)
             if record.get("cgroup"):
                 fs.remove(fs.Cgroup(Path(record["cgroup"])))
+            if record.get("network"):  # its namespace died with its processes: release the rest
+                from cgctl import network
+
+                with contextlib.suppress(network.NetworkError, network.cni.CniError, OSError):
+                    network.detach(record["network"])
             path.unlink(missing_ok=True)
             cleaned.append(path.stem)
         finally:

@@ -44,6 +44,13 @@ OPTION_FOR_FIELD: dict[tuple[str | int, ...], str] = {
     ("security", "no_new_privileges"): "--allow-new-privileges",
     ("security", "seccomp"): "--seccomp",
     ("security", "devices"): "--device",
+    ("network",): "--network",
+    ("network", "mode"): "--network",
+    ("network", "publish"): "--publish",
+    ("network", "dns"): "--dns",
+    ("network", "dns_search"): "--dns-search",
+    ("network", "dns_options"): "--dns-option",
+    ("network", "add_hosts"): "--add-host",
 }
 
 
@@ -147,6 +154,31 @@ def run(
     device: Annotated[
         list[str] | None, limits.repeated("HOST_PATH[:CONTAINER_PATH][:rwm]: a host device it may use")
     ] = None,
+    network: Annotated[
+        str | None,
+        typer.Option(
+            "--network",
+            "--net",
+            envvar="CGCTL_NETWORK",
+            help="none, host, bridge, a network's NAME or container:NAME [default: bridge as root]",
+        ),
+    ] = None,
+    publish: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--publish",
+            "-p",
+            help="HOSTPORT:PORT, IP:HOSTPORT:PORT/udp or PORT: publish a port (repeatable, ranges too)",
+            show_default=False,
+        ),
+    ] = None,
+    publish_all: Annotated[
+        bool, typer.Option("--publish-all", "-P", help="publish the image's exposed ports on free ports")
+    ] = False,
+    dns: Annotated[list[str] | None, limits.repeated("a nameserver for its resolv.conf")] = None,
+    dns_search: Annotated[list[str] | None, limits.repeated("a search domain for its resolv.conf")] = None,
+    dns_option: Annotated[list[str] | None, limits.repeated("a resolv.conf option, e.g. ndots:2")] = None,
+    add_host: Annotated[list[str] | None, limits.repeated("NAME:IP, a line of its /etc/hosts")] = None,
     detach: Annotated[
         bool, typer.Option("--detach", "-d", help="run in the background under the daemon; print the name")
     ] = False,
@@ -221,6 +253,9 @@ def run(
         },
         "tty": tty,
         "interactive": interactive,
+        "network": _network_fields(
+            network, publish, publish_all, defaults, dns, dns_search, dns_option, add_host
+        ),
     }
     try:
         spec = WorkloadSpec.model_validate(fields)
@@ -237,6 +272,40 @@ def run(
         given = "-d" if detach else "--" + next(k for k, v in service.items() if v).replace("_", "-")
         raise connection.failed(needs_daemon(f"`cgctl run {given}`"))
     _run_here(spec, cgroup_root, report)
+
+
+def _network_fields(
+    mode: str | None,
+    publish: list[str] | None,
+    publish_all: bool,
+    image: dict[str, Any],
+    dns: list[str] | None,
+    dns_search: list[str] | None,
+    dns_option: list[str] | None,
+    add_host: list[str] | None,
+) -> dict[str, Any]:
+    """The spec's network from the options (-p and --add-host parsed here, to name the bad one); -P
+    adds the image's exposed ports on free host ports."""
+    from cgctl.netspec import PortMapping, parse_add_host, parse_publish
+
+    ports: list[PortMapping] = []
+    for text in publish or []:
+        try:
+            ports += parse_publish(text)
+        except ValueError as error:
+            raise fail(f"invalid value {text!r} for --publish: {error}") from None
+    if publish_all:
+        for exposed in image.get("ExposedPorts") or {}:
+            port, _, protocol = str(exposed).partition("/")
+            ports.append(PortMapping(host_port=0, container_port=int(port), protocol=protocol or "tcp"))
+    hosts = []
+    for text in add_host or []:
+        try:
+            hosts.append(parse_add_host(text))
+        except ValueError as error:
+            raise fail(f"invalid value {text!r} for --add-host: {error}") from None
+    fields: dict[str, Any] = {"mode": mode, "publish": ports, "publish_all": publish_all, "add_hosts": hosts}
+    return fields | {"dns": dns or [], "dns_search": dns_search or [], "dns_options": dns_option or []}
 
 
 def _run_here(spec: WorkloadSpec, cgroup_root: Path | None, report: str | None) -> NoReturn:
@@ -260,11 +329,13 @@ def _run_here(spec: WorkloadSpec, cgroup_root: Path | None, report: str | None) 
     if acting:
         print(f"cgctl: only the daemon (cgctld) takes the actions of {', '.join(acting)}; this run gets "
               "their limits", file=sys.stderr)  # fmt: skip
+    from cgctl import network
+
     try:
         result = runtime.run(spec, cgroup_root=cgroup_root, policies=policies)
     except SpecError as error:
         raise invalid_value(error, OPTION_FOR_FIELD) from None
-    except CgroupError as error:
+    except (CgroupError, network.NetworkError, network.cni.CniError) as error:
         raise fail(str(error)) from None
     except runtime.SpawnError as error:
         print(f"cgctl: {error}", file=sys.stderr)

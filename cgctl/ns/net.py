@@ -16,6 +16,11 @@ IFF_UP = 0x1
 
 
 def in_child(context: Context) -> None:
+    loopback_up()
+
+
+def loopback_up() -> None:
+    """Bring lo up in the calling process's net namespace (a new one has it down)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         request = struct.pack("16sH14x", b"lo", 0)
         flags = struct.unpack("16sH14x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]

@@ -124,7 +124,9 @@ def translate(config: dict[str, Any], directory: Path, container_id: str, seccom
                    if key in LABELLED_ANNOTATIONS},
         "rootfs": {"path": str(root_path), "read_only": bool(root.get("readonly", False))},
         "mounts": config.get("mounts") or [],
-        "namespaces": _namespaces(linux),
+        "namespaces": (namespaces := _namespaces(linux)),
+        # The caller (containerd's CNI, podman's netavark) makes the network, as with runc.
+        "network": {"mode": "host" if "net" in namespaces["share"] else "none"},
         "limits": limits_from_resources(resources),
         "security": {
             "no_new_privileges": bool(process.get("noNewPrivileges", False)),

@@ -271,7 +271,7 @@ def restore(
     spec = restoring.spec
     with prepared_root(spec) as root:
 
-        def start(name: str, group: fs.Cgroup) -> spawn.Started:
+        def start(name: str, group: fs.Cgroup, _netns: str | None) -> spawn.Started:
             started = time.monotonic()
             pid = restore_tasks(restoring, group, root, {0: 0, 1: 1, 2: 2}, progress)
             if on_restored:

@@ -25,13 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cgctl import limits as table
-from cgctl import ns, policy, sandbox, state, syscalls
+from cgctl import network, ns, policy, sandbox, state, syscalls
 from cgctl.cgroup import cpu, cpuset, devices, fs, hugetlb, io, memory, pids
+from cgctl.network.files import Directory
 from cgctl.ns import console, mounts, rootfs, user
 from cgctl.policy import PolicySet
 from cgctl.runtime import spawn, terminal
 from cgctl.runtime.report import RunReport, final_report
-from cgctl.spec import Limits, SpecError, WorkloadSpec
+from cgctl.spec import Limits, SpecError, Volume, WorkloadSpec
 
 FORWARDED_SIGNALS = (
     signal.SIGINT,
@@ -150,8 +151,9 @@ def interface_file_settings(files: dict[str, str], root: fs.Cgroup) -> list[tupl
     return list(files.items())
 
 
-# Starts the workload in its cgroup (given its name and the cgroup, every limit written).
-Starter = Callable[[str, fs.Cgroup], spawn.Started]
+# Starts the workload in its cgroup (given its name, the cgroup with every limit written, and the
+# path of the net namespace to join, if one was made for it).
+Starter = Callable[[str, fs.Cgroup, str | None], spawn.Started]
 
 
 def run(
@@ -173,15 +175,52 @@ def run(
         spec = spec.model_copy(update={"name": f"run-{secrets.token_hex(4)}"})
     spec, noted = policy.apply_to(spec, str(spec.name), policies)
     confinement = plan_sandbox(spec)
+    wired = plan_network(spec)
+    spec = with_network_files(spec, wired)
+    joined = container_netns(wired, state_dir or state.default_state_dir())
     with prepared_root(spec) as root, policy.blamed(noted):
         # The caller's environment is passed on, unless an image brings its own.
         env = spec.env if spec.rootfs and spec.rootfs.image else {**os.environ, **spec.env}
 
-        def start(name: str, group: fs.Cgroup) -> spawn.Started:
+        def start(name: str, group: fs.Cgroup, netns: str | None) -> spawn.Started:
             size = terminal.size() if spec.tty else None
-            return spawn.start(launch_for(spec, name, group, confinement, root, env, size))
+            return spawn.start(launch_for(spec, name, group, confinement, root, env, size, netns or joined))
 
-        return supervise(spec, start, cgroup_root, state_dir, noted)
+        return supervise(spec, start, cgroup_root, state_dir, noted, wired)
+
+
+def plan_network(spec: WorkloadSpec) -> network.Plan:
+    """The spec's network resolved and checked (NetworkError before anything exists); the default's
+    fallback to none is said on stderr. container:NAME is checked to be a running container."""
+    wired = network.plan(spec.network, "net" in spec.namespaces.join)
+    if wired.note:
+        print(f"cgctl: {wired.note}", file=sys.stderr)
+    return wired
+
+
+def container_netns(wired: network.Plan, state_dir: Path) -> str | None:
+    """--network container:NAME: the net namespace of that running container (SpecError if none)."""
+    target = wired.spec.joins
+    if target is None:
+        return None
+    path = state.record_path(state_dir, target)
+    pid = state.read(path).get("pid") if path.exists() else None
+    if not pid or not os.path.exists(f"/proc/{pid}/ns/net"):
+        raise SpecError(("network", "mode"), wired.mode, f"no running container {target} (cgctl ps)")
+    return f"/proc/{pid}/ns/net"
+
+
+def with_network_files(spec: WorkloadSpec, wired: network.Plan) -> WorkloadSpec:
+    """The spec with its resolved network, and with a root of its own and a network made for it,
+    its /etc/resolv.conf, /etc/hosts and /etc/hostname written and bound in (as docker's)."""
+    spec = spec.model_copy(update={"network": wired.spec})
+    if wired.network is None or spec.rootfs is None:
+        return spec
+    files = Directory(wired.files_dir(str(spec.name)))
+    files.write(spec.hostname or str(spec.name), wired.spec)
+    binds = [Volume(source=source, target=target) for source, target in files.binds()]
+    taken = {volume.target for volume in spec.volumes}
+    return spec.model_copy(update={"volumes": [*spec.volumes, *(b for b in binds if b.target not in taken)]})
 
 
 def plan_sandbox(spec: WorkloadSpec) -> sandbox.Plan:
@@ -209,9 +248,12 @@ def launch_for(
     root: rootfs.Plan | None,
     env: dict[str, str],
     terminal_size: tuple[int, int] | None = None,
+    netns: str | None = None,
 ) -> spawn.Launch:
-    """The launch of spec's workload; with spec.tty its terminal starts at terminal_size (rows, columns)."""
+    """The launch of spec's workload; with spec.tty its terminal starts at terminal_size (rows, columns);
+    netns: a net namespace made for it (network.attach) to join."""
     spaces = spec.namespaces
+    joined = {str(kind): path for kind, path in spaces.join.items()} | ({"net": netns} if netns else {})
     id_maps = None
     if spaces.uid_mappings:
         id_maps = tuple(
@@ -226,7 +268,7 @@ def launch_for(
         namespaces=ns.Context(
             private=frozenset(spaces.private()),
             hostname=spec.hostname or name,
-            joined={str(kind): path for kind, path in spaces.join.items()},
+            joined=joined,
             own_mounts=spec.mounts is not None,
             domainname=spec.domainname,
         ),
@@ -394,12 +436,19 @@ def supervise(
     cgroup_root: Path | None = None,
     state_dir: Path | None = None,
     record: dict[str, object] | None = None,
+    wired: network.Plan | None = None,
 ) -> RunReport:
-    """Create the workload (see create), start it with `start`, wait for it, and return its report;
-    whatever happens, the cgroup and the claim are gone at the end."""
+    """Create the workload (see create), attach its network (if wired makes one), start it with
+    `start`, wait for it, and return its report; whatever happens, the network, the cgroup and the
+    claim are gone at the end."""
     created = create(spec, cgroup_root, state_dir, record)
     try:
-        return _wait(created, start)
+        attached = attach_network(created, wired)
+        try:
+            return _wait(created, start, attached)
+        finally:
+            if attached is not None:
+                network.detach(attached.record, wired.paths if wired else None)
     finally:
         try:
             fs.remove(created.group)
@@ -407,11 +456,32 @@ def supervise(
             created.claim.release()
 
 
-def _wait(created: Created, start: Starter) -> RunReport:
+def attach_network(created: Created, wired: network.Plan | None) -> network.Attached | None:
+    """The created workload's net namespace on its network, noted in its run record (for
+    state.clean_stale, should this process die) before anything is made."""
+    if wired is None:
+        return None
+    record = state.read(created.claim.path)
+    bandwidth = created.spec.limits.network.model_dump(exclude_none=True)
+    return network.attach(
+        wired,
+        created.name,
+        str(record["id"]),
+        created.spec.hostname or created.name,
+        lambda attachment: state.update(created.claim.path, network=attachment),
+        bandwidth,
+    )
+
+
+def _wait(created: Created, start: Starter, attached: network.Attached | None = None) -> RunReport:
     spec, name, group, claim = created.spec, created.name, created.group, created.claim
     started = time.monotonic()
     with SignalForwarder(name, group, namespace_init="pid" in spec.namespaces.private()) as forwarder:
-        pid, alive_fd, master = start(name, group)
+        try:
+            pid, alive_fd, master = start(name, group, attached.path if attached else None)
+        finally:
+            if attached is not None:
+                attached.close()  # the workload holds its namespace now
         state.update(claim.path, pid=pid)  # what `cgctl checkpoint` dumps
         forwarder.start(pid, hang_up=(lambda: terminal.hang_up(master)) if master is not None else None)
         try:

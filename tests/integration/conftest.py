@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from tests.integration.daemon import Daemon
     from tests.integration.tmux import Tmux
 
+# Containers get --network none unless a test asks for more: a bridge's CNI plugins add seconds to
+# each start in the emulated VM. tests/integration/test_network*.py cover the default (bridge).
+os.environ.setdefault("CGCTL_NETWORK", "none")
+
 UNIFIED = Path("/sys/fs/cgroup")
 SKOPEO_CACHE = Path("/var/lib/containers/cache")
 REQUIRED_CONTROLLERS = {"memory", "cpu", "io", "pids"}

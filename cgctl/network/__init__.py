@@ -1,0 +1,234 @@
+"""Container networks: a container's net namespace, its interface on a network's bridge (through the
+CNI plugins), its published ports, bandwidth and /etc files; and taking all of it down again.
+
+The run's order (runtime/supervisor.py, daemon/attempts.py): `plan` checks everything a user can
+get wrong before anything exists; `Files` are written before the root is prepared (they are bound
+into it); `attach` notes the attachment in the run record first, so that whoever finds the record
+of a dead run (state.clean_stale, the daemon's recovery) can `detach` it, then claims the ports,
+makes the namespace and ADDs it; the workload joins that namespace by path. `detach` is idempotent
+and goes on past errors, so a retry after a crash finishes the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cgctl.netspec import NetworkSpec, PortMapping
+from cgctl.network import cni, netns, ports
+from cgctl.network.files import Directory, Members
+from cgctl.network.store import DEFAULT, Network, NetworkError, Paths, get
+
+__all__ = ["Attached", "NetworkError", "Plan", "attach", "default_mode", "detach", "plan"]
+IFNAME = "eth0"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where a container's network comes from: mode none, host, container:NAME, or `network`."""
+
+    mode: str
+    spec: NetworkSpec
+    paths: Paths
+    network: Network | None = None
+    note: str | None = None  # why a default of bridge became none on this host
+
+    @property
+    def files_dir(self) -> Callable[[str], Path]:
+        return lambda name: self.paths.runtime / "containers" / name
+
+
+def default_mode() -> tuple[str, str | None]:
+    """--network's default: $CGCTL_NETWORK, else bridge as root on a host with the plugins (with a
+    note when it falls back to none), else none."""
+    if explicit := os.environ.get("CGCTL_NETWORK"):
+        return explicit, None
+    if os.geteuid() != 0:
+        return "none", None
+    lacking = [
+        plugin
+        for plugin in ("bridge", "host-local", "portmap", "firewall", "bandwidth")
+        if cni.find(plugin) is None
+    ]
+    if lacking:
+        return "none", (
+            f"no CNI plugin {', '.join(lacking)} in {':'.join(cni.plugin_path())}: the container has no "
+            f"network but its loopback (--network none); for docker's default bridge, {cni.INSTALL}"
+        )
+    return "bridge", None
+
+
+def plan(spec: NetworkSpec, joined_net: bool = False, paths: Paths | None = None) -> Plan:
+    """Resolve the mode (the default when unset; a joined net namespace is none's) and check it:
+    NetworkError names the option and the value for an unknown network, missing plugins, ports
+    without a network that carries them, or a rootless bridge."""
+    paths = paths or Paths.default()
+    mode, note = (
+        (spec.mode, None) if spec.mode is not None else ("none", None) if joined_net else default_mode()
+    )
+    resolved = spec.model_copy(update={"mode": mode})
+    if mode in ("none", "host") or mode.startswith("container:"):
+        if spec.publish or spec.publish_all:
+            raise NetworkError(
+                "--publish",
+                str(spec.publish[0]) if spec.publish else "-P",
+                f"--network {mode} cannot carry published ports: use --network bridge or a network's name",
+            )
+        return Plan(mode, resolved, paths, note=note)
+    if os.geteuid() != 0:
+        raise NetworkError("--network", mode, "a bridge needs root: rootless, use --network none or host")
+    network = get(paths, DEFAULT if mode == "bridge" else mode)
+    lacking = cni.missing(network.conflist(paths))
+    if lacking:
+        raise NetworkError(
+            "--network",
+            mode,
+            f"no CNI plugin {', '.join(lacking)} in {':'.join(cni.plugin_path())}: {cni.INSTALL}",
+        )
+    if network.internal and spec.publish:
+        raise NetworkError(
+            "--publish",
+            str(spec.publish[0]),
+            f"the network {network.name} is internal: nothing reaches it from the host",
+        )
+    return Plan(mode, resolved, paths, network)
+
+
+@dataclass
+class Attached:
+    """A namespace on its network: `fd` holds it until the workload is in it (then close it)."""
+
+    fd: int
+    record: dict[str, Any]
+
+    @property
+    def path(self) -> str:
+        return netns.path(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def attach(
+    planned: Plan,
+    name: str,
+    container_id: str,
+    hostname: str,
+    note: Callable[[dict[str, Any]], None],
+    bandwidth: dict[str, int] | None = None,
+) -> Attached | None:
+    """Attach a new net namespace to the planned network (None for the modes that make none here:
+    none, host, container:NAME). `note(record)` saves the attachment in the run record, first
+    before anything is made and again once it is whole. On failure all of it is undone."""
+    network = planned.network
+    if network is None:
+        return None
+    record: dict[str, Any] = {
+        "network": network.name,
+        "container_id": f"cgctl-{container_id}",
+        "ifname": IFNAME,
+        "name": name,
+        "ports": [],
+        "member": network.name != DEFAULT,
+        "bandwidth": bandwidth or {},
+    }
+    note(record)
+    fd = None
+    try:
+        try:
+            claimed = ports.claim(planned.paths.runtime / "ports", planned.spec.publish, name)
+        except ports.PortBusy as error:
+            raise NetworkError("--publish", str(error).split(" ")[0], str(error)) from None
+        record["ports"] = [p.model_dump(mode="json") for p in claimed]
+        note(record)
+        fd = netns.create()
+        record["result"] = cni.add(
+            network.conflist(planned.paths),
+            record["container_id"],
+            netns.path(fd),
+            IFNAME,
+            _runtime_config(record),
+        )
+        record["address"] = _address(record["result"])
+        files = Directory(planned.files_dir(name))
+        if record["member"]:
+            with contextlib.suppress(OSError):
+                Members(planned.paths.runtime / "members" / network.name).join(
+                    name, record["address"], files.root / "hosts", hostname, planned.spec
+                )
+        elif files.root.is_dir():  # made for a root of its own (supervisor.with_network_files)
+            files.write_hosts(hostname, record["address"], planned.spec)
+        note(record)
+    except BaseException:
+        detach(record, planned.paths)
+        if fd is not None:
+            os.close(fd)
+        raise
+    return Attached(fd, record)
+
+
+def detach(record: dict[str, Any], paths: Paths | None = None) -> None:
+    """Take an attachment down: its name off its network's hosts files, the CNI DEL (its lease, port
+    rules, bandwidth device), its port claims. Idempotent; the first error is raised at the end."""
+    paths = paths or Paths.default()
+    failure: BaseException | None = None
+    if record.get("member"):
+        Members(paths.runtime / "members" / record["network"]).leave(record["name"])
+    try:
+        network = get(paths, record["network"])
+        cni.delete(
+            network.conflist(paths),
+            record["container_id"],
+            "",
+            record["ifname"],
+            _runtime_config(record),
+            record.get("result"),
+        )
+    except (cni.CniError, NetworkError) as error:
+        failure = error
+    ports.release(
+        paths.runtime / "ports",
+        [PortMapping.model_validate(p) for p in record.get("ports", [])],
+        record["name"],
+    )
+    Directory(paths.runtime / "containers" / record["name"]).remove()
+    if failure is not None:
+        raise failure
+
+
+def _runtime_config(record: dict[str, Any]) -> dict[str, Any]:
+    """What portmap and bandwidth are given (CNI's runtimeConfig, by their capabilities)."""
+    mappings = [
+        {
+            "hostPort": p["host_port"],
+            "containerPort": p["container_port"],
+            "protocol": p["protocol"],
+            "hostIP": p["host_ip"],
+        }
+        for p in record.get("ports", [])
+    ]
+    config: dict[str, Any] = {"portMappings": mappings}
+    rates = record.get("bandwidth") or {}
+    if rates:
+        bandwidth = {}
+        for direction in ("ingress", "egress"):
+            if rates.get(direction):
+                bandwidth[f"{direction}Rate"] = rates[direction]
+                bandwidth[f"{direction}Burst"] = burst(rates[direction])
+        config["bandwidth"] = bandwidth
+    return config
+
+
+def burst(rate: int) -> int:
+    """The token bucket's size in bits: 100 ms at the rate, at least 64 KiB (a few full-size packets)."""
+    return max(rate // 10, 64 * 1024 * 8)
+
+
+def _address(result: dict[str, Any]) -> str | None:
+    for entry in result.get("ips", []):
+        return str(entry["address"]).split("/")[0]
+    return None
