@@ -70,7 +70,10 @@ def parse_rate(value: object) -> int:
         scale = base ** ("KMGT".index(suffix[0].upper()) + 1 if suffix else 0)
     else:
         raise ValueError(NOT_A_RATE)
-    rate = int(Decimal(number) * scale)
+    exact = Decimal(number) * scale
+    if exact != exact.to_integral_value():
+        raise ValueError(f"{text!r}: a rate is a whole number of bits per second")
+    rate = int(exact)
     if rate < 1:
         raise ValueError(f"{text!r}: a rate must be at least 1 bit per second")
     return rate

@@ -16,7 +16,7 @@ NETWORK_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # The modes --network takes besides a network's name; `container:NAME` joins another's namespace.
 SPECIAL_MODES = ("none", "host", "bridge")
 _PUBLISH = re.compile(
-    r"^(?:(?P<ip>\[[0-9A-Fa-f:.]+\]|[0-9.]+):)?(?:(?P<host>\d*(?:-\d+)?):)?(?P<container>\d+(?:-\d+)?)"
+    r"^(?:(?P<ip>\[[0-9A-Fa-f:.]+\]|\d+(?:\.\d+){3}):)?(?:(?P<host>\d*(?:-\d+)?):)?(?P<container>\d+(?:-\d+)?)"
     r"(?:/(?P<protocol>tcp|udp))?$"
 )
 PUBLISH_SYNTAX = "[IP:][HOSTPORT[-END]:]PORT[-END][/tcp|udp], e.g. 8080:80, 127.0.0.1:8080:80/udp, 80"
@@ -67,8 +67,11 @@ def parse_publish(text: str) -> list[PortMapping]:
     match = _PUBLISH.match(text.strip())
     if match is None:
         raise ValueError(f"{text!r} is not {PUBLISH_SYNTAX}")
-    inside = _port_range(match["container"])
-    outside = _port_range(match["host"]) if match["host"] else None
+    try:
+        inside = _port_range(match["container"])
+        outside = _port_range(match["host"]) if match["host"] else None
+    except ValueError as error:
+        raise ValueError(f"{text!r}: {error}") from None
     if outside is not None and len(outside) != len(inside):
         raise ValueError(f"{text!r}: the host's range and the container's must be as long")
     ports = outside or [0] * len(inside)

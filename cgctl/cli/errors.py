@@ -22,10 +22,9 @@ def fail(message: str) -> typer.Exit:
 
 
 def option_for(location: tuple[str | int, ...], options: dict[tuple[str | int, ...], str]) -> str:
-    """The option that fed a spec field, or the field's dotted path if no option did."""
-    return next(
-        (opt for loc, opt in options.items() if location[: len(loc)] == loc), ".".join(map(str, location))
-    )
+    """The option that fed a spec field (the most specific one), or the field's dotted path if none did."""
+    fed = [loc for loc in options if location[: len(loc)] == loc]
+    return options[max(fed, key=len)] if fed else ".".join(map(str, location))
 
 
 def invalid_value(error: SpecError, options: dict[tuple[str | int, ...], str]) -> typer.Exit:
