@@ -101,6 +101,7 @@ def restore(
     Through a daemon on another host (a `cgctl machine`, --host tcp:// or ssh://), or with -d, the
     daemon restores it as a detached container: -d prints its name, otherwise its output is
     streamed here and this command exits with its status."""
+    from cgctl import network
     from cgctl.cgroup.fs import CgroupError
     from cgctl.runtime.checkpoint import CheckpointError
     from cgctl.runtime.checkpoint import restore as undump
@@ -126,7 +127,7 @@ def restore(
         )
     except SpecError as error:
         raise invalid_value(error, OPTION_FOR_FIELD) from None
-    except (CheckpointError, CgroupError) as error:
+    except (CheckpointError, CgroupError, network.NetworkError, network.cni.CniError) as error:
         _end_progress()
         raise fail(str(error)) from None
     end_as(result, report)

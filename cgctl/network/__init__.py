@@ -36,6 +36,7 @@ class Plan:
     paths: Paths
     network: Network | None = None
     note: str | None = None  # why a default of bridge became none on this host
+    address: str | None = None  # the address to ask for (a restore's: its TCP connections keep it)
 
     @property
     def files_dir(self) -> Callable[[str], Path]:
@@ -152,6 +153,7 @@ def attach(
             netns.path(fd),
             IFNAME,
             _runtime_config(record),
+            planned.address,
         )
         record["address"] = _address(record["result"])
         files = Directory(planned.files_dir(name))

@@ -38,14 +38,21 @@ def missing(conflist: dict[str, Any]) -> list[str]:
 
 
 def add(
-    conflist: dict[str, Any], container_id: str, netns: str, ifname: str, runtime: dict[str, Any]
+    conflist: dict[str, Any],
+    container_id: str,
+    netns: str,
+    ifname: str,
+    runtime: dict[str, Any],
+    address: str | None = None,
 ) -> dict[str, Any]:
-    """ADD the container to the network; its result (interfaces, IPs, routes). On a plugin's failure
-    the whole list is deleted again before CniError is raised."""
+    """ADD the container to the network (asking host-local for `address`, if given); its result
+    (interfaces, IPs, routes). On a plugin's failure the whole list is deleted again before CniError
+    is raised."""
     result: dict[str, Any] | None = None
+    args = f"IgnoreUnknown=1;IP={address}" if address else ""
     try:
         for plugin in conflist["plugins"]:
-            result = _call("ADD", conflist, plugin, container_id, netns, ifname, runtime, result)
+            result = _call("ADD", conflist, plugin, container_id, netns, ifname, runtime, result, args)
     except CniError:
         delete(conflist, container_id, netns, ifname, runtime, result, quiet=True)
         raise
@@ -96,6 +103,7 @@ def _call(
     ifname: str,
     runtime: dict[str, Any],
     prev_result: dict[str, Any] | None,
+    args: str = "",
 ) -> dict[str, Any]:
     kind = plugin["type"]
     executable = find(kind)
@@ -114,6 +122,7 @@ def _call(
         "CNI_CONTAINERID": container_id,
         "CNI_NETNS": netns,
         "CNI_IFNAME": ifname,
+        "CNI_ARGS": args,
         "CNI_PATH": ":".join(plugin_path()),
     }
     try:

@@ -25,6 +25,7 @@ a dump or restore fails.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -41,13 +42,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cgctl import state, syscalls
+from cgctl import network, state, syscalls
 from cgctl.accounting import find_container
 from cgctl.cgroup import freezer, fs
 from cgctl.ns import rootfs
 from cgctl.runtime import spawn
 from cgctl.runtime.report import RunReport
-from cgctl.runtime.supervisor import prepared_root, supervise
+from cgctl.runtime.supervisor import prepared_root, supervise, with_network_files
 from cgctl.spec import SpecError, WorkloadSpec
 
 CRIU_PATHS = ("/usr/sbin/criu", "/sbin/criu")  # where Debian puts it, if sbin is not on PATH
@@ -57,6 +58,8 @@ ACTION_SCRIPT = Path(__file__).with_name("criu-action.sh")
 # The container's mounts are the host's (until it has a root of its own): CRIU treats them as external.
 EXTERNAL_MOUNTS = ("--ext-mount-map", "auto", "--enable-external-sharing", "--enable-external-masters")
 TERMINAL_MAJORS = {4, 5, *range(136, 144)}  # tty, console/ptmx, pts
+# The key of a container's net namespace in CRIU's images: external, given back with --inherit-fd.
+NET_KEY = "cgctl-net"
 # CRIU errors that are the consequence of another or harmless here (no iptables, no /dev/net/tun).
 CRIU_NOISE = ("exited, status=", "execvp(", " -V failed", "Unable to create tun", "FAILED", "failed with -1")
 # Reports (bytes done, bytes expected or None) about twice a second while CRIU works.
@@ -115,6 +118,12 @@ def checkpoint(
         "checkpointed_at": time.time(),
     }
     group = fs.Cgroup(container.cgroup)
+    attached = record.get("network") or {}
+    external_net = []
+    if attached.get("result"):  # its namespace is the network's: restored into a new one (restore)
+        inode = os.stat(f"/proc/{init}/ns/net").st_ino
+        external_net = ["--external", f"net[{inode}]:{NET_KEY}"]
+        manifest["network"] = {"address": attached.get("address")}
     args = [
         criu,
         "dump",
@@ -125,6 +134,7 @@ def checkpoint(
         "--manage-cgroups=ignore",
         "--network-lock", "nftables",
         *EXTERNAL_MOUNTS,
+        *external_net,
         *(["--leave-running"] if leave_running else []),
         *(["--tcp-established"] if tcp_established else []),
     ]  # fmt: skip
@@ -202,16 +212,24 @@ def restore_tasks(
     root: rootfs.Plan | None,
     stdio: dict[int, int],
     progress: Progress | None = None,
+    netns: int | None = None,
 ) -> int:
     """Run CRIU restore inside `group` (limits already written) and return the restored init's pid.
     The init becomes the caller's child (--restore-sibling), and its stdin, stdout and stderr are
-    `stdio`'s fds (dumped fd number -> ours) in place of the dumped ones. CheckpointError if CRIU
+    `stdio`'s fds (dumped fd number -> ours) in place of the dumped ones; a container dumped with a
+    network of its own is restored into `netns` (an fd of a namespace attached anew). CheckpointError if CRIU
     fails (the failure hook has run); the caller then removes the cgroup, and nothing is left."""
     directory, manifest, name = restoring.directory, restoring.manifest, restoring.spec.name or ""
     with ExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cgctl-restore-")))
         pidfile = scratch / "pid"
         inherited = _inherit_stdio(manifest["stdio"], stdio, stack)
+        if manifest.get("network"):
+            if netns is None:
+                raise CheckpointError(
+                    "the checkpoint has a network of its own, and no namespace was made for it"
+                )
+            inherited[netns] = NET_KEY
         args = [
             _criu(),
             "restore",
@@ -269,16 +287,33 @@ def restore(
     """
     restoring = open_checkpoint(directory, name, hook)
     spec = restoring.spec
+    wired = restored_network(restoring)
+    spec = with_network_files(spec, wired) if wired else spec
     with prepared_root(spec) as root:
 
-        def start(name: str, group: fs.Cgroup, _netns: str | None) -> spawn.Started:
+        def start(name: str, group: fs.Cgroup, netns: str | None) -> spawn.Started:
             started = time.monotonic()
-            pid = restore_tasks(restoring, group, root, {0: 0, 1: 1, 2: 2}, progress)
+            with ExitStack() as stack:
+                fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC) if netns else None
+                if fd is not None:
+                    stack.callback(os.close, fd)
+                pid = restore_tasks(restoring, group, root, {0: 0, 1: 1, 2: 2}, progress, fd)
             if on_restored:
                 on_restored(name, time.monotonic() - started)
             return spawn.Started(pid, None)
 
-        return supervise(spec, start, cgroup_root, state_dir, record={"restored_from": str(directory)})
+        record: dict[str, object] = {"restored_from": str(directory)}
+        return supervise(spec, start, cgroup_root, state_dir, record, wired)
+
+
+def restored_network(restoring: Restoring) -> network.Plan | None:
+    """A checkpoint with a network of its own gets a new namespace on the same network, asking for
+    the address it had (its connections, with --tcp-established, need it); None without one."""
+    dumped = restoring.manifest.get("network")
+    if not dumped:
+        return None
+    planned = network.plan(restoring.spec.network)
+    return dataclasses.replace(planned, address=dumped.get("address"))
 
 
 def _criu() -> str:

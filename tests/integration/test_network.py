@@ -5,6 +5,8 @@ in the VM: its loopback, cgctl's bridges and the containers' namespaces."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import signal
@@ -217,3 +219,31 @@ def _is_server(pid: str) -> bool:
         return b"http.server" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
+
+
+def test_a_checkpoint_is_restored_onto_its_network_with_its_address(
+    nothing_left: None, tmp_path: Path
+) -> None:
+    """CRIU dumps the container with its namespace as external; the restore attaches a new one to the
+    same network with the same address and port, and the server answers there again."""
+    port = free_port()
+    argv = [PYTHON, "-m", "http.server", "8000"]
+    stdio = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    run = subprocess.Popen(
+        [*CGCTL, "run", "--network", "bridge", "--name", "ck", "-p", f"127.0.0.1:{port}:8000", "--", *argv],
+        **stdio,  # type: ignore[arg-type]
+    )
+    fetch(f"http://127.0.0.1:{port}/")
+    address = json.loads((Path("/run/cgctl/runs") / "ck.json").read_text())["network"]["address"]
+    dumped = cgctl("checkpoint", "--dir", str(tmp_path / "ck"), "ck")
+    assert dumped.returncode == 0, dumped.stderr
+    run.communicate(timeout=300)
+    restored = subprocess.Popen([*CGCTL, "restore", "--dir", str(tmp_path / "ck")], **stdio)  # type: ignore[arg-type]
+    try:
+        fetch(f"http://127.0.0.1:{port}/")
+        again = json.loads((Path("/run/cgctl/runs") / "ck.json").read_text())["network"]["address"]
+        assert again == address
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            Path("/sys/fs/cgroup/cgctl.slice/ck/cgroup.kill").write_text("1")
+        restored.communicate(timeout=300)
