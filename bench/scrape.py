@@ -15,15 +15,18 @@ with no parsing:
 
 Two modes, each for every N:
 
-  containers: N cgctl containers: N cgroups side by side, each with a live run record. The scrape
-      is ContainerCollector(state_dir).render(); both floors also list the state directory and
-      read each run record.
+  containers: N cgctl containers: N cgroups side by side, each with a live run record and its
+      sleeper in a net namespace of its own, as cgctl's containers have. The scrape is
+      ContainerCollector(state_dir).render(); both floors also list the state directory and read
+      each run record, and each container's /proc/PID/net/dev (its network: accounting._network).
   hostwide: host-wide accounting (`cgctl exporter --all`) over a mixed tree of N leaf cgroups, a
       third each like systemd services (system.slice/svcNNNN.service), Kubernetes pods' containers
       (kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice/
       cri-containerd-<id>.scope, three per pod) and podman containers (machine.slice/
-      libpod-<id>.scope). The scrape is ContainerCollector(state_dir=<empty>, unified=/sys/fs/cgroup,
-      selection=Selection(root=bench-scrape.slice)).render(): it walks the tree and accounts every
+      libpod-<id>.scope), the pods' and podman's sleepers each in a net namespace of its own,
+      whose /proc/PID/net/dev both floors read too. The scrape is ContainerCollector(
+      state_dir=<empty>, unified=/sys/fs/cgroup, selection=Selection(root=bench-scrape.slice))
+      .render(): it walks the tree and accounts every
       cgroup in it, the slices and pods above the leaves included (the table's `cgroups`); the
       floors walk the same tree (a: os.walk, b: os.scandir on each directory's descriptor) and read
       the same files. The exposition must account every cgroup of the tree, and some series are
@@ -101,8 +104,9 @@ Mode = Literal["containers", "hostwide"]
 MODES: tuple[Mode, ...] = ("containers", "hostwide")
 BENCH_SLICE = CGROUP_MOUNT / "bench-scrape.slice"
 CONTROLLERS = ("cpu", "io", "memory", "pids")
-# Every file accounting.read_snapshot reads, in its order; the ones this kernel lacks are dropped.
-SNAPSHOT_FILES = (*(name for name, _ in accounting.READERS), "io.stat")
+# Every file accounting.read_snapshot reads in a cgroup, in its order (cgroup.procs for the first pid,
+# whose net/dev it reads); the ones this kernel lacks are dropped.
+SNAPSHOT_FILES = (*(name for name, _ in accounting.READERS), "io.stat", "cgroup.procs")
 STATE_PARENT = Path("/run")  # a tmpfs, like cgctl's own /run/cgctl/runs
 GOAL_RATIO = 2.0
 WARMUP_ROUNDS = 2
@@ -131,6 +135,7 @@ class Fleet:
     groups: list[Path] = field(default_factory=list)  # every cgroup created, parents before children
     leaves: list[Path] = field(default_factory=list)  # the ones with a sleeper
     sleepers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    networked: list[int] = field(default_factory=list)  # the sleepers in a net namespace of their own
     claims: list[state.Claim] = field(default_factory=list)
     # hostwide: the labels some cgroups' series must carry, by cgroup name (as /proc/PID/cgroup says)
     expected_labels: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -199,8 +204,9 @@ def raise_fd_limit(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
-def start_sleeper(group: Path, sleep: str) -> subprocess.Popen[bytes]:
-    """`sleep 3600` that joins its cgroup before it execs; a failed join raises from Popen."""
+def start_sleeper(group: Path, sleep: str, own_network: bool) -> subprocess.Popen[bytes]:
+    """`sleep 3600` that joins its cgroup before it execs (with own_network, through `unshare --net`,
+    which execs it in a new net namespace: the same pid); a failed join raises from Popen."""
     procs = str(group / "cgroup.procs")
 
     def join() -> None:
@@ -211,7 +217,7 @@ def start_sleeper(group: Path, sleep: str) -> subprocess.Popen[bytes]:
             os.close(fd)
 
     return subprocess.Popen(
-        [sleep, "3600"],
+        ["unshare", "--net", sleep, "3600"] if own_network else [sleep, "3600"],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -291,8 +297,11 @@ def start_fleet(fleet: Fleet, count: int) -> None:
         group.mkdir()
         fleet.groups.append(group)
         fleet.leaves.append(group)
-        sleeper = start_sleeper(group, sleep)
+        own_network = fleet.mode == "containers" or not relative.startswith("system.slice/")
+        sleeper = start_sleeper(group, sleep, own_network)
         fleet.sleepers.append(sleeper)
+        if own_network:
+            fleet.networked.append(sleeper.pid)
         if (procs := (group / "cgroup.procs").read_text().split()) != [str(sleeper.pid)]:
             raise RuntimeError(f"{group}/cgroup.procs holds {procs}, expected the sleeper {sleeper.pid}")
         if fleet.mode == "containers":
@@ -386,6 +395,11 @@ def make_floors(fleet: Fleet) -> tuple[Callable[[], None], Callable[[], None]]:
     """(floor a, floor b): the least a scrape must do, reading every file it reads, raw."""
     state_dir = str(fleet.state_dir)
     names = present_files(fleet.leaves[0])
+    networks = [f"/proc/{pid}/net/dev" for pid in fleet.networked]  # not in a cgroup: by full path
+
+    def read_networks() -> None:
+        for path in networks:
+            read_plain(path)
 
     if fleet.mode == "containers":
         groups = [str(group) for group in fleet.leaves]
@@ -396,6 +410,7 @@ def make_floors(fleet: Fleet) -> tuple[Callable[[], None], Callable[[], None]]:
                 read_plain(os.path.join(state_dir, entry))
             for path in paths:
                 read_plain(path)
+            read_networks()
 
         def tight() -> None:
             records = os.open(state_dir, DIRECTORY_FLAGS)
@@ -411,6 +426,7 @@ def make_floors(fleet: Fleet) -> tuple[Callable[[], None], Callable[[], None]]:
                         read_at(name, directory)
                 finally:
                     os.close(directory)
+            read_networks()
 
         return plain, tight
 
@@ -421,6 +437,7 @@ def make_floors(fleet: Fleet) -> tuple[Callable[[], None], Callable[[], None]]:
         for group, _, _ in os.walk(root):
             for name in names:
                 read_plain(f"{group}/{name}")
+        read_networks()
 
     def walk_tight() -> None:
         os.listdir(state_dir)
@@ -437,6 +454,7 @@ def make_floors(fleet: Fleet) -> tuple[Callable[[], None], Callable[[], None]]:
                     )
             finally:
                 os.close(directory)
+        read_networks()
 
     return walk_plain, walk_tight
 

@@ -5,12 +5,14 @@ collector) reads through here, addressing values as (file, key): flat-keyed
 files by their keys (cpu.stat usage_usec), single-value files by "" (memory.current),
 cpu.max by "quota"/"period", pressure files by "some.total", "full.avg10"...,
 io.stat per device. Files this kernel lacks are left out; a container that
-vanishes while being read is skipped, never an error.
+vanishes while being read is skipped, never an error. Network counters are the one thing a
+cgroup does not hold: they are read from /proc/PID/net/dev of one of its processes (see _network).
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -47,6 +49,19 @@ def _pressure(text: str) -> dict[str, str]:
 
 
 MEMINFO = Path("/proc/meminfo")
+PROC = "/proc"
+# /proc/PID/net/dev's columns after "NAME:" that are kept, by position: receive's eight come first,
+# then transmit's (bytes packets errs drop fifo frame compressed multicast | bytes packets errs drop ...).
+NET_COUNTERS = {
+    "rx_bytes": 0,
+    "rx_packets": 1,
+    "rx_errors": 2,
+    "rx_dropped": 3,
+    "tx_bytes": 8,
+    "tx_packets": 9,
+    "tx_errors": 10,
+    "tx_dropped": 11,
+}
 
 # Every file a snapshot reads, with the parser that turns it into {key: value text}; values are
 # converted only when asked for, as a scrape needs a third of memory.stat's.
@@ -96,6 +111,12 @@ class Snapshot:
     taken_at: float
     files: dict[str, dict[str, str]]  # file -> key -> value as the kernel wrote it; "max" limits left out
     devices: dict[str, dict[str, float]]  # io.stat: device name (vda, or MAJ:MIN) -> key -> value
+    # interface (lo left out) -> NET_COUNTERS key -> value; None: no network of its own (see _network)
+    interfaces: dict[str, dict[str, float]] | None = None
+
+    def entries(self, label: str) -> dict[str, dict[str, float]]:
+        """The per-device or per-interface counters, by the label their rows carry."""
+        return self.devices if label == "device" else self.interfaces or {}
 
     def value(self, file: str, key: str = "") -> float | None:
         text = self.files.get(file, {}).get(key)
@@ -204,6 +225,7 @@ def read_snapshot(
             if (text := _read(name, directory)) is not None:
                 files[name] = parse(text)
         io_stat = _read("io.stat", directory) or ""
+        interfaces = _network(directory)
     except OSError as error:  # not one of a vanishing cgroup (see _read): EACCES, say
         raise fs.CgroupError(f"{container.cgroup}/{error.filename}: cannot read: {error.strerror}") from None
     finally:
@@ -217,7 +239,7 @@ def read_snapshot(
         if number not in names:
             names[number] = io.device_name(number, sys_dev_block) or number
         devices[names[number]] = values
-    return Snapshot(container, time.time(), files, devices)
+    return Snapshot(container, time.time(), files, devices, interfaces)
 
 
 def _read(name: str, directory: int) -> str | None:
@@ -231,6 +253,72 @@ def _read(name: str, directory: int) -> str | None:
             return None
         error.filename = name
         raise
+
+
+def _network(directory: int) -> dict[str, dict[str, float]] | None:
+    """The interfaces of the net namespace of the cgroup's first process (the kernel shows a process's
+    own in /proc/PID/net): per cgroup, cgroup.procs' first line, a stat and one read of net/dev more.
+    None without a process (or see _interfaces)."""
+    try:
+        fd = os.open("cgroup.procs", os.O_RDONLY | os.O_CLOEXEC, dir_fd=directory)
+        try:
+            pid = os.read(fd, 32).split(b"\n", 1)[0]  # the first pid is all that is needed
+        finally:
+            os.close(fd)
+    except OSError:  # gone, or a threaded cgroup's (EOPNOTSUPP)
+        return None
+    return _interfaces(int(pid)) if pid else None
+
+
+def _interfaces(pid: int) -> dict[str, dict[str, float]] | None:
+    """/proc/PID/net/dev parsed; None when pid is gone, unreadable to us, or in this host's net
+    namespace: a container sharing it (--network host) would report the host's NICs as its own, so it
+    reports no network, as cAdvisor does for host-network containers."""
+    try:
+        namespace = os.stat(f"{PROC}/{pid}/ns/net")
+        if (namespace.st_dev, namespace.st_ino) == _host_net_namespace(PROC):
+            return None
+        return parse_net_dev(fs.read_fd(os.open(f"{PROC}/{pid}/net/dev", os.O_RDONLY | os.O_CLOEXEC)))
+    except OSError:
+        return None
+
+
+@functools.cache
+def _host_net_namespace(proc: str) -> tuple[int, int]:
+    """The host's net namespace: pid 1's, or (unprivileged, pid 1 cannot be inspected) our own."""
+    try:
+        namespace = os.stat(f"{proc}/1/ns/net")
+    except OSError:
+        namespace = os.stat(f"{proc}/self/ns/net")
+    return namespace.st_dev, namespace.st_ino
+
+
+def parse_net_dev(text: str) -> dict[str, dict[str, float]]:
+    """/proc/net/dev: two header lines, then `NAME: counters` per interface, the name right-aligned
+    and the first counter glued to the colon once it is long (`  eth0:1234567890 ...`); lo left out.
+    Names cannot hold a colon (the kernel refuses them), so the first one ends the name."""
+    interfaces = {}
+    for line in text.splitlines()[2:]:
+        name, _, counters = line.partition(":")
+        name = name.strip()
+        if name != "lo" and counters:
+            values = counters.split()
+            interfaces[name] = {key: float(values[index]) for key, index in NET_COUNTERS.items()}
+    return interfaces
+
+
+def network_totals(pid: int) -> dict[str, int] | None:
+    """rx/tx bytes and packets over pid's net namespace's interfaces (lo left out), for the run report:
+    whoever tears a container's network down calls this first, while the namespace has a process.
+    None when pid is gone or shares this host's namespace."""
+    interfaces = _interfaces(pid)
+    return None if interfaces is None else totals(interfaces)
+
+
+def totals(interfaces: dict[str, dict[str, float]]) -> dict[str, int]:
+    """Bytes and packets received and sent, summed over the interfaces."""
+    keys = ("rx_bytes", "rx_packets", "tx_bytes", "tx_packets")
+    return {key: int(sum(counters[key] for counters in interfaces.values())) for key in keys}
 
 
 def _meminfo_used() -> str | None:
@@ -266,6 +354,10 @@ class Usage:
     pressure_io: float | None
     io_bytes_per_second: float = 0.0  # read and written over the interval
     cgroup: str = ""  # host-wide: the cgroup's path below the cgroup2 mount
+    # bytes received and sent over its interfaces (lo left out); None with no network of its own
+    # (the host's, or no process left to ask)
+    net_rx_bytes: int | None = None
+    net_tx_bytes: int | None = None
 
 
 def usage(before: Snapshot, after: Snapshot) -> Usage:
@@ -276,6 +368,7 @@ def usage(before: Snapshot, after: Snapshot) -> Usage:
         return None if value is None else int(value)
 
     seconds = max(after.taken_at - before.taken_at, 1e-9)
+    network = None if after.interfaces is None else totals(after.interfaces)
     periods = delta("cpu.stat", "nr_periods")
     return Usage(
         name=after.container.name,
@@ -293,6 +386,8 @@ def usage(before: Snapshot, after: Snapshot) -> Usage:
         pressure_io=after.value("io.pressure", "some.avg10"),
         io_bytes_per_second=max(0.0, io_bytes(after) - io_bytes(before)) / seconds,
         cgroup=after.container.path,
+        net_rx_bytes=None if network is None else network["rx_bytes"],
+        net_tx_bytes=None if network is None else network["tx_bytes"],
     )
 
 

@@ -2,7 +2,8 @@
 
 Each row says the metric's name, type, help, where its value comes from (a
 cgroup file and key, or a derivation) and the unit conversion. Native rows
-(`cgctl_...`) carry only the `container` label (and `device` for IO);
+(`cgctl_...`) carry only the `container` label (and `device` for IO, `interface`
+for the network: rows with a sample per device or interface);
 `cgctl_container_info` carries the rest for joins. cAdvisor rows (`container_...`,
 emitted with --compat cadvisor) carry cAdvisor's `id`, `name`, `image` labels so
 existing dashboards work unchanged. Labels never carry environment variables or
@@ -36,13 +37,22 @@ USEC = 1e-6
 
 
 @dataclass(frozen=True)
+class Per:
+    """A row with a sample per device or interface (Snapshot.entries), named in the label `label`."""
+
+    label: Literal["device", "interface"]
+    key: str  # the counter in each entry: io.stat's rbytes, accounting.NET_COUNTERS' rx_bytes
+    prefix: str = ""  # before the name in the label (cAdvisor's devices are /dev/vda)
+
+
+@dataclass(frozen=True)
 class MetricDef:
     name: str
     kind: Kind
     help: str
     source: str  # "file key" (read as the kernel wrote it), or "derived: how" for the few computed values
     derive: Callable[[Snapshot], float | None] | None = None  # per container, for derived rows
-    device_key: str | None = None  # per device: the io.stat key
+    per: Per | None = None
     scale: float = 1.0
     family: Family = "native"
     extra_labels: tuple[tuple[str, str], ...] = ()
@@ -63,6 +73,7 @@ def _cadvisor(name: str, kind: Kind, help: str, file: str, key: str = "", scale:
 
 
 PREFIX = "cgctl_container_"
+NET_DEV = "/proc/PID/net/dev"  # of one of the container's processes: its net namespace's interfaces
 METRICS: tuple[MetricDef, ...] = (
     # CPU
     _native(PREFIX + "cpu_usage_seconds_total", "counter", "CPU time used.", "cpu.stat", "usage_usec", USEC),
@@ -220,7 +231,11 @@ METRICS: tuple[MetricDef, ...] = (
     # IO, per device
     *(
         MetricDef(
-            PREFIX + f"io_{what}_total", "counter", f"{about}, per device.", f"io.stat {key}", device_key=key
+            PREFIX + f"io_{what}_total",
+            "counter",
+            f"{about}, per device.",
+            f"io.stat {key}",
+            per=Per("device", key),
         )
         for what, key, about in (
             ("read_bytes", "rbytes", "Bytes read"),
@@ -229,6 +244,26 @@ METRICS: tuple[MetricDef, ...] = (
             ("writes", "wios", "Write operations"),
             ("discard_bytes", "dbytes", "Bytes discarded"),
             ("discards", "dios", "Discard operations"),
+        )
+    ),
+    # Network, per interface of the container's own net namespace (lo left out; none for the host's)
+    *(
+        MetricDef(
+            PREFIX + f"network_{way}_{what}_total",
+            "counter",
+            f"{about}, per interface.",
+            f"{NET_DEV} {direction}_{key}",
+            per=Per("interface", f"{direction}_{key}"),
+        )
+        for way, direction, verb, ing in (
+            ("receive", "rx", "received", "receiving"),
+            ("transmit", "tx", "sent", "sending"),
+        )
+        for what, key, about in (
+            ("bytes", "bytes", f"Bytes {verb}"),
+            ("packets", "packets", f"Packets {verb}"),
+            ("errors", "errors", f"Errors while {ing}"),
+            ("packets_dropped", "dropped", f"Packets dropped while {ing}"),
         )
     ),
     # Pressure stall information
@@ -360,7 +395,7 @@ METRICS: tuple[MetricDef, ...] = (
             "counter",
             about,
             f"io.stat {key}",
-            device_key=key,
+            per=Per("device", key, "/dev/"),
             family="cadvisor",
         )
         for what, key, about in (
@@ -368,6 +403,26 @@ METRICS: tuple[MetricDef, ...] = (
             ("writes_bytes", "wbytes", "Cumulative count of bytes written"),
             ("reads", "rios", "Cumulative count of reads completed"),
             ("writes", "wios", "Cumulative count of writes completed"),
+        )
+    ),
+    *(
+        MetricDef(
+            f"container_network_{way}_{what}_total",
+            "counter",
+            f"Cumulative count of {about}",
+            f"{NET_DEV} {direction}_{key}",
+            per=Per("interface", f"{direction}_{key}"),
+            family="cadvisor",
+        )
+        for way, direction, verb, ing in (
+            ("receive", "rx", "received", "receiving"),
+            ("transmit", "tx", "transmitted", "transmitting"),
+        )
+        for what, key, about in (
+            ("bytes", "bytes", f"bytes {verb}"),
+            ("packets", "packets", f"packets {verb}"),
+            ("errors", "errors", f"errors encountered while {ing}"),
+            ("packets_dropped", "dropped", f"packets dropped while {ing}"),
         )
     ),
     _cadvisor(
@@ -624,18 +679,15 @@ def render_processes(pids: dict[str, int | None]) -> str:
 def _render_rows(
     out: list[str], definition: MetricDef, snaps: list[Snapshot], label_texts: list[str]
 ) -> None:
-    """One sample per container (per device for io.stat rows) that has the value; the hot loop of a
-    scrape, so file rows copy the kernel's digits rather than round-trip them through a float."""
+    """One sample per container (per device or interface for those rows) that has the value; the hot
+    loop of a scrape, so file rows copy the kernel's digits rather than round-trip them through a float."""
     head = definition.name + "{"
     append = out.append
-    if definition.device_key is not None:
-        key = definition.device_key
-        native = definition.family == "native"
+    if (per := definition.per) is not None:
         for snap, labels in zip(snaps, label_texts, strict=True):
-            for device, counters in sorted(snap.devices.items()):
-                if (value := counters.get(key)) is not None:
-                    name = device if native else f"/dev/{device}"
-                    append(f'{head}{labels},device="{_escape(name)}"}} {_number(value)}\n')
+            for name, counters in sorted(snap.entries(per.label).items()):
+                if (value := counters.get(per.key)) is not None:
+                    append(f'{head}{labels},{per.label}="{_escape(per.prefix + name)}"}} {_number(value)}\n')
     elif definition.derive is not None:
         derive = definition.derive
         for snap, labels in zip(snaps, label_texts, strict=True):

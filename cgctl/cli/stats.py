@@ -24,6 +24,7 @@ COLUMNS = (
     "MEM USAGE / LIMIT",
     "MEM %",
     "WORKING SET",
+    "NET I/O",
     "BLOCK I/O",
     "PIDS",
     "THROTTLED",
@@ -55,7 +56,8 @@ def stats(
     exclude: options.Exclude = None,
     state_dir: Annotated[Path | None, typer.Option(envvar="CGCTL_STATE_DIR", help="the run records")] = None,
 ) -> None:
-    """Show CPU, memory, IO, pids, throttling and pressure of running containers (--all: every cgroup)."""
+    """Show CPU, memory, network, IO, pids, throttling and pressure of running containers (--all: every
+    cgroup)."""
     from cgctl.cli.errors import fail
 
     selection = options.hostwide(everything, cgroup_root, max_depth, include, exclude)
@@ -100,6 +102,25 @@ def _size(value: int | None) -> str:
     return "max" if value is None else format_size(value)
 
 
+DECIMAL_UNITS = ("B", "kB", "MB", "GB", "TB", "PB")
+
+
+def _network(row: Usage) -> str:
+    """Received / sent as docker stats writes them (decimal units, three digits: 1.23kB / 648B); "-"
+    for a container with no network of its own (the host's)."""
+    if row.net_rx_bytes is None or row.net_tx_bytes is None:
+        return "-"
+    return f"{_decimal(row.net_rx_bytes)} / {_decimal(row.net_tx_bytes)}"
+
+
+def _decimal(count: int) -> str:
+    value, unit = float(count), 0
+    while float(f"{value:.3g}") >= 1000 and unit < len(DECIMAL_UNITS) - 1:
+        value /= 1000
+        unit += 1
+    return f"{value:.3g}{DECIMAL_UNITS[unit]}"
+
+
 def _pressure(row: Usage) -> str:
     return "/".join(
         "-" if p is None else f"{p:.0f}" for p in (row.pressure_cpu, row.pressure_memory, row.pressure_io)
@@ -117,6 +138,7 @@ def table(rows: list[Usage]) -> str:
                 f"{_size(row.memory_bytes)} / {_size(limit)}",
                 "-" if limit is None else f"{100 * row.memory_bytes / limit:.1f}%",
                 _size(row.working_set_bytes),
+                _network(row),
                 f"{_size(row.read_bytes)} / {_size(row.write_bytes)}",
                 f"{row.pids}" + ("" if row.pids_limit is None else f" / {row.pids_limit}"),
                 f"{row.throttled_percent:.0f}%",

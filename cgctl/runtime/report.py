@@ -19,6 +19,15 @@ class IoUsage(BaseModel):
     write_ios: int
 
 
+class NetworkUsage(BaseModel):
+    """Totals over the container's interfaces (lo left out), read just before its network went."""
+
+    rx_bytes: int
+    rx_packets: int
+    tx_bytes: int
+    tx_packets: int
+
+
 class SandboxReport(BaseModel):
     """The sandbox in force (see cgctl.sandbox)."""
 
@@ -66,6 +75,9 @@ class RunReport(BaseModel):
     memory_high_events: int
     swap_peak_bytes: int | None
     io: list[IoUsage]
+    # None when unknown: no network of its own (none, host), or not read before its teardown; the
+    # cgroup is empty by the time this report is read, so accounting.network_totals is called earlier
+    network: NetworkUsage | None = None
     pids_peak: int | None
     pids_refused_forks: int
     limits: dict[str, str]  # each interface file cgctl wrote, as the kernel reads it back
@@ -80,9 +92,16 @@ class RunReport(BaseModel):
 
 
 def final_report(
-    name: str, group: fs.Cgroup, status: int, wall: float, applied: dict[str, str], spec: WorkloadSpec
+    name: str,
+    group: fs.Cgroup,
+    status: int,
+    wall: float,
+    applied: dict[str, str],
+    spec: WorkloadSpec,
+    network: dict[str, int] | None = None,
 ) -> RunReport:
-    """Read the cgroup's final accounting (call once it is empty, before it is removed)."""
+    """Read the cgroup's final accounting (call once it is empty, before it is removed); `network` is
+    what accounting.network_totals read while the workload's net namespace still had a process."""
     snap = read_snapshot(Container(name=name, id="", cgroup=group.path, started_at=0.0))
     if snap is None:
         raise fs.CgroupError(f"{group.path}: the cgroup vanished before its final accounting was read")
@@ -119,6 +138,7 @@ def final_report(
             )
             for device, values in sorted(snap.devices.items())
         ],
+        network=None if network is None else NetworkUsage(**network),
         pids_peak=whole("pids.peak"),
         pids_refused_forks=whole("pids.events", "max") or 0,
         limits=applied,

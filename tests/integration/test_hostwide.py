@@ -8,6 +8,7 @@ are refused before anything starts."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -32,6 +33,7 @@ from cgctl.runtime.remote import UnixConnection
 from tests.integration.conftest import UNIFIED
 from tests.integration.daemon import Daemon
 from tests.integration.hostwide_tree import HostTree
+from tests.integration.veth import veth_into
 from tests.integration.workloads import (
     CGCTL_ROOT,
     PYTHON,
@@ -151,6 +153,7 @@ def tree() -> Iterator[HostTree]:
     container beside them."""
     cgroups = HostTree()
     own = threading.Thread(target=runtime.run, args=(spec(["sleep", "3600"], name=OWN),), daemon=True)
+    network = contextlib.ExitStack()
     try:
         (cgroups.cgroup(SERVICE) / "cpu.max").write_text(f"{QUOTA} 100000")
         cgroups.spawn(SERVICE, ["sh", "-c", "while :; do :; done"])
@@ -163,6 +166,10 @@ def tree() -> Iterator[HostTree]:
         cgroups.spawn(GUARANTEED, ["sleep", "3600"])
         own.start()
         wait_for(lambda: bool(workload_pids(OWN)), "the cgctl container to start")
+        # an interface in its net namespace, for the dashboard's network panels
+        network.enter_context(
+            veth_into(workload_pids(OWN)[0], "nshw-h0", "nshw-c0", "10.200.0.9", "10.200.0.10")
+        )
         wait_for(
             lambda: kernel(DOCKER, "pids.current") == "1" and "rbytes" in kernel(DOCKER, "io.stat"),
             "the docker scope's read",
@@ -170,6 +177,7 @@ def tree() -> Iterator[HostTree]:
         wait_for(lambda: int(kernel(PAYLOAD, "memory.stat", "anon")) >= ALLOCATED, "the allocation", 120)
         yield cgroups
     finally:
+        network.close()
         if (CGCTL_ROOT / OWN / "cgroup.kill").exists():
             (CGCTL_ROOT / OWN / "cgroup.kill").write_text("1")
         if own.ident is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,44 +19,20 @@ import psutil
 import pytest
 import yaml
 
-from cgctl import runtime
 from cgctl.exporter import make_server
 from cgctl.metrics import ContainerCollector
+from tests.integration.veth import SINK, SINK_PORT, send_udp, veth_into
 from tests.integration.workloads import (
-    CGCTL_ROOT,
     PYTHON,
+    Background,
     MiB,
     cgctl_in_process,
-    spec,
     wait_for,
     workload_pids,
 )
 
 EXPORTERS = Path(__file__).parents[2] / "exporters"
 DISK = os.environ.get("CGCTL_VM_DISK", "/dev/vda")
-
-
-class Background:
-    """Workloads run by cgctl's library in threads, killed (cgroup.kill) when the test is done."""
-
-    def __init__(self) -> None:
-        self.threads: list[threading.Thread] = []
-        self.names: list[str] = []
-
-    def start(self, name: str, command: list[str], **fields: object) -> None:
-        thread = threading.Thread(target=runtime.run, args=(spec(command, name=name, **fields),), daemon=True)
-        thread.start()
-        self.threads.append(thread)
-        self.names.append(name)
-        wait_for(lambda: workload_pids(name), f"{name} to start")
-
-    def stop(self) -> None:
-        for name in self.names:
-            kill = CGCTL_ROOT / name / "cgroup.kill"
-            if kill.exists():
-                kill.write_text("1")
-        for thread in self.threads:
-            thread.join(timeout=60)
 
 
 @pytest.fixture
@@ -246,6 +223,8 @@ def prometheus() -> Iterator[QueryFn]:
         [PYTHON, "-S", "-c", f"while True: b = b'x' * {48 * MiB}; del b"],  # over memory.high again and again
         limits={"memory": {"high": "16M"}},
     )
+    workloads.start("net-sink", [PYTHON, "-S", "-c", SINK])  # with an interface, for the network panels
+    network = contextlib.ExitStack()
     server = make_server("127.0.0.1", 9753, ContainerCollector())
     threading.Thread(target=server.serve_forever, daemon=True).start()
     workdir = Path(tempfile.mkdtemp(prefix="prometheus-"))
@@ -281,10 +260,14 @@ def prometheus() -> Iterator[QueryFn]:
         return bool(result) and float(result[0]["value"][1]) >= at_least  # type: ignore[index]
 
     try:
+        network.enter_context(
+            veth_into(workload_pids("net-sink")[0], "nsprom-h0", "nsprom-c0", "10.200.0.5", "10.200.0.6")
+        )
         wait_for(
             lambda: seen('count_over_time(cgctl_container_info{container="oomed"}[1m])', 5), "scrapes", 180
         )
         go.touch()
+        send_udp("10.200.0.6", SINK_PORT, 100, 1000)
         wait_for(
             lambda: seen('cgctl_container_memory_oom_kills_total{container="oomed"}', 1), "the OOM kill", 120
         )
@@ -295,6 +278,7 @@ def prometheus() -> Iterator[QueryFn]:
         server_process.wait(timeout=60)
         server.shutdown()
         server.server_close()
+        network.close()
         workloads.stop()
 
 

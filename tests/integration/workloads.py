@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from cgctl import runtime
 from cgctl.cli import main as cgctl_main
 from cgctl.spec import WorkloadSpec
 
@@ -85,3 +87,26 @@ def tmpfs(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(path)], check=True)
     return path
+
+
+class Background:
+    """Workloads run by cgctl's library in threads, killed (cgroup.kill) when the test is done."""
+
+    def __init__(self) -> None:
+        self.threads: list[threading.Thread] = []
+        self.names: list[str] = []
+
+    def start(self, name: str, command: list[str], **fields: object) -> None:
+        thread = threading.Thread(target=runtime.run, args=(spec(command, name=name, **fields),), daemon=True)
+        thread.start()
+        self.threads.append(thread)
+        self.names.append(name)
+        wait_for(lambda: bool(workload_pids(name)), f"{name} to start")
+
+    def stop(self) -> None:
+        for name in self.names:
+            kill = CGCTL_ROOT / name / "cgroup.kill"
+            if kill.exists():
+                kill.write_text("1")
+        for thread in self.threads:
+            thread.join(timeout=60)

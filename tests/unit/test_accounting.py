@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cgctl.accounting import Container, read_snapshot, usage
+from cgctl.accounting import Container, network_totals, parse_net_dev, read_snapshot, totals, usage
 
 MiB = 1 << 20
 FILES = {
@@ -70,3 +70,75 @@ def test_usage_over_an_interval(tmp_path: Path) -> None:
     assert row.throttled_percent == pytest.approx(50.0)  # 5 of 10 periods
     assert (row.memory_bytes, row.memory_limit_bytes, row.working_set_bytes) == (100 * MiB, None, 70 * MiB)
     assert (row.pids, row.pids_limit, row.write_bytes, row.pressure_cpu) == (3, 64, 8 * MiB, 1.5)
+
+
+NET_DEV = (Path(__file__).parent / "data" / "net-dev").read_text()
+
+
+def test_net_dev_parses_every_interface_but_lo() -> None:
+    """Names are right-aligned to six columns and a long first counter is glued to the colon."""
+    interfaces = parse_net_dev(NET_DEV)
+    assert list(interfaces) == ["eth0", "veth-web0"]
+    assert interfaces["eth0"] == {
+        "rx_bytes": 12345678901,
+        "rx_packets": 9876543,
+        "rx_errors": 1,
+        "rx_dropped": 2,
+        "tx_bytes": 2345678,
+        "tx_packets": 4567,
+        "tx_errors": 3,
+        "tx_dropped": 4,
+    }
+    assert interfaces["veth-web0"]["tx_dropped"] == 1 and interfaces["veth-web0"]["rx_bytes"] == 648
+    assert totals(interfaces) == {
+        "rx_bytes": 12345678901 + 648,
+        "rx_packets": 9876543 + 8,
+        "tx_bytes": 2345678 + 1200,
+        "tx_packets": 4567 + 10,
+    }
+
+
+def fake_proc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, host_network: bool = False) -> Path:
+    """/proc with pid 1 and pid 7, whose net namespace is its own (or pid 1's) and has NET_DEV."""
+    proc = tmp_path / "proc"
+    for pid in ("1", "7"):
+        (proc / pid / "ns").mkdir(parents=True)
+    (proc / "1" / "ns" / "net").write_text("")
+    if host_network:
+        (proc / "7" / "ns" / "net").symlink_to(proc / "1" / "ns" / "net")
+    else:
+        (proc / "7" / "ns" / "net").write_text("")
+    (proc / "7" / "net").mkdir()
+    (proc / "7" / "net" / "dev").write_text(NET_DEV)
+    monkeypatch.setattr("cgctl.accounting.PROC", str(proc))
+    return proc
+
+
+def test_the_network_is_read_from_the_first_process_of_the_cgroup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_proc(tmp_path, monkeypatch)
+    snap = read_snapshot(container(tmp_path, FILES | {"cgroup.procs": "7\n8\n"}))
+    assert snap is not None and snap.interfaces == parse_net_dev(NET_DEV)
+    assert network_totals(7) == totals(parse_net_dev(NET_DEV))
+    row = usage(snap, snap)
+    assert (row.net_rx_bytes, row.net_tx_bytes) == (12345678901 + 648, 2345678 + 1200)
+
+
+@pytest.mark.parametrize("procs", ["", "9\n"], ids=["no process", "its process gone"])
+def test_no_process_no_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, procs: str) -> None:
+    fake_proc(tmp_path, monkeypatch)
+    snap = read_snapshot(container(tmp_path, FILES | {"cgroup.procs": procs}))
+    assert snap is not None and snap.interfaces is None and snap.entries("interface") == {}
+    assert usage(snap, snap).net_rx_bytes is None
+    assert network_totals(9) is None
+
+
+def test_the_hosts_net_namespace_is_not_the_containers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--network host: the same namespace as pid 1, whose NICs it would otherwise report."""
+    fake_proc(tmp_path, monkeypatch, host_network=True)
+    snap = read_snapshot(container(tmp_path, FILES | {"cgroup.procs": "7\n"}))
+    assert snap is not None and snap.interfaces is None
+    assert network_totals(7) is None

@@ -34,8 +34,20 @@ def recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[s
     dev_block.mkdir(parents=True)
     (dev_block / "uevent").write_text("MAJOR=254\nMINOR=0\nDEVNAME=vda\n")
     monkeypatch.setattr("cgctl.accounting.time.time", lambda: SCRAPED_AT)
+    monkeypatch.setattr("cgctl.accounting.PROC", str(fake_proc(tmp_path / "proc")))
     yield {"state": tmp_path / "state", "dev_block": dev_block.parent}
     claim.release()
+
+
+def fake_proc(proc: Path) -> Path:
+    """/proc as the exporter reads it for the recorded cgroup, whose first process is 133: that
+    process in a net namespace of its own (another inode than pid 1's), with data/net-dev's interfaces."""
+    for pid in ("1", "133"):
+        (proc / pid / "ns").mkdir(parents=True)
+        (proc / pid / "ns" / "net").write_text("")
+    (proc / "133" / "net").mkdir()
+    shutil.copy(DATA / "net-dev", proc / "133" / "net" / "dev")
+    return proc
 
 
 def collector(paths: dict[str, Path], compat: tuple[metrics.Family, ...] = ()) -> metrics.ContainerCollector:
@@ -84,6 +96,28 @@ def test_values_come_from_the_recorded_files(recorded: dict[str, Path]) -> None:
     )
     assert 'container_cpu_usage_seconds_total{cpu="total",id="/cgctl.slice/web",image="",name="web"}' in text
     assert 'container_spec_cpu_quota{id="/cgctl.slice/web",image="",name="web"} 50000\n' in text
+    # /proc/133/net/dev of the cgroup's first process, lo left out, the long counter glued to "eth0:"
+    assert (
+        'cgctl_container_network_receive_bytes_total{container="web",interface="eth0"} 12345678901\n' in text
+    )
+    assert 'interface="lo"' not in text
+    assert (
+        'container_network_transmit_packets_dropped_total{id="/cgctl.slice/web",image="",name="web",'
+        'interface="veth-web0"} 1\n' in text
+    )
+
+
+def test_a_container_in_the_hosts_net_namespace_has_no_network_series(
+    recorded: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """--network host: pid 133's namespace is pid 1's, whose NICs are not the container's."""
+    proc = fake_proc(tmp_path / "host-proc")
+    (proc / "133" / "ns" / "net").unlink()
+    (proc / "133" / "ns" / "net").symlink_to(proc / "1" / "ns" / "net")
+    monkeypatch.setattr("cgctl.accounting.PROC", str(proc))
+    text = collector(recorded, ("cadvisor",)).render()
+    assert "cgctl_container_memory_usage_bytes{" in text
+    assert "network_receive_bytes_total{" not in text and "network_transmit_bytes_total{" not in text
 
 
 def test_info_carries_identity_and_labels_but_never_the_command(recorded: dict[str, Path]) -> None:
@@ -95,7 +129,11 @@ def test_info_carries_identity_and_labels_but_never_the_command(recorded: dict[s
     for line in text.splitlines():
         if line.startswith("cgctl_container_") and not line.startswith("cgctl_container_info"):
             labels = line[line.index("{") + 1 : line.index("}")]
-            assert {pair.split("=")[0] for pair in labels.split(",")} <= {"container", "device"}, line
+            assert {pair.split("=")[0] for pair in labels.split(",")} <= {
+                "container",
+                "device",
+                "interface",
+            }, line
 
 
 def test_self_metrics_report_each_part(recorded: dict[str, Path]) -> None:
