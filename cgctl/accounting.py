@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from cgctl import discovery, state
+from cgctl import discovery, state, syscalls
 from cgctl.cgroup import fs, io
 
 
@@ -313,6 +313,26 @@ def network_totals(pid: int) -> dict[str, int] | None:
     None when pid is gone or shares this host's namespace."""
     interfaces = _interfaces(pid)
     return None if interfaces is None else totals(interfaces)
+
+
+def namespace_totals(netns: int) -> dict[str, int] | None:
+    """network_totals of a net namespace held by an fd, whose processes may all be gone (the run
+    report's, read at the end): a child joins it and reads its /proc/thread-self/net/dev."""
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the forked child
+        try:
+            os.close(read_end)
+            syscalls.setns(netns, syscalls.CLONE_NEWNET)
+            with open("/proc/thread-self/net/dev", "rb") as counters:
+                os.write(write_end, counters.read())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        text = reader.read().decode(errors="replace")
+    os.waitpid(child, 0)
+    return totals(parse_net_dev(text)) if text else None
 
 
 def totals(interfaces: dict[str, dict[str, float]]) -> dict[str, int]:

@@ -173,9 +173,10 @@ def attach(
     return Attached(fd, record)
 
 
-def detach(record: dict[str, Any], paths: Paths | None = None) -> None:
+def detach(record: dict[str, Any], paths: Paths | None = None, netns_path: str = "") -> None:
     """Take an attachment down: its name off its network's hosts files, the CNI DEL (its lease, port
-    rules, bandwidth device), its port claims. Idempotent; the first error is raised at the end."""
+    rules, bandwidth device; its veth too when the namespace is still held at netns_path, else the
+    veth went with the namespace), its port claims. Idempotent; the first error is raised at the end."""
     paths = paths or Paths.default()
     failure: BaseException | None = None
     if record.get("member"):
@@ -185,7 +186,7 @@ def detach(record: dict[str, Any], paths: Paths | None = None) -> None:
         cni.delete(
             network.conflist(paths),
             record["container_id"],
-            "",
+            netns_path,
             record["ifname"],
             _runtime_config(record),
             record.get("result"),

@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from cgctl import accounting, network, ns, policy, sandbox, state, syscalls
 from cgctl import limits as table
-from cgctl import network, ns, policy, sandbox, state, syscalls
 from cgctl.cgroup import cpu, cpuset, devices, fs, hugetlb, io, memory, pids
 from cgctl.network.files import Directory
 from cgctl.ns import console, mounts, rootfs, user
@@ -417,13 +417,15 @@ def final(
     status: int,
     wall: float,
     written: list[str],
+    network_totals: dict[str, int] | None = None,
 ) -> RunReport:
-    """Kill what the workload left behind and read its final report from the cgroup (which stays)."""
+    """Kill what the workload left behind and read its final report from the cgroup (which stays);
+    network_totals: its interfaces' counters, read by whoever held its net namespace."""
     fs.kill_all(group)
     record = state.read(record_path)
     written = written + record.get("written", [])  # what `cgctl update` changed
     applied = {file: group.read(file).strip() for file in dict.fromkeys(written)}
-    report = final_report(name, group, status, wall, applied, spec)
+    report = final_report(name, group, status, wall, applied, spec, network_totals)
     checkpoint = record.get("checkpoint") or {}
     if checkpoint.get("complete") and not checkpoint.get("leave_running"):
         report.checkpointed_to = checkpoint["dir"]
@@ -447,8 +449,11 @@ def supervise(
         try:
             return _wait(created, start, attached)
         finally:
-            if attached is not None:
-                network.detach(attached.record, wired.paths if wired else None)
+            if attached is not None:  # held until now: the DEL finds the namespace, and removes the veth
+                try:
+                    network.detach(attached.record, wired.paths if wired else None, attached.path)
+                finally:
+                    attached.close()
     finally:
         try:
             fs.remove(created.group)
@@ -477,11 +482,7 @@ def _wait(created: Created, start: Starter, attached: network.Attached | None = 
     spec, name, group, claim = created.spec, created.name, created.group, created.claim
     started = time.monotonic()
     with SignalForwarder(name, group, namespace_init="pid" in spec.namespaces.private()) as forwarder:
-        try:
-            pid, alive_fd, master = start(name, group, attached.path if attached else None)
-        finally:
-            if attached is not None:
-                attached.close()  # the workload holds its namespace now
+        pid, alive_fd, master = start(name, group, attached.path if attached else None)
         state.update(claim.path, pid=pid)  # what `cgctl checkpoint` dumps
         forwarder.start(pid, hang_up=(lambda: terminal.hang_up(master)) if master is not None else None)
         try:
@@ -495,7 +496,8 @@ def _wait(created: Created, start: Starter, attached: network.Attached | None = 
                 os.close(alive_fd)
     wall = time.monotonic() - started
     state.wait_for_checkpoint(claim.path)  # a checkpoint that ended the workload finishes its record first
-    return final(spec, name, group, claim.path, status, wall, created.written)
+    counted = accounting.namespace_totals(attached.fd) if attached is not None else None
+    return final(spec, name, group, claim.path, status, wall, created.written, counted)
 
 
 def _wait_for(pid: int) -> int:

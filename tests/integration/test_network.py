@@ -118,12 +118,13 @@ def test_the_default_for_root_is_a_bridge_with_docker_s_files(nothing_left: None
 def test_a_published_port_answers_on_the_loopback_and_is_its_own(nothing_left: None, tmp_path: Path) -> None:
     """-p 127.0.0.1:PORT:8000 reaches a server in the container; the same port for another container
     is refused naming its holder, a host process's port naming the process; after the container is
-    killed its port, lease and rules are gone."""
+    killed its port, lease and rules are gone, and its report counts its traffic."""
     port = free_port()
     (tmp_path / "index.html").write_text("from the container\n")
     server = subprocess.Popen(
         [*CGCTL, "run", "--init", "--network", "bridge", "--name", "web", "-p", f"127.0.0.1:{port}:8000",
-         "-v", f"{tmp_path}:/srv", *OWN_ROOT, "--", "python3", "-m", "http.server", "-d", "/srv", "8000"],
+         "--report", str(tmp_path / "report.json"), "-v", f"{tmp_path}:/srv", *OWN_ROOT, "--",
+         "python3", "-m", "http.server", "-d", "/srv", "8000"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -141,6 +142,8 @@ def test_a_published_port_answers_on_the_loopback_and_is_its_own(nothing_left: N
     finally:
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=300)
+    counted = json.loads((tmp_path / "report.json").read_text())["network"]
+    assert counted["tx_bytes"] > len("from the container\n") and counted["rx_packets"] > 0, counted
 
 
 def test_names_on_a_user_network_and_nothing_across_networks(networks: list[str], nothing_left: None) -> None:
