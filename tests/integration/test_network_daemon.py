@@ -7,6 +7,7 @@ the suite's default is none (conftest.py)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import urllib.request
@@ -126,12 +127,28 @@ def test_network_verbs_through_the_daemon(capfd: pytest.CaptureFixture[str], dae
         assert shown[0]["containers"] == ["member"]
         address = daemon.api.inspect("member").network.address  # type: ignore[union-attr]
         assert address is not None and address.startswith("10.93.0.")
+        status, _, err = daemon.cli(
+            capfd, "run", "-d", "--name", "joiner", "--network", "container:member", "--", "sleep", "600"
+        )
+        assert status == 0, err
+        joiner, member = daemon.api.inspect("joiner"), daemon.api.inspect("member")
+        assert joiner.network is not None and joiner.network.mode == "container:member"
+        assert os.readlink(f"/proc/{joiner.pid}/ns/net") == os.readlink(f"/proc/{member.pid}/ns/net")
+        for args, expected in {
+            ("--network", "nosuch"): "invalid value 'nosuch' for --network: no such network",
+            ("--network", "container:nosuch"): "no running container nosuch",
+            ("--network", "none", "-p", "80"): "--network none cannot carry published ports",
+        }.items():
+            status, _, err = daemon.cli(capfd, "run", "-d", "--name", "refused", *args, "--", "true")
+            assert status == 125 and expected in err, (args, err)
+            assert "refused" not in {c.name for c in daemon.api.list(all=True)}
         status, out, err = daemon.cli(capfd, "network", "rm", "front", "nosuch")
         assert status == 1 and "in use by member" in err and "nosuch" in err and out == ""
         table = daemon.cli(capfd, "network", "ls")[1].splitlines()
         assert table[0].split() == ["NAME", "SUBNET", "GATEWAY", "BRIDGE", "INTERNAL"]
         assert any(line.split()[:3] == ["front", "10.93.0.0/24", "10.93.0.1"] for line in table)
     finally:
+        daemon.cli(capfd, "rm", "-f", "joiner")
         daemon.cli(capfd, "rm", "-f", "member")
         status, out, err = daemon.cli(capfd, "network", "rm", "front")
     assert (status, out.strip()) == (0, "front"), err

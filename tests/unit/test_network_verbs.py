@@ -165,6 +165,14 @@ def test_port_prints_dockers_format(
     assert status == 125 and "no running container named 'web'" in err
 
 
+def test_network_errors_are_the_apis_400_naming_the_option() -> None:
+    from cgctl.daemon.errors import problem
+    from cgctl.network import NetworkError
+
+    refused = NetworkError("--publish", "8080", "8080/tcp is published by web")
+    assert problem(refused) == (400, "invalid value '8080' for --publish: 8080/tcp is published by web", 125)
+
+
 def test_models() -> None:
     with pytest.raises(ValidationError, match="Extra inputs"):
         NetworkCreateRequest.model_validate({"name": "x", "driver": "overlay"})
