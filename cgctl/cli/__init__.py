@@ -39,6 +39,7 @@ VERBS: dict[str, str] = {
     "check": "check",
     **dict.fromkeys(("daemon", "dial-stdio"), "daemon"),
     "image": "image",
+    **dict.fromkeys(("network", "port"), "network"),
     "machine": "machine",
     "policy": "policy",
     "oci": "oci_verb",
@@ -74,6 +75,10 @@ HELP_GROUPS: dict[str, dict[str, str]] = {
         "commit": "Make a container's writes a new image",
         "login": "Keep credentials for a registry",
         "logout": "Forget the credentials kept for a registry",
+    },
+    "Networks": {
+        "network": "Create, list, inspect and remove networks",
+        "port": "List a container's published ports",
     },
     "Daemon and machine": {
         "daemon": "Run the daemon: detached containers and the API",

@@ -96,6 +96,10 @@ def inspect(names: Names, as_json: AsJson = False, state_dir: StateDir = None) -
             print(f"  image: {c.image}")
         if c.labels:
             print("  labels: " + " ".join(f"{k}={v}" for k, v in sorted(c.labels.items())))
+        if c.network is not None:
+            on = f" ({c.network.network} {c.network.address or '-'})" if c.network.network else ""
+            ports = ", ".join(str(p) for p in c.network.ports)
+            print(f"  network: {c.network.mode}{on}" + (f"   ports: {ports}" if ports else ""))
         print(f"  restart policy: {c.restart_policy}   restarts: {c.restart_count}")
         for number, attempt in enumerate(c.attempts, 1):
             ended = attempt.ended or "running"

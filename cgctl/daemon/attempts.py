@@ -12,17 +12,19 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cgctl import policy, state
+from cgctl import network, policy, state
 from cgctl.cgroup import fs
 from cgctl.daemon.keeper import KeeperClient
 from cgctl.daemon.managed import Managed
+from cgctl.network.files import Directory
 from cgctl.runtime import supervisor
-from cgctl.runtime.api import Attempt
+from cgctl.runtime.api import Attempt, ContainerNetwork
 from cgctl.runtime.report import RunReport
 from cgctl.runtime.spawn import SpawnError
 
 if TYPE_CHECKING:
     from cgctl.runtime.checkpoint import Restoring
+    from cgctl.spec import WorkloadSpec
 
 log = logging.getLogger("cgctld")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -35,10 +37,11 @@ def start(
     state_dir: Path,
     active: policy.PolicySet,
     restoring: Restoring | None,
-) -> tuple[int, supervisor.Created, contextlib.ExitStack]:
+) -> tuple[int, supervisor.Created, contextlib.ExitStack, ContainerNetwork | None]:
     """Have the keeper start the next attempt, with the `active` policies, or restore a checkpoint as
-    it. Returns its pid, its cgroup and run record, and what its own root holds on the host. Raises
-    SpecError, SpawnError, Failure, fs.CgroupError; nothing is left of a start that failed."""
+    it. Returns its pid, its cgroup and run record, what its own root holds on the host, and its
+    network. Raises SpecError, SpawnError, NetworkError, CniError, Failure, fs.CgroupError; nothing is
+    left of a start that failed."""
     name = managed.info.name
     spec = managed.request.spec.model_copy(update={"name": name})
     record: dict[str, Any] = {"detached": True}
@@ -48,6 +51,10 @@ def start(
         spec, noted = policy.apply_to(spec, name, active)
         record.update(noted)
     confinement = None if restoring else supervisor.plan_sandbox(spec)
+    wired = None if restoring else _plan_network(spec, managed)
+    joined = None if wired is None else supervisor.container_netns(wired, state_dir)
+    if wired is not None:
+        spec = supervisor.with_network_files(spec, wired)
     root = contextlib.ExitStack()
     try:
         plan = root.enter_context(supervisor.prepared_root(spec))
@@ -55,6 +62,13 @@ def start(
             created = supervisor.create(spec, cgroup_root, state_dir, record=record)
     except BaseException:
         root.close()
+        if wired is not None:
+            Directory(wired.files_dir(name)).remove()
+        raise
+    try:
+        attached = supervisor.attach_network(created, wired)
+    except BaseException:
+        _undo(created, root)
         raise
     how: dict[str, Any]
     if confinement is None:
@@ -62,7 +76,8 @@ def start(
     else:
         env = {"PATH": DEFAULT_PATH, **spec.env}
         size = managed.request.console_size
-        launch = supervisor.launch_for(spec, name, created.group, confinement, plan, env, size)
+        netns = attached.path if attached is not None else joined
+        launch = supervisor.launch_for(spec, name, created.group, confinement, plan, env, size, netns)
         how = {
             "op": "start",
             "launch": dataclasses.replace(launch, workdir=spec.workdir or "/"),
@@ -86,17 +101,39 @@ def start(
         )
     except BaseException:
         reply = {"ok": False, "error": "the keeper is gone", "exit_code": 125}
+    finally:
+        if attached is not None:
+            attached.close()  # the workload holds its namespace now (or never will)
     if not reply["ok"]:
-        try:
-            fs.remove(created.group)
-        finally:
-            created.claim.release()
-            root.close()
+        _undo(created, root, attached.record if attached is not None else None)
         raise SpawnError(reply["error"], reply.get("exit_code", 125))
     os.close(created.claim.fd)  # the keeper holds the record's lock now
     pid = int(reply["pid"])
     state.update(created.claim.path, pid=pid, written=created.written)
-    return pid, created, root
+    view = None if wired is None else ContainerNetwork.of(wired.mode, attached.record if attached else None)
+    return pid, created, root, view
+
+
+def _plan_network(spec: WorkloadSpec, managed: Managed) -> network.Plan:
+    """The attempt's network, planned (the default resolved here, by the daemon's environment). A
+    restart publishes the ports the last attempt was given, so that -p PORT and -P keep theirs."""
+    last = managed.info.network
+    if last is not None and last.ports:
+        spec = spec.model_copy(update={"network": spec.network.model_copy(update={"publish": last.ports})})
+    return supervisor.plan_network(spec)
+
+
+def _undo(
+    created: supervisor.Created, root: contextlib.ExitStack, attachment: dict[str, Any] | None = None
+) -> None:
+    """Remove what a start that failed made: its cgroup, its network, its run record and root (each
+    tried, whatever the one before raised)."""
+    with contextlib.ExitStack() as undo:
+        undo.callback(root.close)
+        undo.callback(created.claim.release)
+        if attachment is not None:
+            undo.callback(network.detach, attachment)
+        fs.remove(created.group)
 
 
 def final_report(managed: Managed, status: dict[str, Any], state_dir: Path) -> RunReport | None:
@@ -121,8 +158,23 @@ def final_report(managed: Managed, status: dict[str, Any], state_dir: Path) -> R
             fs.remove(managed.group)
         except fs.CgroupError as error:
             log.error("%s: %s", name, error)
+    detach_network(name, record)
     record.unlink(missing_ok=True)
     return report
+
+
+def detach_network(name: str, record: Path) -> None:
+    """Take down the network the run record says the attempt had (its namespace died with its
+    processes: its lease, port rules and claims go here); a failure is logged, never raised."""
+    try:
+        attachment = state.read(record).get("network")
+    except (OSError, ValueError):
+        return
+    if attachment:
+        try:
+            network.detach(attachment)
+        except (network.NetworkError, network.cni.CniError, OSError) as error:
+            log.error("%s: its network was not wholly taken down: %s", name, error)
 
 
 def record_end(attempt: Attempt, status: dict[str, Any], report: RunReport | None) -> None:

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from cgctl.cgroup import fs
+from cgctl.network import NetworkError, cni
 from cgctl.runtime.api import Failure, Invalid
 from cgctl.runtime.spawn import SpawnError
 from cgctl.spec import SpecError
@@ -27,6 +28,10 @@ def problem(error: Exception) -> tuple[int, str, int]:
         return 400, f"invalid value {error.value!r} for {field}: {error.reason}", 125
     if isinstance(error, SpawnError):
         return 400, str(error), error.exit_code
+    if isinstance(error, NetworkError):  # names the option and the value (--network, --publish)
+        return 400, str(error), 125
+    if isinstance(error, cni.CniError):
+        return 500, str(error), 125
     if isinstance(error, ValidationError):
         return 400, validation_message(list(error.errors())), 125
     if isinstance(error, fs.CgroupError):

@@ -36,9 +36,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cgctl import __version__
 from cgctl.cgroup import fs
 from cgctl.daemon.errors import error_response, problem, validation_message
-from cgctl.daemon.routes import containers, images, policies, system
+from cgctl.daemon.routes import containers, images, networks, policies, system
 from cgctl.daemon.service import Service
 from cgctl.metrics import ContainerCollector
+from cgctl.network import NetworkError, cni
 from cgctl.runtime.api import ApiError, Failure
 from cgctl.runtime.spawn import SpawnError
 from cgctl.spec import SpecError
@@ -134,6 +135,8 @@ def make_app() -> FastAPI:
     @app.exception_handler(SpawnError)
     @app.exception_handler(ValidationError)
     @app.exception_handler(fs.CgroupError)
+    @app.exception_handler(NetworkError)
+    @app.exception_handler(cni.CniError)
     async def failure(_: Request, error: Exception) -> JSONResponse:
         return error_response(*problem(error))
 
@@ -146,7 +149,7 @@ def make_app() -> FastAPI:
     async def request_error(_: Request, error: RequestValidationError) -> JSONResponse:
         return error_response(400, validation_message(list(error.errors())))
 
-    for router in (system.router, containers.router, policies.router, images.router):
+    for router in (system.router, containers.router, policies.router, images.router, networks.router):
         app.include_router(router)
     app.add_middleware(BodyLimit)  # type: ignore[arg-type]
     return app

@@ -40,6 +40,7 @@ from cgctl.daemon.restarts import STOPPING_SIGNALS, Restarts
 from cgctl.daemon.streams import log_lines
 from cgctl.daemon.watch import CgroupWatcher
 from cgctl.metrics import render_processes
+from cgctl.netspec import PortMapping
 from cgctl.runtime import logs
 from cgctl.runtime.api import (
     Attempt,
@@ -210,6 +211,12 @@ class Service:
         self.emit("update", name, dict(written))
         return written
 
+    def port(self, name: str) -> builtins.list[PortMapping]:
+        """A running container's published ports (none once it has ended)."""
+        container = self.inspect(name)
+        running = container.state in ("running", "frozen")
+        return container.network.ports if running and container.network else []
+
     def top(self, name: str) -> builtins.list[ProcessRow]:
         """The processes of a running container, detached or foreground (the keeper holds a detached
         one's run record, so the local runtime finds both); one of ours that is not running says so."""
@@ -364,10 +371,11 @@ class Service:
         """Start the next attempt, or restore a checkpoint as it (call with managed.lock held). Raises
         SpecError, SpawnError, Failure, fs.CgroupError; nothing is left of a start that failed."""
         name = managed.info.name
-        pid, created, root = attempts.start(
+        pid, created, root, network = attempts.start(
             self.keeper, managed, self.paths.cgroup_root, self.paths.state_dir, self.engine.active, restoring
         )
         managed.group, managed.written, managed.root = created.group, created.written, root
+        managed.info.network = network
         managed.started = time.monotonic()
         managed.oom_kills = 0
         managed.info.attempts.append(Attempt(started_at=time.time(), pid=pid))

@@ -147,9 +147,11 @@ def create(
 ) -> Network:
     """Define a network; its bridge appears with its first container. NetworkError for a taken or
     reserved name, a malformed or overlapping subnet, or a gateway outside it."""
-    if not re.match(NETWORK_NAME, name) or (name in (*SPECIAL_MODES, "container") and name != DEFAULT):
+    if not re.match(NETWORK_NAME, name) or name in (*SPECIAL_MODES, "container"):
         raise NetworkError(
-            "NAME", name, "a network's name is [A-Za-z0-9][A-Za-z0-9_.-]*, not none, host or container"
+            "NAME",
+            name,
+            "a network's name is [A-Za-z0-9][A-Za-z0-9_.-]*, not none, host, bridge or container",
         )
     with locked(paths):
         if (paths.definitions / f"{name}.json").exists():

@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from cgctl.netspec import PortMapping
 from cgctl.runtime.report import RunReport
 from cgctl.spec import NAME_PATTERN, ExecSpec, WorkloadSpec, parse_size
 
@@ -209,6 +210,27 @@ class Attempt(BaseModel):
         return self.exit_code
 
 
+class ContainerNetwork(BaseModel):
+    """Where a container's network is, as `inspect` shows it (docker's NetworkSettings, smaller)."""
+
+    mode: str = Field(description="none, host, bridge, a network's name or container:NAME")
+    network: str | None = Field(None, description="the network its interface is on (bridge, NAME)")
+    address: str | None = Field(None, description="its IPv4 address on that network")
+    ports: list[PortMapping] = Field(default_factory=list, description="published ports, host ports chosen")
+
+    @classmethod
+    def of(cls, mode: str, attachment: dict[str, Any] | None) -> ContainerNetwork:
+        """From the resolved mode and the attachment network.attach noted in the run record."""
+        if not attachment:
+            return cls(mode=mode)
+        return cls(
+            mode=mode,
+            network=attachment.get("network"),
+            address=attachment.get("address"),
+            ports=[PortMapping.model_validate(p) for p in attachment.get("ports", [])],
+        )
+
+
 class Container(BaseModel):
     """A container as `ps` and `inspect` show it. Its environment is never shown."""
 
@@ -228,6 +250,7 @@ class Container(BaseModel):
     report: RunReport | None = None  # the final accounting of the last attempt that ended
     spec: dict[str, Any]  # the spec as given, without env
     policies: list[str] = Field(default_factory=list, description="the policies applied (FILE:NAME)")
+    network: ContainerNetwork | None = Field(None, description="its current (or last) attempt's network")
 
     @property
     def last(self) -> Attempt | None:
@@ -240,6 +263,29 @@ class Container(BaseModel):
         it runs or when it is unknown."""
         last = self.last
         return last.exit_status if last is not None and last.status_known else None
+
+
+class NetworkCreateRequest(_Request):
+    """`cgctl network create`: a bridge and a subnet (a free /24 of 10.92.0.0/16 unless given)."""
+
+    name: str = Field(
+        max_length=64, description="[A-Za-z0-9][A-Za-z0-9_.-]*; not none, host, bridge or container"
+    )
+    subnet: str | None = Field(None, max_length=64, description="IPv4 CIDR, e.g. 10.93.0.0/24")
+    gateway: str | None = Field(None, max_length=64, description="the bridge's address (default: the first)")
+    internal: bool = Field(False, description="no route out of its bridge, no published ports")
+
+
+class NetworkInfo(BaseModel):
+    """A network as `network ls` and `network inspect` show it."""
+
+    name: str
+    subnet: str
+    gateway: str
+    bridge: str
+    internal: bool
+    created: float = Field(description="unix time")
+    containers: list[str] = Field(default_factory=list, description="the running containers on it")
 
 
 class Event(BaseModel):

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:  # the models are pydantic's, slow to import: a CLI with no daemon rarely needs them
     from cgctl.accounting import Usage
     from cgctl.images.importer import Progress as ImageProgress
+    from cgctl.netspec import PortMapping
     from cgctl.runtime.api import (
         CheckpointRequest,
         CheckpointResult,
@@ -23,6 +24,7 @@ if TYPE_CHECKING:  # the models are pydantic's, slow to import: a CLI with no da
         Event,
         Explanation,
         HostWide,
+        NetworkInfo,
         PolicyPlan,
         PolicyStatus,
         ProcessRow,
@@ -96,6 +98,13 @@ class Runtime(Protocol):
         self, reference: str, path: str, progress: ImageProgress | None = None
     ) -> dict[str, Any]: ...
     def remove_image(self, reference: str) -> builtins.list[str]: ...
+    def port(self, name: str) -> builtins.list[PortMapping]: ...
+    def networks(self) -> builtins.list[NetworkInfo]: ...
+    def inspect_network(self, name: str) -> NetworkInfo: ...
+    def create_network(
+        self, name: str, subnet: str | None = None, gateway: str | None = None, internal: bool = False
+    ) -> NetworkInfo: ...
+    def remove_network(self, name: str) -> None: ...
 
 
 def default_sockets() -> list[Path]:

@@ -25,6 +25,8 @@ if TYPE_CHECKING:  # the models are imported where used: `cgctl ps` with nothing
     from cgctl.images import Store
     from cgctl.images.importer import Progress as ImageProgress
     from cgctl.images.registry import Options
+    from cgctl.netspec import PortMapping
+    from cgctl.network.store import Network
     from cgctl.policy import PolicySet
     from cgctl.runtime.api import (
         CheckpointRequest,
@@ -35,6 +37,7 @@ if TYPE_CHECKING:  # the models are imported where used: `cgctl ps` with nothing
         Explanation,
         HostWide,
         NeedsDaemon,
+        NetworkInfo,
         PolicyPlan,
         PolicyStatus,
         ProcessRow,
@@ -62,7 +65,7 @@ def needs_daemon(what: str, why: str = "") -> NeedsDaemon:
 
 def record_container(path: Path) -> Container | None:
     """A running container as its run record tells (None if it ended meanwhile)."""
-    from cgctl.runtime.api import Attempt, Container
+    from cgctl.runtime.api import Attempt, Container, ContainerNetwork
 
     try:
         record = state.read(path)
@@ -85,6 +88,41 @@ def record_container(path: Path) -> Container | None:
         attempts=[Attempt(started_at=started, pid=record.get("pid"))],
         spec=spec,
         policies=(record.get("policy") or {}).get("applied", []),
+        network=ContainerNetwork.of(mode, record.get("network")) if (mode := _mode(spec)) else None,
+    )
+
+
+def _mode(spec: dict[str, Any]) -> str | None:
+    """The run's network mode as its recorded spec has it (resolved by the run: never the default's None)."""
+    return (spec.get("network") or {}).get("mode")
+
+
+def network_users(state_dirs: set[Path]) -> dict[str, builtins.list[str]]:
+    """The running containers on each network, by the attachments their live run records hold (those
+    of the daemon's containers too, which its keeper keeps locked)."""
+    users: dict[str, builtins.list[str]] = {}
+    for state_dir in state_dirs:
+        for path, _ in state.live_records(state_dir):
+            try:
+                attachment = state.read(path).get("network") or {}
+            except (OSError, ValueError):
+                continue
+            if attachment.get("network"):
+                users.setdefault(attachment["network"], []).append(path.stem)
+    return users
+
+
+def network_info(network: Network, users: dict[str, builtins.list[str]]) -> NetworkInfo:
+    from cgctl.runtime.api import NetworkInfo
+
+    return NetworkInfo(
+        name=network.name,
+        subnet=network.subnet,
+        gateway=network.gateway,
+        bridge=network.bridge,
+        internal=network.internal,
+        created=network.created,
+        containers=sorted(users.get(network.name, [])),
     )
 
 
@@ -365,6 +403,55 @@ class LocalRuntime:
             left_running=done.left_running,
             notes=list(done.notes),
         )
+
+    def port(self, name: str) -> builtins.list[PortMapping]:
+        """The running container's published ports, with the host ports chosen for -p PORT and -P."""
+        network = self.inspect(name).network
+        return network.ports if network else []
+
+    def _network_users(self) -> dict[str, builtins.list[str]]:
+        """Users of each network among this host's runs: the state directory's, and the default one's
+        (foreground runs') when this is a daemon's own."""
+        return network_users({self.state_dir, state.default_state_dir()})
+
+    def networks(self) -> builtins.list[NetworkInfo]:
+        from cgctl.network import store
+
+        users = self._network_users()
+        return [network_info(network, users) for network in store.load_all(store.Paths.default())]
+
+    def inspect_network(self, name: str) -> NetworkInfo:
+        from cgctl.runtime.api import NotFound
+
+        found = [network for network in self.networks() if network.name == name]
+        if not found:
+            raise NotFound(f"no network named {name!r} (cgctl network ls)")
+        return found[0]
+
+    def create_network(
+        self, name: str, subnet: str | None = None, gateway: str | None = None, internal: bool = False
+    ) -> NetworkInfo:
+        """Define a network (store.create); Invalid names the option and the value it refuses."""
+        from cgctl.network import store
+        from cgctl.runtime.api import Invalid
+
+        try:
+            return network_info(store.create(store.Paths.default(), name, subnet, gateway, internal), {})
+        except store.NetworkError as error:
+            raise Invalid(str(error)) from None
+
+    def remove_network(self, name: str) -> None:
+        """Remove a network and its bridge; Conflict while a running container is on it."""
+        from cgctl.network import store
+        from cgctl.runtime.api import Conflict, Invalid
+
+        if name == store.DEFAULT:
+            raise Invalid(f"{name} is the default network: it cannot be removed")
+        users = self.inspect_network(name).containers
+        try:
+            store.remove(store.Paths.default(), name, users)
+        except store.NetworkError as error:
+            raise Conflict(str(error)) from None
 
     def create(self, request: CreateRequest) -> Container:
         raise needs_daemon("`cgctl run -d`")

@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cgctl.netspec import PortMapping
 from cgctl.runtime.api import (
     BadGateway,
     CheckpointRequest,
@@ -38,6 +39,8 @@ from cgctl.runtime.api import (
     Failure,
     Invalid,
     NeedsDaemon,
+    NetworkCreateRequest,
+    NetworkInfo,
     NotFound,
     PolicyPlan,
     PolicyStatus,
@@ -401,6 +404,27 @@ class RemoteRuntime:
 
     def remove_image(self, reference: str) -> builtins.list[str]:
         return list(self._json("DELETE", f"/v1/images/{_quoted(reference)}")["removed_layers"])
+
+    def port(self, name: str) -> builtins.list[PortMapping]:
+        return [
+            PortMapping.model_validate(p) for p in self._json("GET", f"/v1/containers/{_quoted(name)}/port")
+        ]
+
+    def networks(self) -> builtins.list[NetworkInfo]:
+        return [NetworkInfo.model_validate(item) for item in self._json("GET", "/v1/networks")]
+
+    def inspect_network(self, name: str) -> NetworkInfo:
+        return NetworkInfo.model_validate(self._json("GET", f"/v1/networks/{_quoted(name)}"))
+
+    def create_network(
+        self, name: str, subnet: str | None = None, gateway: str | None = None, internal: bool = False
+    ) -> NetworkInfo:
+        request = NetworkCreateRequest(name=name, subnet=subnet, gateway=gateway, internal=internal)
+        body = request.model_dump(mode="json")
+        return NetworkInfo.model_validate(self._json("POST", "/v1/networks", body))
+
+    def remove_network(self, name: str) -> None:
+        self._json("DELETE", f"/v1/networks/{_quoted(name)}")
 
 
 def _relay(websocket: Any, hello: dict[str, Any], detach_keys: bytes, status: dict[str, Any]) -> bool:
