@@ -87,15 +87,13 @@ def fetch(url: str, timeout: float = 120) -> bytes:
 
 @pytest.fixture
 def networks() -> Iterator[list[str]]:
-    """Two user networks and an internal one, removed at the end."""
-    made = [
-        store.create(PATHS, "test-a"),
-        store.create(PATHS, "test-b"),
-        store.create(PATHS, "test-internal", internal=True),
-    ]
-    yield [network.name for network in made]
-    for network in made:
-        store.remove(PATHS, network.name, [])
+    """Two user networks and an internal one (`cgctl network create`), removed at the end."""
+    made = {"test-a": [], "test-b": [], "test-internal": ["--internal"]}
+    for name, options in made.items():
+        done = cgctl("network", "create", *options, name)
+        assert done.returncode == 0, done.stderr
+    yield list(made)
+    assert cgctl("network", "rm", *made).returncode == 0
 
 
 def test_the_default_for_root_is_a_bridge_with_docker_s_files(nothing_left: None) -> None:

@@ -134,7 +134,8 @@ def test_networks_get_free_subnets_and_bridges(paths: store.Paths) -> None:
     ("args", "message"),
     [
         ({"name": "one"}, "a network of that name exists"),
-        ({"name": "host"}, "not none, host or container"),
+        ({"name": "host"}, "not none, host, bridge or container"),
+        ({"name": "bridge"}, "not none, host, bridge or container"),
         ({"name": "bad/name"}, "a network's name"),
         ({"name": "x", "subnet": "10.92.0.0/16"}, "overlaps the network one"),
         ({"name": "x", "subnet": "192.168.1.128/25"}, "overlaps this host's route"),
