@@ -51,7 +51,12 @@ def start(
         spec, noted = policy.apply_to(spec, name, active)
         record.update(noted)
     confinement = None if restoring else supervisor.plan_sandbox(spec)
-    wired = None if restoring else _plan_network(spec, managed)
+    if restoring:  # onto the network it was dumped on, with its address (runtime/checkpoint.py)
+        from cgctl.runtime.checkpoint import restored_network
+
+        wired = restored_network(restoring)
+    else:
+        wired = _plan_network(spec, managed)
     joined = None if wired is None else supervisor.container_netns(wired, state_dir)
     if wired is not None:
         spec = supervisor.with_network_files(spec, wired)
@@ -72,7 +77,8 @@ def start(
         raise
     how: dict[str, Any]
     if confinement is None:
-        how = {"op": "restore", "restoring": restoring, "root": plan, "cgroup": str(created.group.path)}
+        how = {"op": "restore", "restoring": restoring, "root": plan, "cgroup": str(created.group.path),
+               "netns": attached.path if attached is not None else None}  # fmt: skip
     else:
         env = {"PATH": DEFAULT_PATH, **spec.env}
         size = managed.request.console_size

@@ -135,12 +135,17 @@ class Keeper:
 
         def restore(stdio: tuple[int, int, int]) -> spawn.Started:
             group = fs.Cgroup(Path(message["cgroup"]))
+            # The namespace the daemon attached for it, by the path of the daemon's fd (held until we reply).
+            netns = os.open(message["netns"], os.O_RDONLY | os.O_CLOEXEC) if message.get("netns") else None
             try:
                 pid = checkpoint.restore_tasks(
-                    message["restoring"], group, message["root"], dict(enumerate(stdio))
+                    message["restoring"], group, message["root"], dict(enumerate(stdio)), netns=netns
                 )
             except checkpoint.CheckpointError as error:
                 raise spawn.SpawnError(str(error), 125) from None
+            finally:
+                if netns is not None:
+                    os.close(netns)
             return spawn.Started(pid, None)
 
         return self._start(message, fds, restore)

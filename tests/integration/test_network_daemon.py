@@ -202,3 +202,29 @@ def test_nothing_is_left_after_the_daemon_is_sigkilled_while_publishing_containe
         status, _, err = daemon.cli(capfd, "rm", "-f", name)
         assert status == 0, err
     assert leftovers() == before
+
+
+def test_a_checkpoint_restored_through_the_daemon_serves_again_on_its_port(
+    capfd: pytest.CaptureFixture[str], daemon: Daemon, tmp_path: Path
+) -> None:
+    """The daemon restores a networked checkpoint onto a new namespace on the same network, with the
+    same address and published port (the keeper gives CRIU the namespace the daemon attached)."""
+    status, out, err = daemon.cli(
+        capfd, "run", "-d", "--name", "ckweb", "--network", "bridge", "-p", "127.0.0.1:18083:80",
+        "--", PYTHON, "-m", "http.server", "80",
+    )  # fmt: skip
+    assert status == 0, err
+    try:
+        wait_for(lambda: served(18083), "the server before the dump", 300)
+        address = daemon.api.inspect("ckweb").network.address  # type: ignore[union-attr]
+        status, _, err = daemon.cli(capfd, "checkpoint", "--dir", str(tmp_path / "ck"), "ckweb")
+        assert status == 0, err
+        daemon.api.wait("ckweb")
+        status, out, err = daemon.cli(
+            capfd, "restore", "-d", "--dir", str(tmp_path / "ck"), "--name", "ckagain"
+        )
+        assert (status, out) == (0, "ckagain\n"), err
+        wait_for(lambda: served(18083), "the restored server", 300)
+        assert daemon.api.inspect("ckagain").network.address == address  # type: ignore[union-attr]
+    finally:
+        daemon.cli(capfd, "rm", "-f", "ckweb", "ckagain")
