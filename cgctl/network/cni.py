@@ -38,11 +38,17 @@ def missing(conflist: dict[str, Any]) -> list[str]:
 
 
 def add(
-    conflist: dict[str, Any], container_id: str, netns: str, ifname: str, runtime: dict[str, Any]
+    conflist: dict[str, Any],
+    container_id: str,
+    netns: str,
+    ifname: str,
+    runtime: dict[str, Any],
+    prev_result: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """ADD the container to the network; its result (interfaces, IPs, routes). On a plugin's failure
-    the whole list is deleted again before CniError is raised."""
-    result: dict[str, Any] | None = None
+    """ADD the container to the network; its result (interfaces, IPs, routes). prev_result: the
+    result the list's first plugin gets (a list of chained plugins alone, after an earlier ADD).
+    On a plugin's failure the whole list is deleted again before CniError is raised."""
+    result = prev_result
     try:
         for plugin in conflist["plugins"]:
             result = _call("ADD", conflist, plugin, container_id, netns, ifname, runtime, result)
