@@ -83,8 +83,9 @@ def floor_network(stack: contextlib.ExitStack) -> Iterator[None]:
         check(["ip", "-n", NETNS, *step])
     check(["ip", "-n", NETNS, "link", "set", "lo", "up"])
     rule = f"ip daddr {HOST_IP} tcp dport {PUBLISHED} dnat to {INSIDE_IP}:5201"
-    script = f"table ip {TABLE} {{ chain output {{ type nat hook output priority dstnat; {rule}; }} }}"
-    check(["nft", script])
+    chain = f"  chain output {{\n    type nat hook output priority -100;\n    {rule}\n  }}\n"
+    script = f"table ip {TABLE} {{\n{chain}}}\n"
+    subprocess.run(["nft", "-f", "-"], input=script, text=True, check=True, timeout=60)
     stack.callback(subprocess.run, ["nft", "delete", "table", "ip", TABLE], capture_output=True)
     server = subprocess.Popen(["ip", "netns", "exec", NETNS, "iperf3", "-s"], stdout=subprocess.DEVNULL)
     stack.callback(server.wait, 60)
@@ -179,9 +180,12 @@ def main() -> None:
         os.environ["CGCTL_NETWORK_DIR"] = f"{work}/networks"
         paths = Paths.default()
         stack.enter_context(floor_network(stack))
-        server = container(stack, "bench-server", "-p", f"{PUBLISHED + 1}:5201", "--", "iperf3", "-s")
-        client = container(stack, "bench-client", "--", "sleep", "100000")
-        gateway = get(paths, "bridge").gateway
+        client = container(stack, "bench-client", "--", "sleep", "100000")  # first: the bridge is up
+        gateway = get(paths, "bridge").gateway  # published on it: a host address, as the floor's
+        published = f"{gateway}:{PUBLISHED + 1}:5201"
+        server = container(stack, "bench-server", "-p", published, "--", "iperf3", "-s")
+        inside = ["nsenter", f"--net=/proc/{server['pid']}/ns/net", "ss", "-Htln", "sport = :5201"]
+        wait_listening(lambda: check(inside))
         address = server["network"]["address"]
         throughput = rounds(
             {
