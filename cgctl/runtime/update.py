@@ -2,9 +2,9 @@
 
 Only what differs from the container's recorded limits is written; bandwidth
 (a limit the network applies) is shaped anew by the bandwidth plugin
-(network.reshape). The run record is updated in place (its inode carries the supervisor's lock), and
-lists the files written, so the run report read back at the end shows the
-limits in force then.
+(network.reshape). The run record is updated in place (its inode carries the
+supervisor's lock), and lists the files written, so the run report read back
+at the end shows the limits in force then.
 """
 
 from __future__ import annotations
