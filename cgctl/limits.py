@@ -1,5 +1,5 @@
-"""Every limit cgctl sets, one row each: its option, its place in the spec, its interface file, the
-kernel's default and how its values are read and written.
+"""Every limit cgctl sets, one row each: its option, its place in the spec, who applies it (the
+cgroup's interface file, or the network), the kernel's default and how its values are read and written.
 
 `cgctl run` and `cgctl update` build their options from this table, the controllers take their
 files and values from it, `update` its resets, the policy engine the file behind each leaf, and
@@ -132,6 +132,11 @@ def _only_on(on: bool) -> str | None:
     return "1" if on else None
 
 
+# Who applies a limit: the kernel, through the cgroup interface file the row names; or the network
+# (cgctl.network: the CNI bandwidth plugin's token bucket on the host's end of the container's
+# interface), for a container with a network of its own. Only cgroup rows have a file.
+Applier = Literal["cgroup", "network"]
+
 # How the value of an option reaches the spec: one text, an on/off flag, a repeatable option
 # whose values form a list, or a repeatable KEY:VALUE option whose values form a dict (`parse`).
 Kind = Literal["value", "flag", "list", "map"]
@@ -140,8 +145,9 @@ Kind = Literal["value", "flag", "list", "map"]
 @dataclass(frozen=True)
 class Limit:
     """One limit. `field` is its place under the spec's `limits` (a map's is its whole section);
-    `file` its interface file, `{key}` standing for a map's key; `default` what a new cgroup's file
-    holds, which `update` writes back when the limit is no longer given (None: left as it is)."""
+    `file` its interface file, `{key}` standing for a map's key ("" for one the network applies);
+    `default` what a new cgroup's file holds, which `update` writes back when the limit is no longer
+    given (None: left as it is, or for the network's, no limit)."""
 
     option: str  # a flag's as --on/--off
     field: tuple[str, ...]
@@ -153,6 +159,7 @@ class Limit:
     kind: Kind = "value"
     parse: Callable[[list[str]], dict[str, str]] | None = None  # a map's values to its dict
     write: Callable[[Any], str | None] = str  # the spec's value as the file takes it (None: not written)
+    by: Applier = "cgroup"
 
     @property
     def name(self) -> str:
@@ -283,6 +290,27 @@ LIMITS: tuple[Limit, ...] = (
         note="writable, offered by this kernel for the enabled controllers, not one cgctl manages",
         parse=key_values("=", "KEY=VALUE"),
     ),
+    Limit(
+        "--ingress-bandwidth",
+        ("network", "ingress"),
+        "",
+        None,
+        "bits per second into the container: 10mbit, 500kbit, 1gbit, or 10M as Kubernetes writes it",
+        "RATE",
+        note="needs a network of its own (--network bridge or a network's name); tc's kbps and mbps are "
+        "bytes; the bucket holds 100 ms at the rate, at least 64 KiB",
+        by="network",
+    ),
+    Limit(
+        "--egress-bandwidth",
+        ("network", "egress"),
+        "",
+        None,
+        "bits per second out of the container, as --ingress-bandwidth",
+        "RATE",
+        note="needs a network of its own",
+        by="network",
+    ),
 )
 _BY_FIELD = {row.field: row for row in LIMITS}
 
@@ -302,7 +330,8 @@ def settings(controller: str, values: Mapping[str, Any]) -> list[tuple[str, str]
     the spec's limits, by field name), in the table's order; None is not given."""
     found = []
     for limit in LIMITS:
-        if limit.controller == controller and len(limit.field) == 2 and limit.kind in ("value", "flag"):
+        by_file = limit.by == "cgroup" and len(limit.field) == 2 and limit.kind in ("value", "flag")
+        if by_file and limit.controller == controller:
             value = values.get(limit.field[1])
             text = None if value is None else limit.write(value)
             if text is not None:
@@ -313,6 +342,8 @@ def settings(controller: str, values: Mapping[str, Any]) -> list[tuple[str, str]
 def file_row(file: str) -> tuple[Limit, str] | None:
     """The row that writes an interface file, and the key it stands for (a page size), if any."""
     for limit in LIMITS:
+        if limit.by != "cgroup":
+            continue
         if "{key}" not in limit.file:
             if limit.file == file:
                 return limit, ""
@@ -368,12 +399,33 @@ def leaf_name(leaf: Leaf) -> str:
     return ".".join(leaf)
 
 
-def leaf_file(leaf: str) -> str:
+def leaf_file(leaf: str) -> str | None:
     """The interface file behind a limit as explain and run records name it (memory.max,
-    io.max[/dev/vda], hugetlb[2MB], files[memory.swap.high])."""
+    io.max[/dev/vda], hugetlb[2MB], files[memory.swap.high]); None for one the network applies."""
     name, _, key = leaf.partition("[")
     limit = row(*name.split("."))
-    return limit.file.replace("{key}", key[:-1])
+    return limit.file.replace("{key}", key[:-1]) if limit.by == "cgroup" else None
+
+
+def applied_by(leaf: Leaf) -> Applier:
+    """Who applies a limit (leaves as `leaves` gives them)."""
+    return (row(leaf[0]) if is_map(leaf[0]) else row(*leaf[:2])).by
+
+
+def by_network(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The limits the network applies among limits as JSON, by field ({"egress": 10000000}), as
+    cgctl.network takes them; those not given are left out."""
+    return {
+        limit.field[1]: value
+        for limit in LIMITS
+        if limit.by == "network" and (value := fields.get(limit.field[0], {}).get(limit.field[1])) is not None
+    }
+
+
+def shown_rates(rates: Mapping[str, int]) -> dict[str, str]:
+    """The network's limits (by_network's) as the run report and `update` show them, beside the
+    files: {"network.egress": "10mbit"}; 0 is no limit, "max"."""
+    return {f"network.{direction}": format_rate(rate) if rate else MAX for direction, rate in rates.items()}
 
 
 def markdown_rows() -> list[str]:
@@ -382,10 +434,13 @@ def markdown_rows() -> list[str]:
     for limit in LIMITS:
         option = limit.option.replace("/", " / ")
         given = f"`{option} {limit.metavar}`" if limit.metavar else f"`{option}`"
-        file = limit.file.replace("{key}", re.split("[:=]", limit.metavar)[0])
+        if limit.by == "network":
+            file = "the CNI bandwidth plugin"
+        else:
+            file = "`" + limit.file.replace("{key}", re.split("[:=]", limit.metavar)[0]) + "`"
         effect = re.sub(r"^[a-z]+\.[\w.<>]+: ", "", limit.help)  # the file, shown already
         repeat = " (repeatable)" if limit.kind in ("list", "map") else ""
         note = f"; {limit.note}" if limit.note else ""
         default = f"; default `{limit.default}`" if limit.default not in (None, "\n") else ""
-        rows.append(f"| {given} | `{file}`: {effect}{repeat}{note}{default} |")
+        rows.append(f"| {given} | {file}: {effect}{repeat}{note}{default} |")
     return rows

@@ -45,18 +45,18 @@ def start(
     name = managed.info.name
     spec = managed.request.spec.model_copy(update={"name": name})
     record: dict[str, Any] = {"detached": True}
-    if restoring:  # its limits are the dumped container's, policies and all
+    wired: network.Plan | None
+    if restoring:  # its limits are the dumped container's, policies and all; its network as dumped
+        from cgctl.runtime.checkpoint import restored_network
+
         record["restored_from"] = str(restoring.directory)
-    else:
+        wired = restored_network(restoring)
+    else:  # the network first, as a run's: policies' bandwidth reaches only a network of its own
+        wired = _plan_network(spec, managed)
+        spec = spec.model_copy(update={"network": wired.spec})
         spec, noted = policy.apply_to(spec, name, active)
         record.update(noted)
     confinement = None if restoring else supervisor.plan_sandbox(spec)
-    if restoring:  # onto the network it was dumped on, with its address (runtime/checkpoint.py)
-        from cgctl.runtime.checkpoint import restored_network
-
-        wired = restored_network(restoring)
-    else:
-        wired = _plan_network(spec, managed)
     joined = None if wired is None else supervisor.container_netns(wired, state_dir)
     if wired is not None:
         spec = supervisor.with_network_files(spec, wired)

@@ -209,6 +209,8 @@ class PolicyEngine:
         armed = Armed(self.last_fired.setdefault(name, {}), memory_high=_high(group))
         for leaf, source in sources.items():
             file = limits_table.leaf_file(leaf)
+            if file is None:  # the network's (bandwidth): no file to guard
+                continue
             with contextlib.suppress(fs.CgroupError):
                 armed.guarded[file] = (group.read(file), source.partition(" (")[0])
         self.hooks.watch(name, group, tuple(armed.guarded))

@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cgctl.limits import format_rate, row
 from cgctl.netspec import NetworkSpec, PortMapping
 from cgctl.network import cni, netns, ports
 from cgctl.network.files import Directory, Members
 from cgctl.network.store import DEFAULT, Network, NetworkError, Paths, get
 
-__all__ = ["Attached", "NetworkError", "Plan", "attach", "default_mode", "detach", "plan"]
+__all__ = ["Attached", "NetworkError", "Plan", "attach", "default_mode", "detach", "plan", "reshape"]
 IFNAME = "eth0"
 
 
@@ -63,10 +65,15 @@ def default_mode() -> tuple[str, str | None]:
     return "bridge", None
 
 
-def plan(spec: NetworkSpec, joined_net: bool = False, paths: Paths | None = None) -> Plan:
+def plan(
+    spec: NetworkSpec,
+    joined_net: bool = False,
+    paths: Paths | None = None,
+    bandwidth: dict[str, int] | None = None,
+) -> Plan:
     """Resolve the mode (the default when unset; a joined net namespace is none's) and check it:
-    NetworkError names the option and the value for an unknown network, missing plugins, ports
-    without a network that carries them, or a rootless bridge."""
+    NetworkError names the option and the value for an unknown network, missing plugins, ports or
+    a `bandwidth` (limits.by_network's) without a network that carries them, or a rootless bridge."""
     paths = paths or Paths.default()
     mode, note = (
         (spec.mode, None) if spec.mode is not None else ("none", None) if joined_net else default_mode()
@@ -78,6 +85,14 @@ def plan(spec: NetworkSpec, joined_net: bool = False, paths: Paths | None = None
                 "--publish",
                 str(spec.publish[0]) if spec.publish else "-P",
                 f"--network {mode} cannot carry published ports: use --network bridge or a network's name",
+            )
+        for direction, rate in (bandwidth or {}).items():
+            option = row("network", direction).name
+            raise NetworkError(
+                option,
+                format_rate(rate),
+                f"{option} needs a network of its own: --network bridge or a network's name "
+                f"(--network {mode} has no interface to shape)",
             )
         return Plan(mode, resolved, paths, note=note)
     if os.geteuid() != 0:
@@ -201,6 +216,52 @@ def detach(record: dict[str, Any], paths: Paths | None = None, netns_path: str =
     Directory(paths.runtime / "containers" / record["name"]).remove()
     if failure is not None:
         raise failure
+
+
+def reshape(
+    record: dict[str, Any], bandwidth: dict[str, int], netns_path: str, paths: Paths | None = None
+) -> dict[str, Any]:
+    """Shape a running container's attachment anew (bandwidth: limits.by_network's; {}: no limit)
+    and return the attachment as it now is. The bandwidth plugin alone is DELeted and ADDed again
+    with the attachment's cached result, after the host's end of its interface is cleared of the
+    qdiscs the plugin's DEL leaves (it expects the interface to go with the namespace). If that
+    fails the old rates are put back and NetworkError names the limit and the rate."""
+    paths = paths or Paths.default()
+    conflist = get(paths, record["network"]).conflist(paths)
+    alone = {**conflist, "plugins": [p for p in conflist["plugins"] if p["type"] == "bandwidth"]}
+    new = {**record, "bandwidth": bandwidth}
+    try:
+        _shape(alone, new, netns_path)
+    except (cni.CniError, OSError, subprocess.SubprocessError) as error:
+        with contextlib.suppress(cni.CniError, OSError, subprocess.SubprocessError):
+            _shape(alone, record, netns_path)
+        direction, rate = next(iter(bandwidth.items()), ("egress", 0))
+        raise NetworkError(
+            row("network", direction).name,
+            format_rate(rate) if rate else "",
+            f"the bandwidth plugin could not shape {record['name']}: {error}; its rates are as they were",
+        ) from None
+    return new
+
+
+def _shape(alone: dict[str, Any], record: dict[str, Any], netns_path: str) -> None:
+    for interface in record["result"].get("interfaces", []):
+        name = interface["name"]
+        if not interface.get("sandbox") and _is_veth(name):
+            for parent in ("root", "ingress"):  # ingress: the redirect of egress into the plugin's ifb
+                subprocess.run(["tc", "qdisc", "del", "dev", name, parent], capture_output=True, timeout=60)
+    args = (record["container_id"], netns_path, record["ifname"], _runtime_config(record))
+    cni.delete(alone, *args, record["result"])
+    cni.add(alone, *args, prev_result=record["result"])
+
+
+def _is_veth(name: str) -> bool:
+    """The host's end of a veth pair: its peer (iflink) is another interface, in another namespace."""
+    link = Path("/sys/class/net", name)
+    try:
+        return (link / "iflink").read_text() != (link / "ifindex").read_text()
+    except OSError:
+        return False
 
 
 def _runtime_config(record: dict[str, Any]) -> dict[str, Any]:

@@ -44,11 +44,13 @@ def add(
     ifname: str,
     runtime: dict[str, Any],
     address: str | None = None,
+    prev_result: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """ADD the container to the network (asking host-local for `address`, if given); its result
-    (interfaces, IPs, routes). On a plugin's failure the whole list is deleted again before CniError
-    is raised."""
-    result: dict[str, Any] | None = None
+    (interfaces, IPs, routes). prev_result: the result the list's first plugin gets (a list of
+    chained plugins alone, after an earlier ADD). On a plugin's failure the whole list is deleted
+    again before CniError is raised."""
+    result = prev_result
     args = f"IgnoreUnknown=1;IP={address}" if address else ""
     try:
         for plugin in conflist["plugins"]:

@@ -11,7 +11,7 @@ from typing import Annotated, Any, ClassVar, Literal, Self
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from cgctl.cgroup.pressure import WINDOW_MAX_US, WINDOW_MIN_US
-from cgctl.spec import NAME_PATTERN, Limits, Size
+from cgctl.spec import NAME_PATTERN, Limits, Rate, Size
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$")
 _DURATION_UNITS = {
@@ -102,10 +102,15 @@ class PriorityClass(_Model):
     io_weight: int | None = Field(None, ge=1, le=10000, description="io.weight (all devices)")
     memory_low: Size | None = Field(None, description="memory.low: protection from reclaim")
     cpu_idle: bool | None = Field(None, description="cpu.idle: run only when the CPU is otherwise idle")
+    ingress_bandwidth: Rate | None = Field(None, description="bits/s into a container with a network")
+    egress_bandwidth: Rate | None = Field(None, description="bits/s out of a container with a network")
 
     def limits(self) -> dict[str, Any]:
         """The class as `limits` fields."""
-        fields: dict[str, Any] = {"cpu": {}, "memory": {}, "io": {}}
+        fields: dict[str, Any] = {"cpu": {}, "memory": {}, "io": {}, "network": {}}
+        for direction in ("ingress", "egress"):
+            if (rate := getattr(self, f"{direction}_bandwidth")) is not None:
+                fields["network"][direction] = rate
         if self.cpu_weight is not None:
             fields["cpu"]["weight"] = self.cpu_weight
         if self.cpu_idle is not None:

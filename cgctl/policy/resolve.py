@@ -6,6 +6,8 @@ with systemd drop-ins; within a policy its priority class, then its own limits; 
 limits given explicitly (`cgctl run` options, the API's spec, `cgctl update`); and on top what a
 policy's action set, which is the point of the action. Each limit is a
 "leaf" (memory.max, io.max of one device, one --cgroup-set file), so policies combine per leaf.
+A policy's bandwidth reaches only containers with a network of their own (the others have no
+interface to shape).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import fnmatch
 import os
 from typing import Any
 
-from cgctl.limits import Leaf, leaf_name, leaves, unleaf
+from cgctl.limits import Leaf, applied_by, leaf_name, leaves, unleaf
+from cgctl.netspec import NetworkSpec
 from cgctl.policy.loader import Located, PolicySet
 from cgctl.spec import Limits
 
@@ -32,6 +35,7 @@ class Subject:
     image: str
     user: str
     command: str  # the basename of argv[0]
+    networked: bool = True  # a network of its own (bridge, a name; unset: the default's), else no bandwidth
 
     @classmethod
     def of(cls, spec: dict[str, Any], name: str) -> Subject:
@@ -44,6 +48,7 @@ class Subject:
             image=rootfs.get("image") or "",
             user=user,
             command=os.path.basename(spec["command"][0]),
+            networked=NetworkSpec.model_validate(spec.get("network") or {}).carries_ports(),
         )
 
 
@@ -119,6 +124,8 @@ def resolve(
 
     def apply(found: dict[Leaf, Any], source: str) -> None:
         for leaf, value in found.items():
+            if not subject.networked and applied_by(leaf) == "network" and source != EXPLICIT:
+                continue  # no interface to shape; given explicitly, the run or update refuses it
             if leaf in winners:
                 overridden.setdefault(leaf, []).insert(0, winners[leaf])
             winners[leaf] = Setting(value, source)

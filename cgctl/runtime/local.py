@@ -218,6 +218,7 @@ class LocalRuntime:
     def update(self, name: str, limits: dict[str, dict[str, Any]]) -> dict[str, str]:
         """Change limits live (see runtime.update); raises pydantic's ValidationError or SpecError for
         bad values, which the CLI and the API name by their option or field."""
+        from cgctl.network import NetworkError
         from cgctl.runtime.api import Failure, NotFound
         from cgctl.runtime.update import update
 
@@ -225,7 +226,7 @@ class LocalRuntime:
             return update(name, limits, self.state_dir)
         except LookupError as error:
             raise NotFound(str(error)) from None
-        except fs.CgroupError as error:
+        except (fs.CgroupError, NetworkError) as error:  # NetworkError: the bandwidth plugin failed
             raise Failure(str(error)) from None
 
     def stats(

@@ -173,9 +173,10 @@ def run(
         policies = policy.load_directory(policy.default_directory())
     if spec.name is None:
         spec = spec.model_copy(update={"name": f"run-{secrets.token_hex(4)}"})
+    wired = plan_network(spec)  # first: policies' bandwidth reaches only a network of its own
+    spec = spec.model_copy(update={"network": wired.spec})
     spec, noted = policy.apply_to(spec, str(spec.name), policies)
     confinement = plan_sandbox(spec)
-    wired = plan_network(spec)
     spec = with_network_files(spec, wired)
     joined = container_netns(wired, state_dir or state.default_state_dir())
     with prepared_root(spec) as root, policy.blamed(noted):
@@ -190,9 +191,11 @@ def run(
 
 
 def plan_network(spec: WorkloadSpec) -> network.Plan:
-    """The spec's network resolved and checked (NetworkError before anything exists); the default's
-    fallback to none is said on stderr. container:NAME is checked to be a running container."""
-    wired = network.plan(spec.network, "net" in spec.namespaces.join)
+    """The spec's network resolved and checked (NetworkError before anything exists: a bandwidth
+    without a network of its own, too); the default's fallback to none is said on stderr.
+    container:NAME is checked to be a running container."""
+    bandwidth = table.by_network(spec.limits.model_dump(mode="json"))
+    wired = network.plan(spec.network, "net" in spec.namespaces.join, bandwidth=bandwidth)
     if wired.note:
         print(f"cgctl: {wired.note}", file=sys.stderr)
     return wired
@@ -425,6 +428,7 @@ def final(
     record = state.read(record_path)
     written = written + record.get("written", [])  # what `cgctl update` changed
     applied = {file: group.read(file).strip() for file in dict.fromkeys(written)}
+    applied |= table.shown_rates((record.get("network") or {}).get("bandwidth") or {})
     report = final_report(name, group, status, wall, applied, spec, network_totals)
     checkpoint = record.get("checkpoint") or {}
     if checkpoint.get("complete") and not checkpoint.get("leave_running"):
@@ -467,7 +471,7 @@ def attach_network(created: Created, wired: network.Plan | None) -> network.Atta
     if wired is None:
         return None
     record = state.read(created.claim.path)
-    bandwidth = created.spec.limits.network.model_dump(exclude_none=True)
+    bandwidth = table.by_network(created.spec.limits.model_dump(mode="json"))
     return network.attach(
         wired,
         created.name,

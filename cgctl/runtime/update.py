@@ -1,9 +1,10 @@
 """Change a running container's limits: all values checked before any write, rolled back if one fails.
 
-Only what differs from the container's recorded limits is written. The run
-record is updated in place (its inode carries the supervisor's lock), and
-lists the files written, so the run report read back at the end shows the
-limits in force then.
+Only what differs from the container's recorded limits is written; bandwidth
+(a limit the network applies) is shaped anew by the bandwidth plugin
+(network.reshape). The run record is updated in place (its inode carries the
+supervisor's lock), and lists the files written, so the run report read back
+at the end shows the limits in force then.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from cgctl import limits as table
-from cgctl import state
+from cgctl import network, state
 from cgctl.accounting import find_container
 from cgctl.cgroup import fs
-from cgctl.limits import leaf_name, leaves
+from cgctl.limits import format_rate, leaf_name, leaves
 from cgctl.runtime.supervisor import (
     base_controllers,
     check_files,
@@ -23,7 +24,7 @@ from cgctl.runtime.supervisor import (
     limit_settings,
     needed_controllers,
 )
-from cgctl.spec import Limits
+from cgctl.spec import Limits, SpecError
 
 # Multi-line files keyed by their first word (a device); the rest hold one value.
 KEYED_BY_DEVICE = ("io.max", "io.weight")
@@ -65,6 +66,7 @@ def set_limits(
     group = fs.Cgroup(Path(record["cgroup"]))
     unified, parent = _prepare(group, old, new)
     before, after = _settings(old, unified, parent), _settings(new, unified, parent)
+    rates = _shaping(name, record, old, new)
     # Resets first: cpu.weight cannot be written while cpu.idle is 1 (the kernel's EINVAL).
     to_write = _resets(before, after) + [_whole(s) for s in after if s not in before]
     previous = {file: group.read(file) for file, _ in to_write}
@@ -73,16 +75,43 @@ def set_limits(
         for file, value in to_write:
             group.write(file, value)
             written.append((file, value))
-    except fs.CgroupError as error:
+        if rates is not None:  # the network's limits, once the cgroup's are in
+            attachment = network.reshape(record["network"], rates, f"/proc/{record['pid']}/ns/net")
+            record_fields = {**record_fields, "network": attachment}
+    except (fs.CgroupError, network.NetworkError) as error:
         for file, value in reversed(written):
             _restore(group, file, value, previous[file])
+        if isinstance(error, network.NetworkError):
+            raise
         raise fs.CgroupError(f"{error}; the {len(written)} value(s) already written were put back") from None
     record = state.read(path)  # as it is now: a checkpoint may have noted itself meanwhile
     record["spec"]["limits"] = new.model_dump(mode="json")
     record["written"] = sorted(set(record.get("written", [])) | {file for file, _ in to_write})
     record.update(record_fields)
     state.rewrite(path, record)
-    return {file: group.read(file).strip() for file, _ in to_write}
+    unshaped = {} if rates is None else dict.fromkeys(table.by_network(old.model_dump(mode="json")), 0)
+    return {file: group.read(file).strip() for file, _ in to_write} | table.shown_rates(
+        {**unshaped, **(rates or {})}
+    )
+
+
+def _shaping(name: str, record: dict[str, Any], old: Limits, new: Limits) -> dict[str, int] | None:
+    """The rates the network is to apply, if they change (None if not). SpecError, naming the option,
+    for a container without a network of its own (none, host, container:NAME) given one."""
+    rates = table.by_network(new.model_dump(mode="json"))
+    if rates == table.by_network(old.model_dump(mode="json")):
+        return None
+    if not record.get("network") or not record.get("pid"):
+        for direction, rate in rates.items():
+            option = table.row("network", direction).name
+            raise SpecError(
+                ("limits", "network", direction),
+                format_rate(rate),
+                f"{option} needs a network of its own: --network bridge or a network's name "
+                f"({name} has none)",
+            )
+        return None
+    return rates
 
 
 def file_settings(group: fs.Cgroup, limits: Limits) -> list[tuple[str, str]]:

@@ -33,11 +33,28 @@ def test_each_row_is_a_field_of_the_spec_and_a_distinct_option_and_file() -> Non
         assert row.field[0] in fields
         if len(row.field) == 2:
             assert row.field[1] in fields[row.field[0]].annotation.model_fields  # type: ignore[union-attr]
-    assert (
-        len({row.option for row in limits.LIMITS})
-        == len({row.file for row in limits.LIMITS})
-        == len(limits.LIMITS)
+    by_cgroup = [row for row in limits.LIMITS if row.by == "cgroup"]
+    assert len({row.option for row in limits.LIMITS}) == len(limits.LIMITS)
+    assert len({row.file for row in by_cgroup}) == len(by_cgroup)
+    for row in limits.LIMITS:  # a file, or the network: never both
+        assert bool(row.file) == (row.by == "cgroup")
+
+
+def test_bandwidth_is_applied_by_the_network_not_a_file() -> None:
+    assert limits.row("network", "egress").by == "network" and limits.row("network", "egress").name == (
+        "--egress-bandwidth"
     )
+    assert limits.file_row("") is None
+    assert limits.settings("", {"egress": 10_000_000}) == []
+    assert limits.leaf_file("network.egress") is None and limits.leaf_file("memory.max") == "memory.max"
+    assert limits.applied_by(("network", "ingress")) == "network"
+    assert limits.applied_by(("hugetlb", "2MB")) == limits.applied_by(("io", "max", "/dev/vda")) == "cgroup"
+    given = Limits.model_validate({"network": {"egress": "10mbit"}, "memory": {"max": "1M"}})
+    assert limits.by_network(given.model_dump(mode="json")) == {"egress": 10_000_000}
+    assert limits.shown_rates({"egress": 10_000_000, "ingress": 0}) == {
+        "network.egress": "10mbit",
+        "network.ingress": "max",
+    }
 
 
 @pytest.mark.parametrize("verb", ["run", "update"])
@@ -125,3 +142,33 @@ def test_hugetlb_settings_refuse_a_missing_controller_or_size(tmp_path: Path) ->
     assert hugetlb.settings(wanted, unified, tmp_path / "hugepages") == [("hugetlb.2MB.max", str(64 << 20))]
     with pytest.raises(SpecError, match=r"no 1GB huge pages \(it has 2MB"):
         hugetlb.settings({"1GB": "max"}, unified, tmp_path / "hugepages")
+
+
+@pytest.mark.parametrize("mode", ["none", "host", "container:db"])
+def test_a_bandwidth_without_a_network_of_its_own_is_refused_by_its_option(mode: str) -> None:
+    from cgctl import network
+    from cgctl.netspec import NetworkSpec
+
+    with pytest.raises(network.NetworkError) as error:
+        network.plan(NetworkSpec(mode=mode), bandwidth={"egress": 10_000_000})
+    assert (error.value.option, error.value.value) == ("--egress-bandwidth", "10mbit")
+    assert "--egress-bandwidth needs a network of its own: --network bridge or a network's name" in str(
+        error.value
+    )
+    assert network.plan(NetworkSpec(mode=mode)).network is None
+
+
+def test_update_refuses_a_bandwidth_for_a_container_without_a_network_and_shapes_only_changes() -> None:
+    from cgctl.runtime.update import _shaping
+
+    old = Limits.model_validate({"network": {"ingress": "1mbit"}})
+    new = Limits.model_validate({"network": {"ingress": "1mbit", "egress": "5mbit"}})
+    with pytest.raises(SpecError) as error:
+        _shaping("web", {"pid": 7}, Limits(), new)
+    assert error.value.field == ("limits", "network", "ingress") and "needs a network of its own" in str(
+        error.value
+    )
+    attached = {"pid": 7, "network": {"bandwidth": {"ingress": 1_000_000}}}
+    assert _shaping("web", attached, old, old) is None
+    assert _shaping("web", attached, old, new) == {"ingress": 1_000_000, "egress": 5_000_000}
+    assert _shaping("web", attached, new, Limits()) == {}  # both taken off

@@ -917,3 +917,32 @@ def test_validate_of_a_missing_path_fails_and_still_checks_the_rest(
     assert status == 1 and err == f"{tmp_path / 'policies.d'}: no such file or directory\n"
     (tmp_path / "policies.d").mkdir()
     assert cli("policy", "validate") == (0, "0 file(s), 0 policies: valid\n", "")
+
+
+def test_bandwidth_from_policies_and_classes_reaches_only_containers_with_a_network(tmp_path: Path) -> None:
+    loaded_set = loaded(
+        tmp_path,
+        a_yaml="priority_classes:\n  slow: {cpu_weight: 10, egress_bandwidth: 5mbit}\n"
+        "policies:\n  - {name: jobs, priority: slow, limits: {network: {ingress: 20M}}}\n",
+    )
+    networked = resolve(loaded_set, subject(), {})
+    assert (networked.limits.network.egress, networked.limits.network.ingress) == (5_000_000, 20_000_000)
+    assert networked.winners[("network", "egress")].source == "a.yaml:jobs (priority slow)"
+    assert networked.record()["sources"]["network.ingress"] == "a.yaml:jobs"
+    alone = resolve(loaded_set, subject(networked=False), {"network": {"egress": 1000}})
+    assert alone.limits.network.ingress is None and alone.limits.cpu.weight == 10
+    assert alone.limits.network.egress == 1000  # explicit: kept, for the run or update to refuse by name
+    for mode, expected in [
+        ("none", False),
+        ("host", False),
+        ("container:db", False),
+        ("bridge", True),
+        (None, True),
+    ]:
+        assert Subject.of({"command": ["true"], "network": {"mode": mode}}, "x").networked is expected
+
+
+def test_a_bad_rate_in_a_class_is_placed_at_its_line(tmp_path: Path) -> None:
+    found = only_problem(tmp_path, "priority_classes:\n  slow: {egress_bandwidth: 5 apples}\n")
+    assert (found.line, found.field) == (2, "priority_classes.slow.egress_bandwidth")
+    assert "not a rate" in found.message
