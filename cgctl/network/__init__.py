@@ -116,7 +116,8 @@ def plan(
 
 @dataclass
 class Attached:
-    """A namespace on its network: `fd` holds it until the workload is in it (then close it)."""
+    """A namespace on its network, held by `fd` until closed: by the daemon once the workload is in it,
+    by `cgctl run` at the end (its counters are read and its DEL finds it there)."""
 
     fd: int
     record: dict[str, Any]
