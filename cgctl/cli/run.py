@@ -160,7 +160,8 @@ def run(
             "--network",
             "--net",
             envvar="CGCTL_NETWORK",
-            help="none, host, bridge, a network's NAME or container:NAME [default: bridge as root]",
+            help="none, host, bridge, pasta, a network's NAME or container:NAME "
+            "[default: bridge as root, pasta rootless]",
         ),
     ] = None,
     publish: Annotated[
