@@ -1,10 +1,11 @@
 """The machine and the network: `cgctl pull` on a host without cgroup v2 reaches the machine's store
 from a registry on the host's loopback (which the guest, restrict=on, cannot reach), with a pull's
-digest checks and resume."""
+digest checks and resume; a guest port forwarded to the host's loopback while asked, and no longer."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -13,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from cgctl.machine.instance import Machine
+from cgctl.machine.instance import Machine, MachineError
 from tests import oci
-from tests.machine.test_machine import cgctl, host_without_cgroup2, machine, ok, shared
+from tests.machine.test_machine import cgctl, host_without_cgroup2, machine, ok, shared, shell
 from tests.registry import BlobProxy, Registry, running_registry
 
 __all__ = ["host_without_cgroup2", "machine", "shared"]  # fixtures, used by name
@@ -106,3 +107,30 @@ def test_a_tampered_blob_for_the_machine_is_refused(
 def _partial(machine: Machine, digest: str) -> Path | None:
     found = [p for p in pulls(machine) for p in p.rglob(f".partial-{digest.split(':')[1]}")]
     return found[0] if found else None
+
+
+def test_a_guest_port_is_forwarded_to_the_hosts_loopback_while_asked(machine: Machine) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    serve = (
+        f"import socket; s = socket.create_server(('0.0.0.0', {port})); "
+        "[c.sendall(b'from the machine') or c.close() for c in iter(lambda: s.accept()[0], None)]"
+    )
+    shell(machine, f'nohup python3 -c "{serve}" > /dev/null 2>&1 & echo started')
+    with machine.forwarded([(port, "tcp")]):
+        deadline = time.monotonic() + 60
+        answer = b""
+        while not answer and time.monotonic() < deadline:  # until the guest's server listens
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                    answer = client.recv(64)
+            except OSError:
+                pass
+            time.sleep(0.2)
+        assert answer == b"from the machine"
+        with pytest.raises(MachineError, match=f"cannot forward {port}/tcp"):
+            machine.forward(port)  # qemu holds it already
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()
+    shell(machine, f"pkill -f 'create_server..0.0.0.0., {port}' ; echo stopped")
