@@ -14,7 +14,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 NETWORK_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # The modes --network takes besides a network's name; `container:NAME` joins another's namespace.
-SPECIAL_MODES = ("none", "host", "bridge")
+SPECIAL_MODES = ("none", "host", "bridge", "pasta")
 _PUBLISH = re.compile(
     r"^(?:(?P<ip>\[[0-9A-Fa-f:.]+\]|\d+(?:\.\d+){3}):)?(?:(?P<host>\d*(?:-\d+)?):)?(?P<container>\d+(?:-\d+)?)"
     r"(?:/(?P<protocol>tcp|udp))?$"
@@ -106,7 +106,7 @@ def _mode(value: str | None) -> str | None:
         return value
     if not colon and re.match(NETWORK_NAME, value):
         return value
-    raise ValueError(f"{value!r} is not none, host, bridge, a network's name or container:NAME")
+    raise ValueError(f"{value!r} is not none, host, bridge, pasta, a network's name or container:NAME")
 
 
 class NetworkSpec(_Model):
@@ -114,7 +114,8 @@ class NetworkSpec(_Model):
 
     mode: Annotated[str | None, BeforeValidator(_mode)] = Field(
         None,
-        description="none, host, bridge, a network's name or container:NAME (None: the default)",
+        description="none, host, bridge, pasta (rootless), a network's name or container:NAME "
+        "(None: the default)",
     )
     publish: list[PortMapping] = Field(default_factory=list, description="published ports (-p)")
     publish_all: bool = Field(False, description="also publish the image's exposed ports on free ports (-P)")
@@ -128,7 +129,9 @@ class NetworkSpec(_Model):
     @model_validator(mode="after")
     def _carried(self) -> NetworkSpec:
         if (self.publish or self.publish_all) and self.mode is not None and not self.carries_ports():
-            raise ValueError(f"--network {self.mode} cannot carry published ports: use bridge or a network")
+            raise ValueError(
+                f"--network {self.mode} cannot carry published ports: use bridge, pasta or a network"
+            )
         if self.mode is not None and self.mode.startswith("container:") and (self.dns or self.add_hosts):
             raise ValueError(f"--network {self.mode} shares that container's DNS and /etc/hosts")
         return self

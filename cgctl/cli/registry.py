@@ -20,7 +20,10 @@ from cgctl.cli.errors import fail
 from cgctl.cli.image import StoreDir, progress_bar
 
 if TYPE_CHECKING:
+    from cgctl.images.importer import Progress
     from cgctl.images.registry import Options
+    from cgctl.runtime.api import PullRequest
+    from cgctl.runtime.interface import Runtime
 
 TlsCa = Annotated[
     Path | None,
@@ -63,7 +66,10 @@ def pull(
     try:
         request = PullRequest(reference=reference, **_registry_fields(tls_ca, insecure, reference))
         with progress_bar() as progress:
-            record = chosen.pull(request, progress)
+            if connection.machine is not None:
+                record = _pull_into_machine(connection.machine.share, chosen, request, progress)
+            else:
+                record = chosen.pull(request, progress)
     except connection.Failure as error:
         raise connection.failed(error) from None
     except ValueError as error:
@@ -74,6 +80,36 @@ def pull(
         f"{record['name']}:{record['tag']}: pulled {layers} layer(s), {size}, in {seconds:.1f} s "
         f"({record['digest']})"
     )
+
+
+def _pull_into_machine(
+    share: Path, machine: Runtime, request: PullRequest, progress: Progress | None
+) -> dict[str, Any]:
+    """A pull for a machine, whose guest reaches no registry (its network is restricted): fetched
+    here into an OCI layout in the machine's read-write share (each layer checked against its digest,
+    an interrupted fetch resumed from its kept bytes), then imported by the machine's daemon, which
+    checks every digest again. The layout is kept for a resume until the import has been tried."""
+    import hashlib
+    import shutil
+
+    from cgctl.images import ImageError
+    from cgctl.images.pull import fetch
+    from cgctl.images.registry import RegistryError
+    from cgctl.runtime.local import registry_options
+
+    directory = share / "pulls" / hashlib.sha256(request.reference.encode()).hexdigest()[:16]
+    print(f"cgctl: pulling {request.reference} on this host for the machine", file=sys.stderr)
+    try:
+        name, digest = fetch(request.reference, directory, registry_options(request), progress)
+    except RegistryError as error:
+        raise fail(f"not pulled: {error}") from None
+    except (ImageError, OSError) as error:
+        raise fail(f"{request.reference}: not pulled: {error}") from None
+    try:
+        record = machine.import_image(str(directory), name)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    return record | {"digest": digest, "source": request.reference}
 
 
 def push(

@@ -160,7 +160,8 @@ def run(
             "--network",
             "--net",
             envvar="CGCTL_NETWORK",
-            help="none, host, bridge, a network's NAME or container:NAME [default: bridge as root]",
+            help="none, host, bridge, pasta, a network's NAME or container:NAME "
+            "[default: bridge as root, pasta rootless]",
         ),
     ] = None,
     publish: Annotated[
@@ -265,7 +266,8 @@ def run(
         _check_shared(spec, connection.machine)
     service = {"restart": restart, "log_max_size": log_max_size, "log_max_files": log_max_files, "rm": rm}
     if chosen.host:
-        _through_daemon(chosen, spec, detach, service, report, keys)
+        with _machine_ports(spec, detach):
+            _through_daemon(chosen, spec, detach, service, report, keys)
     if detach or any(service.values()):
         from cgctl.runtime.local import needs_daemon
 
@@ -350,6 +352,25 @@ def end_as(result: RunReport, report: str | None) -> NoReturn:
         write_report(report, result.model_dump_json(indent=2))
     explain_end(result)
     raise typer.Exit(result.exit_status)
+
+
+@contextlib.contextmanager
+def _machine_ports(spec: WorkloadSpec, detach: bool) -> Iterator[None]:
+    """A foreground run through a machine: its published host ports forwarded from this host's
+    loopback into the machine while it runs (a -d container's are not: nothing here outlives it)."""
+    machine = connection.machine
+    ports = [(p.host_port, p.protocol) for p in spec.network.publish if p.host_port]
+    if machine is None or detach or not ports:
+        yield
+        return
+    from cgctl.machine.instance import MachineError
+
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(machine.forwarded(ports))
+        except MachineError as error:
+            raise fail(f"invalid value for --publish: {error}") from None
+        yield
 
 
 def _through_daemon(

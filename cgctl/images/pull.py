@@ -10,6 +10,10 @@ are not fetched at all, so pulling an image again fetches its manifest only.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 from cgctl.images import reference as references
@@ -18,8 +22,10 @@ from cgctl.images.registry import Client, Options, RegistryError
 from cgctl.images.source import (
     DIGEST,
     DOCKER_LIST,
+    DOCKER_MANIFEST,
     MANIFEST_TYPES,
     OCI_INDEX,
+    OCI_MANIFEST,
     Image,
     ImageError,
     Layer,
@@ -46,6 +52,63 @@ def pull(
         extra = {"source": str(reference), "digest": digest, "registry": reference.registry,
                  "repository": reference.repository}  # fmt: skip
         return store_image(image, reference.name, reference.store_tag, store, extra, progress, parallel)
+
+
+def fetch(text: str, directory: Path, options: Options, progress: Progress | None = None) -> tuple[str, str]:
+    """Fetch the image `text` names into an OCI image layout at directory, for a store this process
+    cannot write (a machine's, which imports the layout): the manifest and config checked as `pull`
+    checks them, each layer hashed against its digest as it arrives and kept as `.partial-HEX` until
+    it matches, so that an interrupted fetch resumes with `Range`. Returns (NAME:TAG to import it
+    as, the manifest's digest). ValueError, RegistryError or ImageError."""
+    reference = references.parse(text)
+    layout = Store(directory)
+    with Client(reference, options) as client:
+        image, digest = _resolve(client, reference, layout)
+        total, done = sum(layer.size for layer in image.layers), 0
+        for layer in image.layers:
+            _fetch_blob(layout, layer)
+            done += layer.size
+            if progress is not None:
+                progress(done, total)
+    manifest = sha256_digest(image.manifest)
+    for data in (image.config_bytes, image.manifest):
+        _write(layout.blob(sha256_digest(data)), data)
+    media_type = DOCKER_MANIFEST if image.format == "docker" else OCI_MANIFEST
+    index = {"schemaVersion": 2, "manifests": [
+        {"mediaType": media_type, "digest": manifest, "size": len(image.manifest)}
+    ]}  # fmt: skip
+    _write(directory / "index.json", json.dumps(index).encode())
+    _write(directory / "oci-layout", b'{"imageLayoutVersion": "1.0.0"}')
+    return f"{reference.name}:{reference.store_tag}", digest
+
+
+def _fetch_blob(layout: Store, layer: Layer) -> None:
+    """The layer's blob in the layout, from what is kept of it on: ImageError (and the kept bytes
+    dropped) if the whole does not hash to its digest."""
+    if layout.blob(layer.digest).exists():
+        return  # renamed into place only once it matched
+    partial = layout.partial_blob(layer.digest)
+    hashed = hashlib.sha256()
+    with open(partial, "ab+") as out:
+        out.seek(0)
+        while chunk := out.read(1 << 20):
+            hashed.update(chunk)
+        if not layer.size or out.tell() < layer.size:
+            with layer.open(out.tell()) as source:
+                while chunk := source.read(1 << 20):
+                    out.write(chunk)
+                    hashed.update(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    if f"sha256:{hashed.hexdigest()}" != layer.digest:
+        partial.unlink()
+        raise ImageError(f"{layer.digest}: the registry's bytes do not match the layer's digest")
+    partial.rename(layout.blob(layer.digest))
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
 
 
 def _resolve(client: Client, reference: references.Reference, store: Store) -> tuple[Image, str]:
@@ -96,4 +159,4 @@ def _checked(digest: object, reference: references.Reference) -> str:
     return digest
 
 
-__all__ = ["RegistryError", "pull"]
+__all__ = ["RegistryError", "fetch", "pull"]

@@ -15,6 +15,7 @@ restricted (restrict=on): nothing in the VM reaches out, nothing outside the hos
     <home>/console.log  the VM's console: the kernel's and the daemon's messages of this boot
     <home>/control.in   a FIFO to the VM's control port: a line asks the VM to stop cleanly
     <home>/shell.sock   the second serial port: a root shell (`cgctl machine shell`)
+    <home>/monitor.sock qemu's QMP monitor: ports forwarded to the host while containers publish them
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cgctl.machine import RUN_FILE, default_home, vm
 
@@ -42,6 +44,7 @@ DEFAULT_DISK_SIZE = 20 << 30  # sparse: the host's disk holds what the machine w
 GUEST_API_PORT = 9700
 GUEST_METRICS_PORT = 9753
 GUEST_SCRIPT = vm.GUEST / "machine.sh"
+MONITOR_TIMEOUT = 30.0  # seconds for qemu's monitor to answer: it does at once, unless qemu is stuck
 
 
 class MachineError(Exception):
@@ -97,6 +100,51 @@ class Machine:
 
     def token(self) -> str:
         return (self.share / "token").read_text().strip()
+
+    def forward(self, port: int, protocol: str = "tcp") -> None:
+        """Make the guest's `port` reachable at the same port of this host's loopback, while the
+        machine runs (qemu's hostfwd_add, through its monitor): a container's published port. The
+        guest's network stays restricted: a forward lets the host in, nothing out. MachineError,
+        naming the port, if qemu cannot listen there (in use on this host)."""
+        said = self._monitor(f"hostfwd_add net {protocol}:127.0.0.1:{port}-:{port}")
+        if said.strip():
+            raise MachineError(
+                f"cannot forward {port}/{protocol} of the machine to this host: {said.strip()}"
+            )
+
+    def unforward(self, port: int, protocol: str = "tcp") -> None:
+        """Take a forward away again (qemu's hostfwd_remove); one that is not there is no error."""
+        self._monitor(f"hostfwd_remove net {protocol}:127.0.0.1:{port}")
+
+    @contextlib.contextmanager
+    def forwarded(self, ports: Sequence[tuple[int, str]]) -> Iterator[None]:
+        """The (port, protocol)s forwarded while the block runs, all or none."""
+        done: list[tuple[int, str]] = []
+        try:
+            for port, protocol in ports:
+                self.forward(port, protocol)
+                done.append((port, protocol))
+            yield
+        finally:
+            for port, protocol in done:
+                with contextlib.suppress(MachineError, OSError):
+                    self.unforward(port, protocol)
+
+    def _monitor(self, command: str) -> str:
+        """What qemu's human monitor answers to one command, asked over QMP (no echo, no prompt)."""
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(MONITOR_TIMEOUT)
+                sock.connect(str(self.home / "monitor.sock"))
+                with sock.makefile("rw") as lines:
+                    _qmp(lines, None)  # the greeting
+                    _qmp(lines, {"execute": "qmp_capabilities"})
+                    answer = _qmp(
+                        lines, {"execute": "human-monitor-command", "arguments": {"command-line": command}}
+                    )
+        except OSError as error:
+            raise MachineError(f"cannot reach the machine's monitor (is it running?): {error}") from None
+        return str(answer.get("return", ""))
 
     def init(self, config: Config) -> None:
         """Create the machine's directory, token and empty ext4 disk (the config last: a machine
@@ -250,7 +298,8 @@ class Machine:
 
     def qemu_argv(self, image: Path, config: Config, api_port: int) -> list[str]:
         """The VM: its disk, its two serial ports, its control port, the shares, and a network that
-        reaches nothing and is reached only at two ports of the host's loopback."""
+        reaches nothing and is reached only at two ports of the host's loopback (and at the ports
+        `forward` adds, through the QMP monitor)."""
         forwards = (
             f"hostfwd=tcp:127.0.0.1:{api_port}-:{GUEST_API_PORT},"
             f"hostfwd=tcp:127.0.0.1:{config.metrics_port}-:{GUEST_METRICS_PORT}"
@@ -261,6 +310,7 @@ class Machine:
             *["-serial", f"unix:{self.home / 'shell.sock'},server=on,wait=off"],
             *vm.disk(self.disk, "data"),
             *["-netdev", f"user,id=net,restrict=on,{forwards}", "-device", "virtio-net-pci,netdev=net"],
+            *["-qmp", f"unix:{self.home / 'monitor.sock'},server=on,wait=off"],
             *["-chardev", f"pipe,id=control,path={self.home / 'control'}", "-device", "virtio-serial-pci"],
             *["-device", "virtserialport,chardev=control,name=cgctl.control"],
             *(
@@ -310,6 +360,22 @@ class Machine:
         with open(self.home / "lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
+
+
+def _qmp(lines: Any, request: dict[str, Any] | None) -> dict[str, Any]:
+    """Send a QMP request (None: read the greeting) and return qemu's answer, past its events."""
+    if request is not None:
+        lines.write(json.dumps(request) + "\n")
+        lines.flush()
+    while True:
+        line = lines.readline()
+        if not line:
+            raise MachineError("the machine's monitor closed the connection")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise MachineError(f"the machine's monitor refused {request}: {answer['error'].get('desc')}")
+        if "event" not in answer:
+            return dict(answer)
 
 
 def _check_share(path: Path) -> None:

@@ -5,8 +5,10 @@ The run's order (runtime/supervisor.py, daemon/attempts.py): `plan` checks every
 get wrong before anything exists; `Files` are written before the root is prepared (they are bound
 into it); `attach` notes the attachment in the run record first, so that whoever finds the record
 of a dead run (state.clean_stale, the daemon's recovery) can `detach` it, then claims the ports,
-makes the namespace and ADDs it; the workload joins that namespace by path. `detach` is idempotent
-and goes on past errors, so a retry after a crash finishes the job.
+makes the namespace and ADDs it; the workload joins that namespace by path. `--network pasta`
+(rootless) makes nothing there: `join` starts pasta on the workload's own namespace once it exists
+(network/pasta.py). `detach` is idempotent and goes on past errors, so a retry after a crash
+finishes the job.
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ from typing import Any
 
 from cgctl.limits import format_rate, row
 from cgctl.netspec import NetworkSpec, PortMapping
-from cgctl.network import cni, netns, ports
+from cgctl.network import cni, netns, pasta, ports
 from cgctl.network.files import Directory, Members
 from cgctl.network.store import DEFAULT, Network, NetworkError, Paths, get
 
-__all__ = ["Attached", "NetworkError", "Plan", "attach", "default_mode", "detach", "plan", "reshape"]
+__all__ = ["Attached", "NetworkError", "Plan", "attach", "default_mode", "detach", "join", "plan", "reshape"]
 IFNAME = "eth0"
 
 
@@ -46,12 +48,16 @@ class Plan:
 
 
 def default_mode() -> tuple[str, str | None]:
-    """--network's default: $CGCTL_NETWORK, else bridge as root on a host with the plugins (with a
-    note when it falls back to none), else none."""
+    """--network's default: $CGCTL_NETWORK, else bridge as root on a host with the plugins, pasta
+    rootless on a host with pasta and a default route (as podman 5's), else none (with a note)."""
     if explicit := os.environ.get("CGCTL_NETWORK"):
         return explicit, None
     if os.geteuid() != 0:
-        return "none", None
+        if pasta.find() is None:
+            return "none", f"no pasta: the container has no network but its loopback; {pasta.INSTALL}"
+        if not pasta.has_route():
+            return "none", "this host has no default route for pasta: the container has only its loopback"
+        return "pasta", None
     lacking = [
         plugin
         for plugin in ("bridge", "host-local", "portmap", "firewall", "bandwidth")
@@ -86,17 +92,18 @@ def plan(
                 str(spec.publish[0]) if spec.publish else "-P",
                 f"--network {mode} cannot carry published ports: use --network bridge or a network's name",
             )
-        for direction, rate in (bandwidth or {}).items():
-            option = row("network", direction).name
-            raise NetworkError(
-                option,
-                format_rate(rate),
-                f"{option} needs a network of its own: --network bridge or a network's name "
-                f"(--network {mode} has no interface to shape)",
-            )
+        _refuse_bandwidth(mode, bandwidth)
+        return Plan(mode, resolved, paths, note=note)
+    if mode == "pasta":
+        _refuse_bandwidth(mode, bandwidth)
+        if joined_net:
+            raise NetworkError("--network", mode, "pasta needs a net namespace of the container's own")
+        _check_pasta(resolved)
         return Plan(mode, resolved, paths, note=note)
     if os.geteuid() != 0:
-        raise NetworkError("--network", mode, "a bridge needs root: rootless, use --network none or host")
+        raise NetworkError(
+            "--network", mode, "a bridge needs root: rootless, use --network pasta, none or host"
+        )
     network = get(paths, DEFAULT if mode == "bridge" else mode)
     lacking = cni.missing(network.conflist(paths))
     if lacking:
@@ -112,6 +119,34 @@ def plan(
             f"the network {network.name} is internal: nothing reaches it from the host",
         )
     return Plan(mode, resolved, paths, network)
+
+
+def _check_pasta(spec: NetworkSpec) -> None:
+    """What --network pasta needs of this host, and its published ports free (pasta binds them)."""
+    if pasta.find() is None:
+        raise NetworkError("--network", "pasta", f"pasta is not installed: {pasta.INSTALL}")
+    if not pasta.has_route():
+        raise NetworkError(
+            "--network", "pasta", "this host has no default route, whose interface pasta copies: use none"
+        )
+    for mapping in spec.publish:
+        if mapping.host_port:
+            try:
+                ports.check_bindable(mapping)
+            except ports.PortBusy as error:
+                raise NetworkError("--publish", str(mapping), str(error)) from None
+
+
+def _refuse_bandwidth(mode: str, bandwidth: dict[str, int] | None) -> None:
+    """A rate needs an interface on the host to shape: a bridge's veth (pasta's tap is in the container)."""
+    for direction, rate in (bandwidth or {}).items():
+        option = row("network", direction).name
+        raise NetworkError(
+            option,
+            format_rate(rate),
+            f"{option} needs a network of its own: --network bridge or a network's name "
+            f"(--network {mode} has no interface to shape)",
+        )
 
 
 @dataclass
@@ -189,10 +224,25 @@ def attach(
     return Attached(fd, record)
 
 
+def join(planned: Plan, pid: int, note: Callable[[dict[str, Any]], None]) -> None:
+    """What a mode does once the workload's namespaces exist (process pid), before it goes on: pasta
+    attaches to them. `note(record)` saves the attachment in the run record (for detach)."""
+    if planned.mode != "pasta":
+        return
+    try:
+        pasta.attach(pid, planned.spec.publish, note)
+    except pasta.PastaError as error:
+        raise NetworkError("--network", "pasta", str(error)) from None
+
+
 def detach(record: dict[str, Any], paths: Paths | None = None, netns_path: str = "") -> None:
-    """Take an attachment down: its name off its network's hosts files, the CNI DEL (its lease, port
-    rules, bandwidth device; its veth too when the namespace is still held at netns_path, else the
-    veth went with the namespace), its port claims. Idempotent; the first error is raised at the end."""
+    """Take an attachment down: pasta's process; or its name off its network's hosts files, the CNI
+    DEL (its lease, port rules, bandwidth device; its veth too when the namespace is still held at
+    netns_path, else the veth went with the namespace), its port claims. Idempotent; the first error
+    is raised at the end."""
+    if record.get("mode") == "pasta":
+        pasta.stop(record)
+        return
     paths = paths or Paths.default()
     failure: BaseException | None = None
     if record.get("member"):

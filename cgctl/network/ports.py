@@ -36,7 +36,7 @@ def claim(directory: Path, mappings: list[PortMapping], owner: str) -> list[Port
                 port = (
                     mapping
                     if mapping.host_port
-                    else mapping.model_copy(update={"host_port": _free_port(mapping)})
+                    else mapping.model_copy(update={"host_port": free_port(mapping)})
                 )
                 path = _claim_path(directory, port)
                 try:
@@ -49,7 +49,7 @@ def claim(directory: Path, mappings: list[PortMapping], owner: str) -> list[Port
                 with os.fdopen(fd, "w") as file:
                     file.write(owner)
                 made.append(path)
-                _check_bindable(port)
+                check_bindable(port)
                 chosen.append(port)
                 break
             else:
@@ -70,7 +70,8 @@ def release(directory: Path, mappings: list[PortMapping], owner: str) -> None:
                 path.unlink()
 
 
-def _free_port(mapping: PortMapping) -> int:
+def free_port(mapping: PortMapping) -> int:
+    """A port no one holds now on the mapping's address (it may be taken before it is bound)."""
     kind = socket.SOCK_STREAM if mapping.protocol == "tcp" else socket.SOCK_DGRAM
     family = socket.AF_INET6 if ":" in mapping.host_ip else socket.AF_INET
     with socket.socket(family, kind) as probe:
@@ -78,7 +79,8 @@ def _free_port(mapping: PortMapping) -> int:
         return int(probe.getsockname()[1])
 
 
-def _check_bindable(mapping: PortMapping) -> None:
+def check_bindable(mapping: PortMapping) -> None:
+    """PortBusy, naming the port and its holder, if the mapping's port cannot be bound here."""
     kind = socket.SOCK_STREAM if mapping.protocol == "tcp" else socket.SOCK_DGRAM
     family = socket.AF_INET6 if ":" in mapping.host_ip else socket.AF_INET
     with socket.socket(family, kind) as probe:

@@ -291,7 +291,9 @@ def restore(
     spec = with_network_files(spec, wired) if wired else spec
     with prepared_root(spec) as root:
 
-        def start(name: str, group: fs.Cgroup, netns: str | None) -> spawn.Started:
+        def start(
+            name: str, group: fs.Cgroup, netns: str | None, _before_go: Callable[[int], None] | None
+        ) -> spawn.Started:
             started = time.monotonic()
             with ExitStack() as stack:
                 fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC) if netns else None

@@ -151,9 +151,10 @@ def interface_file_settings(files: dict[str, str], root: fs.Cgroup) -> list[tupl
     return list(files.items())
 
 
-# Starts the workload in its cgroup (given its name, the cgroup with every limit written, and the
-# path of the net namespace to join, if one was made for it).
-Starter = Callable[[str, fs.Cgroup, str | None], spawn.Started]
+# Starts the workload in its cgroup (given its name, the cgroup with every limit written, the path of
+# the net namespace to join, if one was made for it, and what to do once its namespaces exist, before
+# it goes on: spawn.start's before_go).
+Starter = Callable[[str, fs.Cgroup, str | None, Callable[[int], None] | None], spawn.Started]
 
 
 def run(
@@ -183,9 +184,12 @@ def run(
         # The caller's environment is passed on, unless an image brings its own.
         env = spec.env if spec.rootfs and spec.rootfs.image else {**os.environ, **spec.env}
 
-        def start(name: str, group: fs.Cgroup, netns: str | None) -> spawn.Started:
+        def start(
+            name: str, group: fs.Cgroup, netns: str | None, before_go: Callable[[int], None] | None
+        ) -> spawn.Started:
             size = terminal.size() if spec.tty else None
-            return spawn.start(launch_for(spec, name, group, confinement, root, env, size, netns or joined))
+            launch = launch_for(spec, name, group, confinement, root, env, size, netns or joined)
+            return spawn.start(launch, before_go=before_go)
 
         return supervise(spec, start, cgroup_root, state_dir, noted, wired)
 
@@ -451,13 +455,15 @@ def supervise(
     try:
         attached = attach_network(created, wired)
         try:
-            return _wait(created, start, attached)
+            return _wait(created, start, attached, wired)
         finally:
             if attached is not None:  # held until now: the DEL finds the namespace, and removes the veth
                 try:
                     network.detach(attached.record, wired.paths if wired else None, attached.path)
                 finally:
                     attached.close()
+            elif noted := state.read(created.claim.path).get("network"):  # pasta's (network.join)
+                network.detach(noted, wired.paths if wired else None)
     finally:
         try:
             fs.remove(created.group)
@@ -482,11 +488,21 @@ def attach_network(created: Created, wired: network.Plan | None) -> network.Atta
     )
 
 
-def _wait(created: Created, start: Starter, attached: network.Attached | None = None) -> RunReport:
+def _wait(
+    created: Created,
+    start: Starter,
+    attached: network.Attached | None = None,
+    wired: network.Plan | None = None,
+) -> RunReport:
     spec, name, group, claim = created.spec, created.name, created.group, created.claim
+
+    def join_network(pid: int) -> None:  # pasta, on the workload's own namespaces
+        if wired is not None:
+            network.join(wired, pid, lambda attachment: state.update(claim.path, network=attachment))
+
     started = time.monotonic()
     with SignalForwarder(name, group, namespace_init="pid" in spec.namespaces.private()) as forwarder:
-        pid, alive_fd, master = start(name, group, attached.path if attached else None)
+        pid, alive_fd, master = start(name, group, attached.path if attached else None, join_network)
         state.update(claim.path, pid=pid)  # what `cgctl checkpoint` dumps
         forwarder.start(pid, hang_up=(lambda: terminal.hang_up(master)) if master is not None else None)
         try:
