@@ -23,7 +23,7 @@ from typing import Any
 
 from cgctl.limits import format_rate, row
 from cgctl.netspec import NetworkSpec, PortMapping
-from cgctl.network import cni, netns, pasta, ports
+from cgctl.network import cni, netns, pasta, ports, store
 from cgctl.network.files import Directory, Members
 from cgctl.network.store import DEFAULT, Network, NetworkError, Paths, get
 
@@ -197,6 +197,7 @@ def attach(
             raise NetworkError("--publish", str(error).split(" ")[0], str(error)) from None
         record["ports"] = [p.model_dump(mode="json") for p in claimed]
         note(record)
+        store.ensure(planned.paths, network)
         fd = netns.create()
         record["result"] = cni.add(
             network.conflist(planned.paths),

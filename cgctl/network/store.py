@@ -112,9 +112,16 @@ def locked(paths: Paths) -> Iterator[None]:
 
 
 def load_all(paths: Paths) -> list[Network]:
-    if not paths.definitions.is_dir():
-        return []
-    return [_load(path) for path in sorted(paths.definitions.glob("*.json"))]
+    """Every network, the default one included (saved or not yet)."""
+    saved = (
+        [_load(path) for path in sorted(paths.definitions.glob("*.json"))]
+        if paths.definitions.is_dir()
+        else []
+    )
+    return sorted(
+        [*saved, *([] if any(n.name == DEFAULT for n in saved) else [get(paths, DEFAULT)])],
+        key=lambda n: n.name,
+    )
 
 
 def _load(path: Path) -> Network:
@@ -122,24 +129,26 @@ def _load(path: Path) -> Network:
 
 
 def get(paths: Paths, name: str) -> Network:
-    """The network called name (the default one is made on first use); NetworkError if none."""
+    """The network called name (the default one even before it is saved); NetworkError if none."""
     path = paths.definitions / f"{name}.json"
     if path.exists():
         return _load(path)
     if name == DEFAULT:
-        with locked(paths):
-            if not path.exists():
-                _save(
-                    paths,
-                    Network(
-                        DEFAULT, DEFAULT_SUBNET, _gateway_of(DEFAULT_SUBNET), "cgctl0", False, time.time()
-                    ),
-                )
-        return _load(path)
+        return Network(DEFAULT, DEFAULT_SUBNET, _gateway_of(DEFAULT_SUBNET), "cgctl0", False, time.time())
     known = ", ".join(n.name for n in load_all(paths)) or "none yet"
     raise NetworkError(
         "--network", name, f"no such network (networks: {known}); make it with `cgctl network create {name}`"
     )
+
+
+def ensure(paths: Paths, network: Network) -> None:
+    """Save a network not saved yet (the default, on its first container) with its nftables rules:
+    only an attachment makes it, never a plan that may yet be refused."""
+    if (paths.definitions / f"{network.name}.json").exists():
+        return
+    with locked(paths):
+        if not (paths.definitions / f"{network.name}.json").exists():
+            _save(paths, network)
 
 
 def create(

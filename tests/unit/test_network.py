@@ -153,7 +153,7 @@ def test_bad_networks_are_refused_and_nothing_is_saved(
     store.create(paths, "one")
     with pytest.raises(store.NetworkError, match=message):
         store.create(paths, **args)  # type: ignore[arg-type]
-    assert [n.name for n in store.load_all(paths)] == ["one"]
+    assert [n.name for n in store.load_all(paths)] == ["bridge", "one"]
 
 
 def test_the_conflist_calls_the_debian_plugins(paths: store.Paths) -> None:

@@ -69,18 +69,19 @@ def test_create_ls_inspect_rm(
     assert [line.split() for line in out.splitlines()] == [
         ["NAME", "SUBNET", "GATEWAY", "BRIDGE", "INTERNAL"],
         ["back", "10.92.0.0/24", "10.92.0.1", "cgctl2", "true"],
+        ["bridge", "10.91.0.0/16", "10.91.0.1", "cgctl0", "false"],
         ["front", "10.93.0.0/24", "10.93.0.1", "cgctl1", "false"],
     ]
-    assert cgctl(monkeypatch, capsys, "network", "ls", "-q")[1] == "back\nfront\n"
+    assert cgctl(monkeypatch, capsys, "network", "ls", "-q")[1] == "back\nbridge\nfront\n"
     listed = json.loads(cgctl(monkeypatch, capsys, "network", "ls", "--json")[1])
-    assert [n["name"] for n in listed] == ["back", "front"] and listed[0]["internal"] is True
+    assert [n["name"] for n in listed] == ["back", "bridge", "front"] and listed[0]["internal"] is True
     shown = json.loads(cgctl(monkeypatch, capsys, "network", "inspect", "front")[1])
     assert shown[0] | {"created": 0} == {
         "name": "front", "subnet": "10.93.0.0/24", "gateway": "10.93.0.1", "bridge": "cgctl1",
         "internal": False, "created": 0, "containers": [],
     }  # fmt: skip
     assert cgctl(monkeypatch, capsys, "network", "rm", "front", "back")[:2] == (0, "front\nback\n")
-    assert cgctl(monkeypatch, capsys, "network", "ls", "-q")[1] == ""
+    assert cgctl(monkeypatch, capsys, "network", "ls", "-q")[1] == "bridge\n"  # the default, always
 
 
 @pytest.mark.parametrize(
@@ -191,7 +192,7 @@ def test_routes(host: Path) -> None:
     client = TestClient(app)
     made = client.post("/v1/networks", json={"name": "front", "subnet": "10.93.0.0/24"})
     assert made.status_code == 201 and made.json()["gateway"] == "10.93.0.1"
-    assert [n["name"] for n in client.get("/v1/networks").json()] == ["front"]
+    assert [n["name"] for n in client.get("/v1/networks").json()] == ["bridge", "front"]
     assert client.get("/v1/networks/front").json()["bridge"] == "cgctl1"
     refused = client.post("/v1/networks", json={"name": "other", "subnet": "10.93.0.0/16"})
     assert refused.status_code == 400 and "for --subnet: overlaps" in refused.json()["message"]
@@ -199,4 +200,4 @@ def test_routes(host: Path) -> None:
     assert client.get("/v1/networks/nosuch").status_code == 404
     assert client.get("/v1/containers/web/port").json() == [mapping.model_dump(mode="json")]
     assert client.delete("/v1/networks/front").status_code == 204
-    assert client.get("/v1/networks").json() == []
+    assert [n["name"] for n in client.get("/v1/networks").json()] == ["bridge"]
