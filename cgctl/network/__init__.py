@@ -41,10 +41,12 @@ class Plan:
     network: Network | None = None
     note: str | None = None  # why a default of bridge became none on this host
     address: str | None = None  # the address to ask for (a restore's: its TCP connections keep it)
+    # Whose /etc files to write and bind: a restore's are the dumped container's, at the paths its
+    # mounts, which CRIU restores, were bound from.
+    files_of: str | None = None
 
-    @property
-    def files_dir(self) -> Callable[[str], Path]:
-        return lambda name: self.paths.runtime / "containers" / name
+    def files_dir(self, name: str) -> Path:
+        return self.paths.runtime / "containers" / (self.files_of or name)
 
 
 def default_mode() -> tuple[str, str | None]:
@@ -186,6 +188,7 @@ def attach(
         "name": name,
         "ports": [],
         "member": network.name != DEFAULT,
+        "files": str(planned.files_dir(name)),
         "bandwidth": bandwidth or {},
     }
     note(record)
@@ -265,7 +268,7 @@ def detach(record: dict[str, Any], paths: Paths | None = None, netns_path: str =
         [PortMapping.model_validate(p) for p in record.get("ports", [])],
         record["name"],
     )
-    Directory(paths.runtime / "containers" / record["name"]).remove()
+    Directory(Path(record.get("files") or paths.runtime / "containers" / record["name"])).remove()
     if failure is not None:
         raise failure
 

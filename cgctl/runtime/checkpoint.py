@@ -315,7 +315,7 @@ def restored_network(restoring: Restoring) -> network.Plan | None:
     if not dumped:
         return None
     planned = network.plan(restoring.spec.network)
-    return dataclasses.replace(planned, address=dumped.get("address"))
+    return dataclasses.replace(planned, address=dumped.get("address"), files_of=restoring.manifest["name"])
 
 
 def _criu() -> str:
