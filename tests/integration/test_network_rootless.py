@@ -47,6 +47,7 @@ def uplink() -> Iterator[None]:
     """What pasta needs of a host and a VM without a network lacks: a default route (on a dummy
     interface: nothing leaves the VM) and /dev/net/tun open to users, as udev leaves it."""
     subprocess.run(["modprobe", "tun"], check=True)
+    dummy_loaded = Path("/sys/module/dummy").exists()  # test_sandbox.py probes with loading it
     tun = Path("/dev/net/tun")
     mode = tun.stat().st_mode & 0o777
     tun.chmod(0o666)
@@ -61,6 +62,8 @@ def uplink() -> Iterator[None]:
         yield
     finally:
         subprocess.run(["ip", "link", "del", UPLINK], check=True)
+        if not dummy_loaded:
+            subprocess.run(["modprobe", "-r", "dummy"], check=True)
         tun.chmod(mode)
 
 
