@@ -70,20 +70,22 @@ def release(directory: Path, mappings: list[PortMapping], owner: str) -> None:
                 path.unlink()
 
 
+def _probe(mapping: PortMapping) -> socket.socket:
+    """An unbound socket of the mapping's protocol and address family."""
+    kind = socket.SOCK_STREAM if mapping.protocol == "tcp" else socket.SOCK_DGRAM
+    return socket.socket(socket.AF_INET6 if ":" in mapping.host_ip else socket.AF_INET, kind)
+
+
 def free_port(mapping: PortMapping) -> int:
     """A port no one holds now on the mapping's address (it may be taken before it is bound)."""
-    kind = socket.SOCK_STREAM if mapping.protocol == "tcp" else socket.SOCK_DGRAM
-    family = socket.AF_INET6 if ":" in mapping.host_ip else socket.AF_INET
-    with socket.socket(family, kind) as probe:
+    with _probe(mapping) as probe:
         probe.bind((mapping.host_ip, 0))
         return int(probe.getsockname()[1])
 
 
 def check_bindable(mapping: PortMapping) -> None:
     """PortBusy, naming the port and its holder, if the mapping's port cannot be bound here."""
-    kind = socket.SOCK_STREAM if mapping.protocol == "tcp" else socket.SOCK_DGRAM
-    family = socket.AF_INET6 if ":" in mapping.host_ip else socket.AF_INET
-    with socket.socket(family, kind) as probe:
+    with _probe(mapping) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((mapping.host_ip, mapping.host_port))

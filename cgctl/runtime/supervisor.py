@@ -218,9 +218,8 @@ def container_netns(wired: network.Plan, state_dir: Path) -> str | None:
 
 
 def with_network_files(spec: WorkloadSpec, wired: network.Plan) -> WorkloadSpec:
-    """The spec with its resolved network, and with a root of its own and a network made for it,
-    its /etc/resolv.conf, /etc/hosts and /etc/hostname written and bound in (as docker's)."""
-    spec = spec.model_copy(update={"network": wired.spec})
+    """The spec (its network resolved by `wired` already) with, given a root of its own and a network
+    made for it, its /etc/resolv.conf, /etc/hosts and /etc/hostname written and bound in (as docker's)."""
     if wired.network is None or spec.rootfs is None:
         return spec
     files = Directory(wired.files_dir(str(spec.name)))
